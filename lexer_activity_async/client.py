@@ -1,0 +1,554 @@
+"""`LexerClient`: one aiohttp session, one rate limiter per token, every endpoint.
+
+The I/O lives here; what to send and how to read the answer live in `wire` and `reports`.
+Every request of a token goes through that token's limiter (shared in the process via a
+`LimiterRegistry`) and the retry loop in `LexerClient.send`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from ipaddress import ip_address
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import attrs
+
+from . import exceptions as exc
+from . import models as m
+from . import wire
+from ._version import __version__
+from .events import EventHook, RateLimited, RateLimitWait, Retrying
+from .limits import (
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_WINDOW,
+    Limiter,
+    LimiterRegistry,
+    LimiterStats,
+    default_registry,
+    token_key,
+)
+from .reports import (
+    DEFAULT_WORKFLOW_STATES_TYPE,
+    ExportKind,
+    ReportType,
+    build_report_body,
+)
+from .retry import RetryPolicy, is_retryable
+
+__all__ = ["LexerClient", "DEFAULT_API_URL", "DEFAULT_STATUS_URL", "is_loopback_url"]
+
+log = logging.getLogger("lexer_activity_async")
+
+DEFAULT_API_URL = "https://api.lexer.io/v1"
+DEFAULT_STATUS_URL = "https://clients.lexer.io/api/public/v1"
+TOKEN_ENV = "LEXER_API_TOKEN"
+API_URL_ENV = "LEXER_API_URL"
+STATUS_URL_ENV = "LEXER_STATUS_URL"
+
+T = TypeVar("T")
+Decoder = Callable[[int, bytes], T]
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for http(s) URLs whose host is localhost or a loopback address."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Secret:
+    """Holds the API token; its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+class LexerClient:
+    """Async client for the Activity API, for one API token.
+
+    Use as ``async with LexerClient(token) as client:`` (or call `aclose`). It owns an
+    aiohttp session unless one is passed in, which it then never closes. Many calls may
+    run concurrently; all requests of the token share one limiter with every other client
+    of the same token in the process, so the server never sees more than ``max_requests``
+    of them in any ``window`` seconds.
+
+    Args:
+        token: the API token; else ``$LEXER_API_TOKEN``.
+        label: a name for the token in logs, events and stats (never the token itself);
+            default ``token-<first 8 hex of its SHA-256>``.
+        api_url, status_url: base URLs; else ``$LEXER_API_URL`` / ``$LEXER_STATUS_URL``
+            or the published hosts.
+        session: an aiohttp session to use instead of creating one.
+        timeout: seconds for one attempt (connect, send and read).
+        retry: retries and the per-call deadline (`RetryPolicy`).
+        max_requests, window: the rate limit (100 per 300 s).
+        registry: where the per-token limiters live (default: process-wide).
+        workflow_states_type: the report type name used for workflow-state totals
+            (unpublished; see the README's "Known API ambiguities").
+        on_event: called with `events` (rate-limit waits, 429s, retries, exports).
+        now: wall clock used to validate ``date_from`` (not in the future).
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        label: str | None = None,
+        api_url: str | None = None,
+        status_url: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        window: float = DEFAULT_WINDOW,
+        registry: LimiterRegistry | None = None,
+        workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
+        on_event: EventHook | None = None,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        if not token or not token.strip():
+            raise exc.ConfigurationError(
+                f"no API token: pass token=... to LexerClient or set ${TOKEN_ENV}"
+            )
+        if not timeout > 0:
+            raise exc.ConfigurationError("timeout must be positive")
+        self._token = _Secret(token.strip())
+        self.label = label or f"token-{token_key(self._token.reveal())[:8]}"
+        self.api_url = (api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
+        self.status_url = (
+            status_url or os.environ.get(STATUS_URL_ENV) or DEFAULT_STATUS_URL
+        ).rstrip("/")
+        for name, url in (("api_url", self.api_url), ("status_url", self.status_url)):
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+                raise exc.ConfigurationError(f"{name} must be an http(s) URL, got {url!r}")
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_requests = max_requests
+        self.window = window
+        self.workflow_states_type = workflow_states_type
+        self._registry = registry or default_registry
+        self._on_event = on_event
+        self._now = now or (lambda: datetime.now(timezone.utc))
+        self._session = session
+        self._owns_session = session is None
+        self._limiter: Limiter | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"LexerClient(label={self.label!r}, api_url={self.api_url!r}, "
+            f"status_url={self.status_url!r}, token=<redacted>)"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> LexerClient:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Create the session (if not given) and bind the token's limiter. Idempotent."""
+        if self._closed:
+            raise exc.ClientClosedError("this LexerClient is closed; create a new one")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+                headers={"User-Agent": f"lexer-activity-async/{__version__}"},
+            )
+        if self._limiter is None:
+            self._limiter = self._registry.get(
+                self._token.reveal(), max_requests=self.max_requests, window=self.window
+            )
+
+    async def aclose(self) -> None:
+        """Close the owned session. A closed client cannot be used again."""
+        self._closed = True
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def limiter(self) -> Limiter:
+        if self._limiter is None:
+            raise exc.ClientClosedError("this LexerClient is not open; use `async with`")
+        return self._limiter
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise exc.ClientClosedError("this LexerClient is not open; use `async with`")
+        return self._session
+
+    @property
+    def stats(self) -> LimiterStats:
+        """A snapshot of this token's counters (shared by its clients in the process)."""
+        return attrs.evolve(self.limiter.stats)
+
+    # -- the one request path ----------------------------------------------------------
+
+    def _emit(self, event: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _on_wait(self, seconds: float) -> None:
+        until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        self._emit(RateLimitWait(self.label, seconds, until))
+
+    def _url(self, request: wire.Request) -> str:
+        base = self.api_url if request.origin == "api" else self.status_url
+        return base + request.path
+
+    async def _attempt(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP exchange inside a limiter slot. Redirects are not followed, so the
+        token is never carried to another host."""
+        headers = {
+            wire.TOKEN_HEADER: self._token.reveal(),
+            "Accept": "application/json",
+        }
+        if request.json is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self.limiter.slot(self._on_wait), self.session.request(
+                request.method,
+                self._url(request),
+                json=request.json,
+                params=request.params,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as response:
+                body = await response.read()
+                return response.status, dict(response.headers), body
+        except aiohttp.ClientConnectorError as error:
+            raise exc.LexerConnectionError(
+                f"cannot connect to {request.origin} host: {error.os_error or error}",
+                report_type=request.report_type,
+                request_sent=False,
+            ) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
+            raise exc.LexerConnectionError(
+                f"connection to the {request.origin} host failed: {type(error).__name__}",
+                report_type=request.report_type,
+            ) from None
+        except asyncio.TimeoutError:
+            raise exc.LexerTimeoutError(
+                f"no complete answer from the {request.origin} host within {self.timeout:g}s",
+                report_type=request.report_type,
+            ) from None
+
+    async def send(
+        self,
+        request: wire.Request,
+        decode: Decoder[T],
+        *,
+        idempotent: bool = True,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T:
+        """Send ``request`` under the limiter with retries, and decode its answer.
+
+        ``max_retries`` and ``deadline`` override the client's `RetryPolicy` for this call.
+        """
+        if self._closed:
+            raise exc.ClientClosedError("this LexerClient is closed; create a new one")
+        await self.open()
+        policy = self.retry
+        retries = policy.max_retries if max_retries is None else max_retries
+        limit = policy.deadline if deadline is None else deadline
+        try:
+            with anyio.fail_after(limit):
+                return await self._send_with_retries(request, decode, idempotent, retries)
+        except TimeoutError:
+            raise exc.LexerTimeoutError(
+                f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
+            ) from None
+
+    async def _send_with_retries(
+        self, request: wire.Request, decode: Decoder[T], idempotent: bool, retries: int
+    ) -> T:
+        attempt = rate_limited = 0
+        while True:
+            error: exc.LexerError
+            try:
+                status, headers, body = await self._attempt(request)
+            except (exc.LexerConnectionError, exc.LexerTimeoutError) as transport_error:
+                error = transport_error
+            else:
+                if 200 <= status < 300:
+                    return decode(status, body)
+                error = wire.map_error(
+                    status, body, headers, report_type=request.report_type, now=self._now
+                )
+            if isinstance(error, exc.RateLimitedError):
+                await self.limiter.penalize(error.retry_after)
+                self.limiter.stats.rate_limited += 1
+                log.warning(
+                    "429 rate limited for token %s; holding its requests for %s",
+                    self.label,
+                    f"{error.retry_after:g}s (Retry-After)"
+                    if error.retry_after is not None
+                    else f"a full window ({self.window:g}s)",
+                )
+                self._emit(RateLimited(self.label, error.retry_after))
+                rate_limited += 1
+                if rate_limited > self.retry.max_rate_limited:
+                    raise error
+                continue
+            if attempt >= retries or not is_retryable(error, idempotent=idempotent):
+                raise error
+            attempt += 1
+            self.limiter.stats.retries += 1
+            delay = self.retry.backoff(attempt)
+            log.info(
+                "retrying %s for token %s after %s (attempt %d, in %.2fs)",
+                request.report_type or request.path,
+                self.label,
+                type(error).__name__,
+                attempt,
+                delay,
+            )
+            self._emit(Retrying(self.label, attempt, delay, type(error).__name__))
+            await anyio.sleep(delay)
+
+    # -- lists -------------------------------------------------------------------------
+
+    async def users(self, **call: Any) -> list[m.User]:
+        """``GET /v1/users``."""
+        return await self.send(wire.users_request(), _list_decoder(m.User), **call)
+
+    async def groups(self, **call: Any) -> list[m.Group]:
+        """``GET /v1/groups``."""
+        return await self.send(wire.groups_request(), _list_decoder(m.Group), **call)
+
+    async def forms(self, **call: Any) -> list[m.Form]:
+        """``GET /v1/forms``."""
+        return await self.send(wire.forms_request(), _list_decoder(m.Form), **call)
+
+    # -- reports -----------------------------------------------------------------------
+
+    def resolve_report_type(self, report_type: ReportType | str) -> tuple[ReportType, str]:
+        """The decoding kind and the wire name of a report type, or `ValidationError`."""
+        if isinstance(report_type, ReportType):
+            kind = report_type
+        elif report_type == self.workflow_states_type:
+            kind = ReportType.WORKFLOW_STATES
+        elif report_type in {k.value for k in ExportKind}:
+            raise exc.ValidationError(
+                f"{report_type!r} is an export; use client.export() or start_export()"
+            )
+        else:
+            try:
+                kind = ReportType(report_type)
+            except ValueError:
+                known = sorted(
+                    {k.value for k in ReportType} - {DEFAULT_WORKFLOW_STATES_TYPE}
+                    | {self.workflow_states_type}
+                )
+                raise exc.ValidationError(
+                    f"unknown report type {report_type!r}; known: {', '.join(known)}"
+                ) from None
+            if kind is ReportType.WORKFLOW_STATES:  # "states" while overridden elsewhere
+                raise exc.ValidationError(
+                    f"workflow-state totals use the type {self.workflow_states_type!r} "
+                    "on this client"
+                )
+        name = self.workflow_states_type if kind is ReportType.WORKFLOW_STATES else kind.value
+        return kind, name
+
+    async def report(
+        self,
+        report_type: ReportType | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int | None = None,
+        nps_category: str | None = None,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+        **filters: object,
+    ) -> Any:
+        """Fetch any report; the typed methods below all come through here.
+
+        Input is validated before anything is sent. ``users``/``groups`` filter by id;
+        other keyword ``filters`` are passed through in the body as given.
+        """
+        kind, name = self.resolve_report_type(report_type)
+        body = build_report_body(
+            name,
+            date_from,
+            date_to,
+            needs_form=kind.needs_form,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            extra=filters,
+            now=self._now(),
+        )
+        tz = date_from.tzinfo or timezone.utc
+
+        def decode(status: int, raw: bytes) -> Any:
+            return wire.decode_report(kind, status, raw, tz=tz, report_type=name)
+
+        return await self.send(
+            wire.report_request(body), decode, max_retries=max_retries, deadline=deadline
+        )
+
+    async def summary(self, date_from: datetime, date_to: datetime, **kw: Any) -> m.Summary:
+        """``summary``: team-wide handling metrics."""
+        result: m.Summary = await self.report(ReportType.SUMMARY, date_from, date_to, **kw)
+        return result
+
+    async def states_volume(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> m.StatesVolume:
+        """``states_volume``: messages per workflow state per day (hourly under 4 days)."""
+        result: m.StatesVolume = await self.report(
+            ReportType.STATES_VOLUME, date_from, date_to, **kw
+        )
+        return result
+
+    async def workflow_states(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> list[m.WorkflowState]:
+        """Workflow-state totals (type name: ``workflow_states_type``, default ``states``)."""
+        result: list[m.WorkflowState] = await self.report(
+            ReportType.WORKFLOW_STATES, date_from, date_to, **kw
+        )
+        return result
+
+    async def classifications(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> list[m.Classification]:
+        """``classifications``: messages per classification and workflow state."""
+        result: list[m.Classification] = await self.report(
+            ReportType.CLASSIFICATIONS, date_from, date_to, **kw
+        )
+        return result
+
+    async def response_volume(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> m.ResponseVolume:
+        """``response_volume``: average response time per day (hourly for 3 days or less)."""
+        result: m.ResponseVolume = await self.report(
+            ReportType.RESPONSE_VOLUME, date_from, date_to, **kw
+        )
+        return result
+
+    async def user_summary(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> list[m.UserSummary]:
+        """``user_summary`` (Team Summary): each agent's metrics."""
+        result: list[m.UserSummary] = await self.report(
+            ReportType.USER_SUMMARY, date_from, date_to, **kw
+        )
+        return result
+
+    async def user_volume(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> list[m.UserVolume]:
+        """``user_volume`` (Team Volume): each agent's messages by workflow state."""
+        result: list[m.UserVolume] = await self.report(
+            ReportType.USER_VOLUME, date_from, date_to, **kw
+        )
+        return result
+
+    async def case_summary(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> m.CaseSummary:
+        """``case_summary``: case handling metrics."""
+        result: m.CaseSummary = await self.report(
+            ReportType.CASE_SUMMARY, date_from, date_to, **kw
+        )
+        return result
+
+    async def case_volume(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> m.CaseVolume:
+        """``case_volume``: open cases per day."""
+        result: m.CaseVolume = await self.report(ReportType.CASE_VOLUME, date_from, date_to, **kw)
+        return result
+
+    async def case_classifications(
+        self, date_from: datetime, date_to: datetime, **kw: Any
+    ) -> list[m.CaseClassification]:
+        """``case_classifications``: classifications counted once per case."""
+        result: list[m.CaseClassification] = await self.report(
+            ReportType.CASE_CLASSIFICATIONS, date_from, date_to, **kw
+        )
+        return result
+
+    async def nps_summary(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int,
+        nps_category: str = "all",
+        **kw: Any,
+    ) -> m.NpsSummary:
+        """``nps_summary`` for NPS survey ``form``."""
+        result: m.NpsSummary = await self.report(
+            ReportType.NPS_SUMMARY, date_from, date_to, form=form, nps_category=nps_category, **kw
+        )
+        return result
+
+    async def nps_volume(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int,
+        nps_category: str = "all",
+        **kw: Any,
+    ) -> list[m.NpsDay]:
+        """``nps_volume``: NPS counts per local day for survey ``form``."""
+        result: list[m.NpsDay] = await self.report(
+            ReportType.NPS_VOLUME, date_from, date_to, form=form, nps_category=nps_category, **kw
+        )
+        return result
+
+
+def _list_decoder(cls: type[T]) -> Decoder[list[T]]:
+    def decode(status: int, body: bytes) -> list[T]:
+        return wire.decode_list(cls, status, body)
+
+    return decode

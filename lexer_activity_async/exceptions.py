@@ -1,0 +1,223 @@
+"""The exception hierarchy: everything this library raises derives from `LexerError`.
+
+No exception ever holds the API token: errors carry the HTTP status, the server's
+message, the report type and (for unexpected responses) a short excerpt of the body.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LexerError",
+    "ConfigurationError",
+    "ClientClosedError",
+    "ValidationError",
+    "APIError",
+    "BadRequestError",
+    "DateRangeTooLongError",
+    "FutureStartDateError",
+    "InvalidReportTypeError",
+    "UnauthorizedError",
+    "TokenMismatchError",
+    "MissingTokenError",
+    "NotFoundError",
+    "RateLimitedError",
+    "ServerError",
+    "RequestTimeoutError",
+    "TransportError",
+    "LexerConnectionError",
+    "LexerTimeoutError",
+    "UnexpectedResponseError",
+    "ExportError",
+    "ExportFailedError",
+    "ExportTimeoutError",
+    "DownloadError",
+    "LimiterBackendError",
+]
+
+BODY_EXCERPT_BYTES = 200
+
+
+class LexerError(Exception):
+    """Base class of every error raised by lexer-activity-async."""
+
+
+class ConfigurationError(LexerError):
+    """The client was configured wrongly (for example no API token anywhere)."""
+
+
+class ClientClosedError(LexerError, RuntimeError):
+    """A closed `LexerClient` was used again."""
+
+
+class ValidationError(LexerError, ValueError):
+    """Bad input detected before any request was sent (no rate budget was spent)."""
+
+
+class APIError(LexerError):
+    """The API answered with a documented error status.
+
+    Attributes:
+        status: the HTTP status code.
+        message: the server's message (the body's text or its ``error``/``message`` field).
+        report_type: the report type of the request, when it was a report.
+    """
+
+    def __init__(self, message: str, *, status: int, report_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.report_type = report_type
+
+    def __str__(self) -> str:
+        where = f" (report type {self.report_type!r})" if self.report_type else ""
+        return f"HTTP {self.status}: {self.message}{where}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_api_error, (type(self), self.message, self.status, self.report_type))
+
+
+def _rebuild_api_error(
+    cls: type[APIError], message: str, status: int, report_type: str | None
+) -> APIError:
+    return cls(message, status=status, report_type=report_type)
+
+
+class BadRequestError(APIError):
+    """HTTP 400 with a message this library does not recognise."""
+
+
+class DateRangeTooLongError(BadRequestError):
+    """400 "Invalid report - date range is too long": the range exceeds 12 months."""
+
+
+class FutureStartDateError(BadRequestError):
+    """400 "Invalid report - starting date is a future date"."""
+
+
+class InvalidReportTypeError(BadRequestError):
+    """400 "Invalid report - invalid type"."""
+
+
+class UnauthorizedError(APIError):
+    """HTTP 401."""
+
+
+class TokenMismatchError(UnauthorizedError):
+    """401 "Unauthorized - api token not matching": the token is not valid."""
+
+
+class MissingTokenError(UnauthorizedError):
+    """401 "Unauthorized": no authentication data reached the server."""
+
+
+class NotFoundError(APIError):
+    """404 "Not found": the API's general error for a malformed request."""
+
+
+class RateLimitedError(APIError):
+    """429 "Rate limited exceeded". ``retry_after`` is in seconds, when the server sent it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 429,
+        report_type: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, report_type=report_type)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_rate_limited, (self.message, self.report_type, self.retry_after))
+
+
+def _rebuild_rate_limited(
+    message: str, report_type: str | None, retry_after: float | None
+) -> RateLimitedError:
+    return RateLimitedError(message, report_type=report_type, retry_after=retry_after)
+
+
+class ServerError(APIError):
+    """HTTP 5xx."""
+
+
+class RequestTimeoutError(APIError):
+    """HTTP 408 from the server."""
+
+
+class TransportError(LexerError):
+    """The request did not get an HTTP answer."""
+
+    def __init__(self, message: str, *, report_type: str | None = None) -> None:
+        super().__init__(message)
+        self.report_type = report_type
+
+
+class LexerConnectionError(TransportError):
+    """The connection failed or was dropped. ``request_sent`` is False when the connection
+    could not even be made, so the server certainly never saw the request."""
+
+    def __init__(
+        self, message: str, *, report_type: str | None = None, request_sent: bool = True
+    ) -> None:
+        super().__init__(message, report_type=report_type)
+        self.request_sent = request_sent
+
+
+class LexerTimeoutError(TransportError):
+    """The request, or the call's overall deadline, timed out."""
+
+
+class UnexpectedResponseError(LexerError):
+    """A response that does not have the documented shape (or an undocumented status).
+
+    Carries the status, the report type and the first 200 bytes of the body, never a
+    half-filled result object.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status: int,
+        report_type: str | None = None,
+        body: bytes = b"",
+    ) -> None:
+        self.reason = reason
+        self.status = status
+        self.report_type = report_type
+        self.body_excerpt = body[:BODY_EXCERPT_BYTES]
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        where = f" for report type {self.report_type!r}" if self.report_type else ""
+        return (
+            f"unexpected response (HTTP {self.status}){where}: {self.reason}; "
+            f"body starts {self.body_excerpt!r}"
+        )
+
+
+class ExportError(LexerError):
+    """Base class of export-pipeline errors."""
+
+
+class ExportFailedError(ExportError):
+    """The export job reached a terminal failure status."""
+
+    def __init__(self, message: str, *, status: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class ExportTimeoutError(ExportError, LexerTimeoutError):
+    """The export job did not complete before the overall timeout."""
+
+
+class DownloadError(ExportError):
+    """The export file could not be downloaded completely and verified."""
+
+
+class LimiterBackendError(LexerError):
+    """The shared limiter backend (for example Redis) could not be reached or used."""

@@ -1,0 +1,303 @@
+"""Typed results: frozen, slotted attrs classes, structured by one cattrs converter.
+
+Every documented field is present with its documented type. Extra fields the server may
+add are ignored. Ids are normalised to ``int`` (API-NOTES item 2: ``user_id`` is a string
+in user_summary and a number in user_volume). Time-series points carry parsed, aware
+timestamps.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, NewType
+
+import attrs
+import cattrs
+
+from .reports import parse_datetime
+
+__all__ = [
+    "Id",
+    "converter",
+    "User",
+    "Group",
+    "Form",
+    "Summary",
+    "StatePoint",
+    "StatesVolume",
+    "WorkflowState",
+    "Classification",
+    "ValuePoint",
+    "ResponseVolume",
+    "UserSummary",
+    "UserVolume",
+    "CaseSummary",
+    "CaseVolume",
+    "CaseClassification",
+    "NpsSummary",
+    "NpsDay",
+    "ExportJob",
+]
+
+Id = NewType("Id", int)
+"""An entity id, normalised to int whether the server sent ``123`` or ``"123"``."""
+
+_frozen = attrs.frozen(kw_only=True)
+
+
+@_frozen
+class User:
+    id: Id
+    email: str
+    first_name: str
+    last_name: str
+    timezone: str
+    gmtoffset: float
+    sign_in_count: int
+    last_sign_in_at: datetime | None
+    archived: bool
+    groups: tuple[Id, ...]
+
+
+@_frozen
+class Group:
+    id: Id
+    name: str
+    comment: str | None
+
+
+@_frozen
+class Form:
+    id: Id
+    name: str
+    title: str
+    archived: bool
+    created_at: datetime
+    groups: tuple[Id, ...]
+    nps: bool
+    form_url: str
+
+
+@_frozen
+class Summary:
+    """``summary``: team-wide handling metrics. Times in seconds, ``*_min`` in minutes."""
+
+    total_volume: int
+    total_responded_to: int
+    broke_sla: int
+    broke_action_sla: int
+    avg_response_time: float
+    avg_action_response_time: float
+    min_response_time: float
+    median_response_time: float
+    max_response_time: float
+    min_action_response_time: float
+    median_action_response_time: float
+    max_action_response_time: float
+    avg_response_time_min: float
+    avg_action_response_time_min: float
+    median_response_time_min: float
+    median_action_response_time_min: float
+
+
+@_frozen
+class StatePoint:
+    """One period of one workflow state. ``date_from`` is the period's start, read in the
+    UTC offset of the request's ``date_from`` (the server sends it with no offset)."""
+
+    state: str
+    value: int
+    date_from: datetime
+
+
+@_frozen
+class StatesVolume:
+    """``states_volume``: per workflow state, a point per day (per hour under 4 days)."""
+
+    states: dict[str, tuple[StatePoint, ...]]
+
+
+@_frozen
+class WorkflowState:
+    """Workflow-state totals (see "Known API ambiguities" for the report type's name)."""
+
+    state: str
+    volume: int
+
+
+@_frozen
+class Classification:
+    """``classifications``: a classification's volume in one state (or ``all_states``)."""
+
+    classification_id: Id
+    classification: str
+    state: str
+    volume: int
+
+
+@_frozen
+class ValuePoint:
+    value: float
+    date_from: datetime
+
+
+@_frozen
+class ResponseVolume:
+    """``response_volume``: average response time per day (per hour for 3 days or less).
+
+    The unit of ``value`` is ambiguous (API-NOTES item 4): documented as minutes, the
+    examples look like seconds. Values are returned as the server sends them.
+    """
+
+    avg_response_time: tuple[ValuePoint, ...]
+
+
+@_frozen
+class UserSummary:
+    """``user_summary``: one agent's metrics. Fractions as the server computes them."""
+
+    user_id: Id
+    first_name: str
+    last_name: str
+    mentions_assigned: int
+    responded_to: int
+    responded_to_in_private: int
+    avg_response_time: float
+    min_response_time: float
+    max_response_time: float
+    avg_action_response_time: float
+    min_action_response_time: float
+    max_action_response_time: float
+    total_responded_to: int
+    broke_sla: int
+    broke_action_sla: int
+    avg_response_time_min: float
+    avg_action_response_time_min: float
+    fraction_responded_to: float
+    fraction_responded_to_in_private: float
+    fraction_broke_sla: float
+    fraction_broke_action_sla: float
+
+
+@_frozen
+class UserVolume:
+    """``user_volume`` (Team Volume): an agent's messages by current workflow state."""
+
+    user_id: Id
+    first_name: str
+    last_name: str
+    states: dict[str, int]
+
+
+@_frozen
+class CaseSummary:
+    total_cases: int
+    first_reply_time: float
+    resolution_time: float
+    median_first_reply_time: float
+    median_resolution_time: float
+    agent_interactions: float
+    agents_involved: float
+
+
+@_frozen
+class CaseVolume:
+    """``case_volume``: open cases per day."""
+
+    open: tuple[ValuePoint, ...]
+
+
+@_frozen
+class CaseClassification:
+    classification_id: Id
+    classification: str
+    volume: int
+
+
+@_frozen
+class NpsSummary:
+    """``nps_summary``. ``nps_score`` is the Net Promoter Score (API-NOTES item 6)."""
+
+    total_sent: int
+    total_received: int
+    total_promoters: int
+    total_passives: int
+    total_detractors: int
+    nps_score: float
+
+
+@_frozen
+class NpsDay:
+    """``nps_volume``: one local day; ``date`` is its start in UTC, ``timestamp`` the epoch."""
+
+    date: datetime
+    timestamp: int
+    data: NpsSummary
+
+
+@_frozen
+class ExportJob:
+    """An export job as the API describes it: ``token`` is the *report* token, not a secret."""
+
+    status: str
+    url: str | None
+    token: str
+
+
+def _structure_id(value: Any, _: object) -> Id:
+    if isinstance(value, bool):
+        raise TypeError(f"expected an id, got {value!r}")
+    if isinstance(value, int):
+        return Id(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return Id(int(value))
+    raise TypeError(f"expected an integer id, got {value!r}")
+
+
+def _structure_datetime(value: Any, _: object) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        return parse_datetime(value)
+    raise TypeError(f"expected an ISO 8601 timestamp, got {value!r}")
+
+
+def _strict(kind: type[Any]) -> Any:
+    def structure(value: Any, _: object) -> Any:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"expected {kind.__name__}, got {value!r}")
+        return value
+
+    return structure
+
+
+def _structure_float(value: Any, _: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _structure_int(value: Any, _: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=False)
+    conv.register_structure_hook(Id, _structure_id)
+    conv.register_structure_hook(datetime, _structure_datetime)
+    conv.register_unstructure_hook(datetime, lambda d: d.isoformat())
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(str, _strict(str))
+    conv.register_structure_hook(bool, _strict(bool))
+    return conv
+
+
+converter: cattrs.Converter = _make_converter()
+"""The one converter: structures API payloads into the classes above, and back."""

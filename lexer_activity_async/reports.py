@@ -1,0 +1,236 @@
+"""Report types and the rules a report request must satisfy, as pure functions.
+
+Both the client (to reject bad input before it spends rate budget) and the sandbox (to
+answer the documented 400s) use these rules, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import calendar
+import enum
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+
+from .exceptions import ValidationError
+
+__all__ = [
+    "ReportType",
+    "ExportKind",
+    "NpsCategory",
+    "DEFAULT_WORKFLOW_STATES_TYPE",
+    "MAX_RANGE_MONTHS",
+    "add_months",
+    "format_datetime",
+    "parse_datetime",
+    "range_too_long",
+    "hourly_states_volume",
+    "hourly_response_volume",
+    "validate_range",
+    "validate_nps",
+    "build_report_body",
+]
+
+MAX_RANGE_MONTHS = 12
+
+# API-NOTES item 1: the reference names the workflow-state totals "user_volume", which is
+# Team Volume's type. Its real name is unpublished; "states" is the natural sibling of
+# "states_volume" the way "classifications" is of "case_classifications". Overridable.
+DEFAULT_WORKFLOW_STATES_TYPE = "states"
+
+
+class ReportType(str, enum.Enum):
+    """The report types that answer with data directly."""
+
+    SUMMARY = "summary"
+    STATES_VOLUME = "states_volume"
+    WORKFLOW_STATES = DEFAULT_WORKFLOW_STATES_TYPE
+    CLASSIFICATIONS = "classifications"
+    RESPONSE_VOLUME = "response_volume"
+    USER_SUMMARY = "user_summary"
+    USER_VOLUME = "user_volume"
+    CASE_SUMMARY = "case_summary"
+    CASE_VOLUME = "case_volume"
+    CASE_CLASSIFICATIONS = "case_classifications"
+    NPS_SUMMARY = "nps_summary"
+    NPS_VOLUME = "nps_volume"
+
+    @property
+    def needs_form(self) -> bool:
+        return self in (ReportType.NPS_SUMMARY, ReportType.NPS_VOLUME)
+
+
+class ExportKind(str, enum.Enum):
+    """The report types that start an export job (a CSV file, fetched later)."""
+
+    CASE_DETAILS = "case_details"
+    NPS_SUBMISSIONS = "nps_submissions"
+    MENTION_SLA_EXPORT = "mention_sla_export"
+
+    @property
+    def needs_form(self) -> bool:
+        return self is ExportKind.NPS_SUBMISSIONS
+
+
+class NpsCategory(str, enum.Enum):
+    """NPS categories: promoters score 9-10, passives 7-8, detractors 0-6."""
+
+    ALL = "all"
+    PROMOTERS = "promoters"
+    PASSIVES = "passives"
+    DETRACTORS = "detractors"
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """``moment`` moved by whole calendar months, the day clamped to the target month's end."""
+    index = moment.year * 12 + (moment.month - 1) + months
+    year, month = divmod(index, 12)
+    day = min(moment.day, calendar.monthrange(year, month + 1)[1])
+    return moment.replace(year=year, month=month + 1, day=day)
+
+
+def format_datetime(moment: datetime) -> str:
+    """The wire format of the reference: ISO 8601 to the second, with its UTC offset."""
+    return moment.isoformat(timespec="seconds")
+
+
+def parse_datetime(text: str) -> datetime:
+    """Parse an ISO 8601 timestamp with offset; ``Z`` is accepted for UTC."""
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset")
+    return parsed
+
+
+def range_too_long(date_from: datetime, date_to: datetime) -> bool:
+    """True when the range is over 12 months: ``date_to`` past ``date_from`` + 12 calendar
+    months, counted on ``date_from``'s own wall clock (as the server reads the request)."""
+    limit = add_months(date_from, MAX_RANGE_MONTHS)
+    return date_to.astimezone(date_from.tzinfo) > limit
+
+
+def hourly_states_volume(date_from: datetime, date_to: datetime) -> bool:
+    """states_volume is hourly when the range is "less than 4 days"."""
+    return date_to - date_from < timedelta(days=4)
+
+
+def hourly_response_volume(date_from: datetime, date_to: datetime) -> bool:
+    """response_volume is hourly when the range is "3 days or less"."""
+    return date_to - date_from <= timedelta(days=3)
+
+
+def _require_aware(name: str, value: object) -> datetime:
+    if not isinstance(value, datetime):
+        raise ValidationError(
+            f"{name} must be a timezone-aware datetime, got {type(value).__name__}"
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(
+            f"{name} is a naive datetime ({value.isoformat()}); naive datetimes are rejected "
+            "because the API reads wall-clock times in the request's UTC offset: attach a "
+            "tzinfo, e.g. datetime(2024, 1, 1, tzinfo=timezone.utc)"
+        )
+    return value.replace(microsecond=0)
+
+
+def validate_range(
+    date_from: object,
+    date_to: object,
+    *,
+    now: datetime | None = None,
+    max_months: int | None = MAX_RANGE_MONTHS,
+) -> tuple[datetime, datetime]:
+    """Check a report's range and return it truncated to whole seconds (the wire precision).
+
+    Rules: both aware; ``date_from`` strictly before ``date_to``; at most 12 calendar months
+    (``max_months=None`` skips this, for exports that are split into windows); ``date_from``
+    not in the future.
+    """
+    start = _require_aware("date_from", date_from)
+    end = _require_aware("date_to", date_to)
+    if start >= end:
+        raise ValidationError(
+            f"date_from ({format_datetime(start)}) must be before date_to ({format_datetime(end)})"
+        )
+    if max_months is not None and range_too_long(start, end):
+        raise ValidationError(
+            f"the range {format_datetime(start)} .. {format_datetime(end)} is longer than "
+            f"{max_months} months; the API rejects it (split it into windows)"
+        )
+    current = now if now is not None else datetime.now(timezone.utc)
+    if start > current:
+        raise ValidationError(f"date_from ({format_datetime(start)}) is in the future")
+    return start, end
+
+
+def validate_nps(form: object, nps_category: object) -> tuple[int, str]:
+    """NPS reports and exports need a form id (from ``/v1/forms``) and a valid category."""
+    if isinstance(form, bool) or not isinstance(form, int) or form <= 0:
+        raise ValidationError(
+            f"NPS reports need `form`, a positive integer form id from /v1/forms; got {form!r}"
+        )
+    try:
+        category = NpsCategory(nps_category)
+    except ValueError:
+        allowed = ", ".join(c.value for c in NpsCategory)
+        raise ValidationError(
+            f"nps_category must be one of {allowed}; got {nps_category!r}"
+        ) from None
+    return form, category.value
+
+
+def _validate_ids(name: str, ids: Sequence[int] | None) -> list[int] | None:
+    if ids is None:
+        return None
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValidationError(f"{name} must be a sequence of integer ids; got {ids!r}")
+    out: list[int] = []
+    for item in ids:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValidationError(f"{name} must contain integer ids; got {item!r}")
+        out.append(item)
+    return out
+
+
+def build_report_body(
+    type_name: str,
+    date_from: object,
+    date_to: object,
+    *,
+    needs_form: bool = False,
+    form: int | None = None,
+    nps_category: str | None = None,
+    users: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+    extra: Mapping[str, object] | None = None,
+    now: datetime | None = None,
+) -> dict[str, object]:
+    """Validate a report request and build its JSON body (pure: no I/O).
+
+    ``users`` and ``groups`` are passed through as lists of ids (API-NOTES item 10: their
+    names are unpublished); ``extra`` adds further fields verbatim.
+    """
+    if not isinstance(type_name, str) or not type_name:
+        raise ValidationError(f"report type must be a non-empty string; got {type_name!r}")
+    start, end = validate_range(date_from, date_to, now=now)
+    body: dict[str, object] = {
+        "type": type_name,
+        "date_from": format_datetime(start),
+        "date_to": format_datetime(end),
+    }
+    if needs_form:
+        body["form"], body["nps_category"] = validate_nps(
+            form, NpsCategory.ALL.value if nps_category is None else nps_category
+        )
+    elif form is not None or nps_category is not None:
+        raise ValidationError(f"report type {type_name!r} takes no form or nps_category")
+    for name, ids in (("users", users), ("groups", groups)):
+        checked = _validate_ids(name, ids)
+        if checked is not None:
+            body[name] = checked
+    for key, value in (extra or {}).items():
+        if key in body:
+            raise ValidationError(f"filter {key!r} clashes with a field the client sets")
+        body[key] = value
+    return body

@@ -1,0 +1,52 @@
+"""When to retry a failed call, and how long to back off first (pure policy, no I/O)."""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+
+from . import exceptions as exc
+
+__all__ = ["RetryPolicy", "is_retryable"]
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Retries for 5xx, 408, connection errors and timeouts, with jittered exponential
+    backoff: ``min(base * 2**(n-1), cap) * uniform(jitter_low, 1)`` before retry ``n``.
+
+    ``deadline`` bounds a whole call (limiter waits, attempts and backoffs) in seconds;
+    None means no overall bound (a backfill may queue behind the rate limit for hours).
+    429s are retried after the limiter's penalty, up to ``max_rate_limited`` times, and
+    do not use up ``max_retries``.
+    """
+
+    max_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    deadline: float | None = None
+    base: float = 0.5
+    cap: float = 30.0
+    jitter_low: float = 0.75
+    max_rate_limited: int = attrs.field(default=10, validator=attrs.validators.ge(0))
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        draw = (rng or random).uniform(self.jitter_low, 1.0)
+        return float(min(self.base * 2 ** (attempt - 1), self.cap) * draw)
+
+
+def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
+    """Whether ``error`` may be retried (429s are handled apart, through the limiter).
+
+    A request that is not idempotent (an export-start POST: the job may already exist)
+    is retried only when it provably never reached the server: the connection could not
+    be made.
+    """
+    if isinstance(error, exc.LexerConnectionError) and not error.request_sent:
+        return True
+    if not idempotent:
+        return False
+    return isinstance(
+        error,
+        (exc.ServerError, exc.RequestTimeoutError, exc.LexerConnectionError, exc.LexerTimeoutError),
+    )

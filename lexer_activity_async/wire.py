@@ -1,0 +1,286 @@
+"""Wire logic, free of I/O: building requests, decoding responses, mapping errors.
+
+Everything here is a pure function of its arguments, so it is tested without a server.
+The token never enters this module: the transport adds the ``Auth-Api-Token`` header.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone, tzinfo
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+
+from . import exceptions as exc
+from . import models as m
+from .reports import ReportType
+
+__all__ = [
+    "Request",
+    "TOKEN_HEADER",
+    "users_request",
+    "groups_request",
+    "forms_request",
+    "report_request",
+    "status_request",
+    "decode_json",
+    "decode_list",
+    "decode_report",
+    "decode_export_job",
+    "map_error",
+    "parse_retry_after",
+    "RESULT_TYPES",
+]
+
+TOKEN_HEADER = "Auth-Api-Token"
+
+Origin = Literal["api", "status"]
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Request:
+    """A request to send: its origin (API or status host), method, path and payload."""
+
+    origin: Origin
+    method: str
+    path: str
+    json: Mapping[str, object] | None = None
+    params: Mapping[str, str] | None = None
+    report_type: str | None = None
+
+
+def users_request() -> Request:
+    return Request("api", "GET", "/users")
+
+
+def groups_request() -> Request:
+    return Request("api", "GET", "/groups")
+
+
+def forms_request() -> Request:
+    return Request("api", "GET", "/forms")
+
+
+def report_request(body: Mapping[str, object]) -> Request:
+    """A report or export-start request; ``body`` comes from `reports.build_report_body`."""
+    return Request("api", "POST", "/activity/reports", json=body, report_type=str(body["type"]))
+
+
+def status_request(report_token: str) -> Request:
+    """The export status poll, on the status host."""
+    return Request(
+        "status", "GET", "/activity/reports/status", params={"token": report_token}
+    )
+
+
+RESULT_TYPES: dict[ReportType, Any] = {
+    ReportType.SUMMARY: m.Summary,
+    ReportType.STATES_VOLUME: m.StatesVolume,
+    ReportType.WORKFLOW_STATES: list[m.WorkflowState],
+    ReportType.CLASSIFICATIONS: list[m.Classification],
+    ReportType.RESPONSE_VOLUME: m.ResponseVolume,
+    ReportType.USER_SUMMARY: list[m.UserSummary],
+    ReportType.USER_VOLUME: list[m.UserVolume],
+    ReportType.CASE_SUMMARY: m.CaseSummary,
+    ReportType.CASE_VOLUME: m.CaseVolume,
+    ReportType.CASE_CLASSIFICATIONS: list[m.CaseClassification],
+    ReportType.NPS_SUMMARY: m.NpsSummary,
+    ReportType.NPS_VOLUME: list[m.NpsDay],
+}
+"""What each report type decodes to."""
+
+
+def _unexpected(
+    reason: str, status: int, body: bytes, report_type: str | None
+) -> exc.UnexpectedResponseError:
+    return exc.UnexpectedResponseError(reason, status=status, report_type=report_type, body=body)
+
+
+def decode_json(status: int, body: bytes, report_type: str | None = None) -> Any:
+    """Parse a JSON body, or raise `UnexpectedResponseError`."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _unexpected(f"body is not JSON ({error})", status, body, report_type) from None
+
+
+def _structure(
+    payload: Any, cls: Any, status: int, body: bytes, report_type: str | None
+) -> Any:
+    try:
+        return m.converter.structure(payload, cls)
+    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, cattrs.BaseValidationError):
+            problems = cattrs.transform_error(e)
+            detail = "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        else:
+            detail = repr(e)
+        raise _unexpected(f"wrong shape: {detail}", status, body, report_type) from None
+
+
+def decode_list(cls: type[T], status: int, body: bytes) -> list[T]:
+    """Decode ``/users``, ``/groups`` or ``/forms``.
+
+    API-NOTES item 3: the reference's examples show a single object while the endpoints
+    are described as lists; both are accepted, a single object becoming a list of one.
+    """
+    payload = decode_json(status, body)
+    if isinstance(payload, dict):
+        payload = [payload]
+    if not isinstance(payload, list):
+        raise _unexpected("expected a list of objects", status, body, None)
+    items: list[T] = _structure(payload, list[cls], status, body, None)  # type: ignore[valid-type]
+    return items
+
+
+_LOCAL_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
+
+
+def _local_time(text: Any, tz: tzinfo) -> datetime:
+    if not isinstance(text, str):
+        raise TypeError(f"expected a 'YYYY-MM-DD HH:MM' string, got {text!r}")
+    for fmt in _LOCAL_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=tz)
+        except ValueError:
+            continue
+    raise ValueError(f"unrecognised period start {text!r}")
+
+
+def _points(series: Any, tz: tzinfo, keep: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Flatten ``{..., "date_range": {"date_from": "YYYY-MM-DD HH:MM"}}`` points."""
+    if not isinstance(series, list):
+        raise TypeError(f"expected a list of points, got {type(series).__name__}")
+    out = []
+    for point in series:
+        flat = {key: point[key] for key in keep}
+        flat["date_from"] = _local_time(point["date_range"]["date_from"], tz)
+        out.append(flat)
+    return out
+
+
+def _prepare(kind: ReportType, payload: Any, tz: tzinfo) -> Any:
+    """Reshape the few payloads whose wire form differs from their model."""
+    if kind is ReportType.STATES_VOLUME:
+        if not isinstance(payload, dict):
+            raise TypeError("expected an object keyed by workflow state")
+        return {"states": {k: _points(v, tz, ("state", "value")) for k, v in payload.items()}}
+    if kind is ReportType.RESPONSE_VOLUME:
+        return {"avg_response_time": _points(payload["avg_response_time"], tz, ("value",))}
+    if kind is ReportType.CASE_VOLUME:
+        return {"open": _points(payload["open"], tz, ("value",))}
+    return payload
+
+
+def decode_report(
+    kind: ReportType,
+    status: int,
+    body: bytes,
+    *,
+    tz: tzinfo = timezone.utc,
+    report_type: str | None = None,
+) -> Any:
+    """Decode a successful report response into its typed result (see `RESULT_TYPES`).
+
+    ``tz`` is the UTC offset of the request's ``date_from``: series periods come without
+    an offset and are read in it. Any deviation from the documented shape raises
+    `UnexpectedResponseError`; no partly-built object escapes.
+    """
+    name = report_type or kind.value
+    payload = decode_json(status, body, name)
+    try:
+        prepared = _prepare(kind, payload, tz)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _unexpected(f"wrong shape: {error!r}", status, body, name) from None
+    return _structure(prepared, RESULT_TYPES[kind], status, body, name)
+
+
+def decode_export_job(status: int, body: bytes, report_type: str | None = None) -> m.ExportJob:
+    """Decode an export start or status answer: ``{"status", "url", "token"}``."""
+    payload = decode_json(status, body, report_type)
+    job: m.ExportJob = _structure(payload, m.ExportJob, status, body, report_type)
+    return job
+
+
+def _message(body: bytes) -> str:
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:500]
+    if isinstance(payload, dict):
+        for key in ("error", "message", "errors", "detail"):
+            if isinstance(payload.get(key), str):
+                return str(payload[key])
+    if isinstance(payload, str):
+        return payload
+    return text[:500]
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    current = now if now is not None else datetime.now(timezone.utc)
+    return max(0.0, (when - current).total_seconds())
+
+
+_BAD_REQUESTS: tuple[tuple[str, type[exc.BadRequestError]], ...] = (
+    ("date range is too long", exc.DateRangeTooLongError),
+    ("future date", exc.FutureStartDateError),
+    ("invalid type", exc.InvalidReportTypeError),
+)
+
+
+def map_error(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    *,
+    report_type: str | None = None,
+    now: Callable[[], datetime] | None = None,
+) -> exc.LexerError:
+    """The typed exception for an error response (status >= 400)."""
+    message = _message(body)
+    lowered = message.lower()
+    if status == 400:
+        for needle, cls in _BAD_REQUESTS:
+            if needle in lowered:
+                return cls(message, status=status, report_type=report_type)
+        return exc.BadRequestError(message, status=status, report_type=report_type)
+    if status == 401:
+        cls401 = exc.TokenMismatchError if "not matching" in lowered else exc.MissingTokenError
+        return cls401(message or "Unauthorized", status=status, report_type=report_type)
+    if status == 404:
+        return exc.NotFoundError(message or "Not found", status=status, report_type=report_type)
+    if status == 408:
+        return exc.RequestTimeoutError(message, status=status, report_type=report_type)
+    if status == 429:
+        header = None
+        for key, value in (headers or {}).items():
+            if key.lower() == "retry-after":
+                header = value
+        return exc.RateLimitedError(
+            message or "Rate limited exceeded",
+            report_type=report_type,
+            retry_after=parse_retry_after(header, now() if now else None),
+        )
+    if 500 <= status <= 599:
+        return exc.ServerError(message, status=status, report_type=report_type)
+    return _unexpected(f"undocumented status {status}", status, body, report_type)
