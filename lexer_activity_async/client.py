@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from ipaddress import ip_address
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -22,10 +21,10 @@ import anyio
 import attrs
 
 from . import exceptions as exc
+from . import exports, wire
 from . import models as m
-from . import wire
 from ._version import __version__
-from .events import EventHook, RateLimited, RateLimitWait, Retrying
+from .events import Event, EventHook, RateLimited, RateLimitWait, Retrying
 from .limits import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_WINDOW,
@@ -43,7 +42,7 @@ from .reports import (
 )
 from .retry import RetryPolicy, is_retryable
 
-__all__ = ["LexerClient", "DEFAULT_API_URL", "DEFAULT_STATUS_URL", "is_loopback_url"]
+__all__ = ["LexerClient", "DEFAULT_API_URL", "DEFAULT_STATUS_URL"]
 
 log = logging.getLogger("lexer_activity_async")
 
@@ -55,17 +54,6 @@ STATUS_URL_ENV = "LEXER_STATUS_URL"
 
 T = TypeVar("T")
 Decoder = Callable[[int, bytes], T]
-
-
-def is_loopback_url(url: str) -> bool:
-    """True for http(s) URLs whose host is localhost or a loopback address."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Secret:
@@ -154,6 +142,7 @@ class LexerClient:
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._session = session
         self._owns_session = session is None
+        self._files_session: aiohttp.ClientSession | None = None
         self._limiter: Limiter | None = None
         self._closed = False
 
@@ -187,6 +176,15 @@ class LexerClient:
                 connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
                 headers={"User-Agent": f"lexer-activity-async/{__version__}"},
             )
+        # aiohttp silently resends a GET once when a kept-alive connection drops; the server
+        # would then see two requests for one limiter slot. It has only a private switch.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
+        if self._files_session is None:
+            # Export files live on a storage host: a bare session, no headers, no cookies.
+            self._files_session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+            )
         if self._limiter is None:
             self._limiter = self._registry.get(
                 self._token.reveal(), max_requests=self.max_requests, window=self.window
@@ -197,7 +195,9 @@ class LexerClient:
         self._closed = True
         if self._owns_session and self._session is not None:
             await self._session.close()
-        self._session = None
+        if self._files_session is not None:
+            await self._files_session.close()
+        self._session = self._files_session = None
 
     @property
     def closed(self) -> bool:
@@ -216,13 +216,20 @@ class LexerClient:
         return self._session
 
     @property
+    def files_session(self) -> aiohttp.ClientSession:
+        """The credential-free session used only for export files."""
+        if self._files_session is None:
+            raise exc.ClientClosedError("this LexerClient is not open; use `async with`")
+        return self._files_session
+
+    @property
     def stats(self) -> LimiterStats:
         """A snapshot of this token's counters (shared by its clients in the process)."""
         return attrs.evolve(self.limiter.stats)
 
     # -- the one request path ----------------------------------------------------------
 
-    def _emit(self, event: Any) -> None:
+    def _emit(self, event: Event) -> None:
         if self._on_event is not None:
             self._on_event(event)
 
@@ -545,6 +552,52 @@ class LexerClient:
             ReportType.NPS_VOLUME, date_from, date_to, form=form, nps_category=nps_category, **kw
         )
         return result
+
+
+    # -- exports (see `exports` for the pipeline) ------------------------------------------
+
+    async def start_export(
+        self, kind: ExportKind | str, date_from: datetime, date_to: datetime, **params: Any
+    ) -> m.ExportJob:
+        """Start an export job; returns it with its report token."""
+        return await exports.start_export(self, kind, date_from, date_to, **params)
+
+    async def export_status(self, report_token: str) -> m.ExportJob:
+        """Poll an export job once (status host)."""
+        return await exports.export_status(self, report_token)
+
+    async def wait_for_export(
+        self, job: m.ExportJob, *, poll: exports.PollPolicy | None = None
+    ) -> m.ExportJob:
+        """Poll until the job is complete (with backoff); raises on failure or timeout."""
+        return await exports.wait_for_export(self, job, poll=poll)
+
+    async def download_export(
+        self,
+        job: m.ExportJob,
+        dest: str | os.PathLike[str],
+        *,
+        policy: exports.DownloadPolicy | None = None,
+    ) -> int:
+        """Stream a complete job's CSV to ``dest`` atomically; returns its size."""
+        return await exports.download(self, job, dest, policy=policy)
+
+    async def export(
+        self,
+        kind: ExportKind | str,
+        date_from: datetime,
+        date_to: datetime,
+        dest: str | os.PathLike[str],
+        **options: Any,
+    ) -> exports.ExportResult:
+        """Start, wait for and download an export (split into windows past 12 months)."""
+        return await exports.export(self, kind, date_from, date_to, dest, **options)
+
+    def export_rows(
+        self, kind: ExportKind | str, date_from: datetime, date_to: datetime, **options: Any
+    ) -> AsyncIterator[dict[str, str]]:
+        """``async for row in client.export_rows(...)``: rows parsed as the CSV streams."""
+        return exports.export_rows(self, kind, date_from, date_to, **options)
 
 
 def _list_decoder(cls: type[T]) -> Decoder[list[T]]:

@@ -197,6 +197,18 @@ class UnexpectedResponseError(LexerError):
             f"body starts {self.body_excerpt!r}"
         )
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_unexpected,
+            (self.reason, self.status, self.report_type, self.body_excerpt),
+        )
+
+
+def _rebuild_unexpected(
+    reason: str, status: int, report_type: str | None, body: bytes
+) -> UnexpectedResponseError:
+    return UnexpectedResponseError(reason, status=status, report_type=report_type, body=body)
+
 
 class ExportError(LexerError):
     """Base class of export-pipeline errors."""
@@ -209,6 +221,13 @@ class ExportFailedError(ExportError):
         super().__init__(message)
         self.status = status
         self.kind = kind
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_export_failed, (str(self), self.status, self.kind))
+
+
+def _rebuild_export_failed(message: str, status: str, kind: str | None) -> ExportFailedError:
+    return ExportFailedError(message, status=status, kind=kind)
 
 
 class ExportTimeoutError(ExportError, LexerTimeoutError):

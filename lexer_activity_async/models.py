@@ -9,10 +9,11 @@ timestamps.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, NewType
+from typing import Any, NewType, get_args, get_origin
 
 import attrs
 import cattrs
+from cattrs.errors import IterableValidationError, IterableValidationNote
 
 from .reports import parse_datetime
 
@@ -42,10 +43,7 @@ __all__ = [
 Id = NewType("Id", int)
 """An entity id, normalised to int whether the server sent ``123`` or ``"123"``."""
 
-_frozen = attrs.frozen(kw_only=True)
-
-
-@_frozen
+@attrs.frozen
 class User:
     id: Id
     email: str
@@ -59,14 +57,14 @@ class User:
     groups: tuple[Id, ...]
 
 
-@_frozen
+@attrs.frozen
 class Group:
     id: Id
     name: str
     comment: str | None
 
 
-@_frozen
+@attrs.frozen
 class Form:
     id: Id
     name: str
@@ -78,7 +76,7 @@ class Form:
     form_url: str
 
 
-@_frozen
+@attrs.frozen
 class Summary:
     """``summary``: team-wide handling metrics. Times in seconds, ``*_min`` in minutes."""
 
@@ -100,7 +98,7 @@ class Summary:
     median_action_response_time_min: float
 
 
-@_frozen
+@attrs.frozen
 class StatePoint:
     """One period of one workflow state. ``date_from`` is the period's start, read in the
     UTC offset of the request's ``date_from`` (the server sends it with no offset)."""
@@ -110,14 +108,14 @@ class StatePoint:
     date_from: datetime
 
 
-@_frozen
+@attrs.frozen
 class StatesVolume:
     """``states_volume``: per workflow state, a point per day (per hour under 4 days)."""
 
     states: dict[str, tuple[StatePoint, ...]]
 
 
-@_frozen
+@attrs.frozen
 class WorkflowState:
     """Workflow-state totals (see "Known API ambiguities" for the report type's name)."""
 
@@ -125,7 +123,7 @@ class WorkflowState:
     volume: int
 
 
-@_frozen
+@attrs.frozen
 class Classification:
     """``classifications``: a classification's volume in one state (or ``all_states``)."""
 
@@ -135,13 +133,13 @@ class Classification:
     volume: int
 
 
-@_frozen
+@attrs.frozen
 class ValuePoint:
     value: float
     date_from: datetime
 
 
-@_frozen
+@attrs.frozen
 class ResponseVolume:
     """``response_volume``: average response time per day (per hour for 3 days or less).
 
@@ -152,7 +150,7 @@ class ResponseVolume:
     avg_response_time: tuple[ValuePoint, ...]
 
 
-@_frozen
+@attrs.frozen
 class UserSummary:
     """``user_summary``: one agent's metrics. Fractions as the server computes them."""
 
@@ -179,7 +177,7 @@ class UserSummary:
     fraction_broke_action_sla: float
 
 
-@_frozen
+@attrs.frozen
 class UserVolume:
     """``user_volume`` (Team Volume): an agent's messages by current workflow state."""
 
@@ -189,7 +187,7 @@ class UserVolume:
     states: dict[str, int]
 
 
-@_frozen
+@attrs.frozen
 class CaseSummary:
     total_cases: int
     first_reply_time: float
@@ -200,21 +198,21 @@ class CaseSummary:
     agents_involved: float
 
 
-@_frozen
+@attrs.frozen
 class CaseVolume:
     """``case_volume``: open cases per day."""
 
     open: tuple[ValuePoint, ...]
 
 
-@_frozen
+@attrs.frozen
 class CaseClassification:
     classification_id: Id
     classification: str
     volume: int
 
 
-@_frozen
+@attrs.frozen
 class NpsSummary:
     """``nps_summary``. ``nps_score`` is the Net Promoter Score (API-NOTES item 6)."""
 
@@ -226,7 +224,7 @@ class NpsSummary:
     nps_score: float
 
 
-@_frozen
+@attrs.frozen
 class NpsDay:
     """``nps_volume``: one local day; ``date`` is its start in UTC, ``timestamp`` the epoch."""
 
@@ -235,7 +233,7 @@ class NpsDay:
     data: NpsSummary
 
 
-@_frozen
+@attrs.frozen
 class ExportJob:
     """An export job as the API describes it: ``token`` is the *report* token, not a secret."""
 
@@ -264,7 +262,8 @@ def _structure_datetime(value: Any, _: object) -> datetime:
 
 def _strict(kind: type[Any]) -> Any:
     def structure(value: Any, _: object) -> Any:
-        if isinstance(value, bool) or not isinstance(value, kind):
+        # bool is an int subclass: refuse it where another type is expected, not for bool.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise TypeError(f"expected {kind.__name__}, got {value!r}")
         return value
 
@@ -287,8 +286,48 @@ def _structure_int(value: Any, _: object) -> int:
     return value
 
 
+def _is_array_type(type_: Any) -> bool:
+    args = get_args(type_)
+    origin = get_origin(type_)
+    return (origin is list and len(args) == 1) or (
+        origin is tuple and len(args) == 2 and args[1] is Ellipsis
+    )
+
+
+def _array_hook_factory(conv: cattrs.Converter) -> Any:
+    """Lists and homogeneous tuples accept only a JSON array: cattrs' default would
+    iterate a string (``"123"`` -> ``(1, 2, 3)``) or a dict's keys (``{}`` -> ``[]``)."""
+
+    def factory(type_: Any) -> Any:
+        element = get_args(type_)[0]
+        as_tuple = get_origin(type_) is tuple
+
+        def structure(value: Any, _: object) -> Any:
+            if not isinstance(value, list):
+                raise TypeError(f"expected an array, got {type(value).__name__}")
+            items: list[Any] = []
+            errors: list[Exception] = []
+            for index, item in enumerate(value):
+                try:
+                    items.append(conv.structure(item, element))
+                except Exception as error:
+                    note = IterableValidationNote(
+                        f"Structuring {type_} @ index {index}", index, element
+                    )
+                    error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
+                    errors.append(error)
+            if errors:
+                raise IterableValidationError(f"While structuring {type_!r}", errors, type_)
+            return tuple(items) if as_tuple else items
+
+        return structure
+
+    return factory
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=False)
+    conv.register_structure_hook_factory(_is_array_type, _array_hook_factory(conv))
     conv.register_structure_hook(Id, _structure_id)
     conv.register_structure_hook(datetime, _structure_datetime)
     conv.register_unstructure_hook(datetime, lambda d: d.isoformat())

@@ -28,6 +28,7 @@ __all__ = [
     "validate_range",
     "validate_nps",
     "build_report_body",
+    "split_range",
 ]
 
 MAX_RANGE_MONTHS = 12
@@ -234,3 +235,21 @@ def build_report_body(
             raise ValidationError(f"filter {key!r} clashes with a field the client sets")
         body[key] = value
     return body
+
+
+def split_range(
+    date_from: datetime, date_to: datetime, *, months: int = 1
+) -> list[tuple[datetime, datetime]]:
+    """Split ``[date_from, date_to)`` into half-open, gap-free windows of ``months`` calendar
+    months (1 to 12), aligned to ``date_from``'s day and time; the last may be shorter."""
+    if not 1 <= months <= MAX_RANGE_MONTHS:
+        raise ValidationError(f"window must be 1 to {MAX_RANGE_MONTHS} months; got {months}")
+    if date_from >= date_to:
+        raise ValidationError("date_from must be before date_to")
+    windows = []
+    start, step = date_from, 1
+    while start < date_to:
+        end = min(add_months(date_from, months * step), date_to)
+        windows.append((start, end))
+        start, step = end, step + 1
+    return windows

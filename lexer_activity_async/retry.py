@@ -32,7 +32,9 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
         draw = (rng or random).uniform(self.jitter_low, 1.0)
-        return float(min(self.base * 2 ** (attempt - 1), self.cap) * draw)
+        # Exponent bounded: 2 ** 1100 overflows float (OverflowError) and any cap is smaller.
+        growth = 2.0 ** min(attempt - 1, 1000)
+        return float(min(self.base * growth, self.cap) * draw)
 
 
 def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:

@@ -7,10 +7,13 @@ The token never enters this module: the transport adds the ``Auth-Api-Token`` he
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone, tzinfo
 from email.utils import parsedate_to_datetime
+from ipaddress import ip_address
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -34,6 +37,7 @@ __all__ = [
     "map_error",
     "parse_retry_after",
     "RESULT_TYPES",
+    "is_loopback_url",
 ]
 
 TOKEN_HEADER = "Auth-Api-Token"
@@ -228,9 +232,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "inf" would hold the token's requests forever, "nan" compares as 0
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -284,3 +290,14 @@ def map_error(
     if 500 <= status <= 599:
         return exc.ServerError(message, status=status, report_type=report_type)
     return _unexpected(f"undocumented status {status}", status, body, report_type)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for URLs whose host is localhost or a loopback address."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,586 @@
+"""Bulk backfills: a spec (TOML or Python), a planner, and a checkpointed runner.
+
+A backfill pulls reports and exports for many tokens over a long span. The planner cuts
+the span into windows (default one calendar month) and makes one *unit* per token x
+window x report or export. The runner runs every token in parallel under its own limiter,
+writes each unit atomically to ``<output>/<label>/...`` and records it in a checkpoint,
+so a rerun after a crash skips finished units and polls in-flight export jobs again.
+
+Output layout (keyed by label, never the token)::
+
+    <output>/<label>/reports/<type>/<from>_<to>.json
+    <output>/<label>/exports/<kind>/<from>_<to>.csv
+    <output>/.lexer-checkpoint.sqlite
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+from . import exceptions as exc
+from . import exports
+from .checkpoint import DONE, FAILED, PENDING, Checkpoint
+from .client import LexerClient
+from .events import Event
+from .exports import PollPolicy
+from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, LimiterRegistry
+from .models import ExportJob, converter
+from .reports import (
+    DEFAULT_WORKFLOW_STATES_TYPE,
+    ExportKind,
+    NpsCategory,
+    ReportType,
+    format_datetime,
+    split_range,
+    validate_nps,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "SpecError",
+    "TokenSource",
+    "ExportSpec",
+    "BackfillSpec",
+    "Unit",
+    "Plan",
+    "plan",
+    "UnitStarted",
+    "UnitFinished",
+    "BackfillEvent",
+    "BackfillSummary",
+    "run_backfill",
+    "CHECKPOINT_NAME",
+    "ALL_REPORTS",
+]
+
+CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
+ALL_REPORTS = tuple(k.value for k in ReportType)
+EXPORT_POLLS_ESTIMATE = 2
+"""Status polls assumed per export job when estimating requests for ``--dry-run``."""
+
+
+class SpecError(exc.ValidationError):
+    """The backfill spec is invalid; the message says where and why."""
+
+
+@attrs.frozen
+class TokenSource:
+    """Where a token's secret comes from: an environment variable or a file. The spec
+    names the source only, so tokens never appear on a command line or in the spec."""
+
+    label: str
+    env: str | None = None
+    file: Path | None = None
+
+    def read(self) -> str:
+        if self.env is not None:
+            value = os.environ.get(self.env, "").strip()
+            if not value:
+                raise SpecError(f"token {self.label!r}: environment variable {self.env} is unset")
+            return value
+        assert self.file is not None
+        try:
+            value = self.file.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise SpecError(
+                f"token {self.label!r}: cannot read {self.file}: {error.strerror}"
+            ) from None
+        if not value:
+            raise SpecError(f"token {self.label!r}: {self.file} is empty")
+        return value
+
+
+@attrs.frozen
+class ExportSpec:
+    kind: ExportKind
+    form: int | None = None
+    nps_category: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class BackfillSpec:
+    """What to backfill. Build it directly or with `BackfillSpec.from_toml`."""
+
+    tokens: tuple[TokenSource, ...]
+    date_from: datetime
+    date_to: datetime
+    output: Path
+    reports: tuple[str, ...] = ALL_REPORTS
+    exports: tuple[ExportSpec, ...] = ()
+    nps_form: int | None = None
+    nps_category: str = NpsCategory.ALL.value
+    window_months: int = 1
+    per_token_concurrency: int = 8
+    total_concurrency: int = 64
+    api_url: str | None = None
+    status_url: str | None = None
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    window: float = DEFAULT_WINDOW
+    redis_url: str | None = None
+    workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
+    poll: PollPolicy = attrs.field(factory=PollPolicy)
+
+    def __attrs_post_init__(self) -> None:
+        _check_spec(self)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> BackfillSpec:
+        """Read a spec file; relative paths in it are relative to the file."""
+        source = Path(path)
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise SpecError(f"cannot read spec {source}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise SpecError(f"{source} is not valid TOML: {error}") from None
+        return cls.from_dict(data, base_dir=source.parent, **overrides)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: Path = Path("."), **overrides: Any
+    ) -> BackfillSpec:
+        """Build a spec from parsed TOML (see the README for every key)."""
+        return _spec_from_dict(cls, data, base_dir, overrides)
+
+
+_KNOWN_KEYS = {
+    "tokens", "date_from", "date_to", "output", "reports", "exports", "nps", "window_months",
+    "concurrency", "api_url", "status_url", "rate_limit", "redis_url", "workflow_states_type",
+    "poll",
+}
+
+
+def _parse_when(name: str, value: object) -> datetime:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise SpecError(f"{name}: {value!r} is not an ISO 8601 date or datetime") from None
+        if len(value) == 10:
+            moment = moment.replace(tzinfo=timezone.utc)
+    else:
+        raise SpecError(f"{name} must be a date or datetime, got {value!r}")
+    if moment.tzinfo is None:
+        raise SpecError(f"{name}: {value!r} has no UTC offset (a bare date means UTC midnight)")
+    return moment
+
+
+def _spec_from_dict(
+    cls: type[BackfillSpec], data: Mapping[str, Any], base_dir: Path, overrides: dict[str, Any]
+) -> BackfillSpec:
+    unknown = set(data) - _KNOWN_KEYS
+    if unknown:
+        raise SpecError(f"unknown keys in spec: {', '.join(sorted(unknown))}")
+    for key in ("tokens", "date_from", "date_to"):
+        if key not in data:
+            raise SpecError(f"spec needs `{key}`")
+    tokens = []
+    for i, entry in enumerate(data["tokens"]):
+        if not isinstance(entry, Mapping) or "label" not in entry:
+            raise SpecError(f"tokens[{i}] needs a `label` and one of `env` or `file`")
+        if "token" in entry:
+            raise SpecError(
+                f"tokens[{i}] ({entry['label']!r}): put the token in an environment variable "
+                "(`env`) or a file (`file`), never in the spec"
+            )
+        file = entry.get("file")
+        tokens.append(
+            TokenSource(
+                label=str(entry["label"]),
+                env=entry.get("env"),
+                file=(base_dir / file) if file is not None else None,
+            )
+        )
+    reports = data.get("reports", "all")
+    if reports == "all":
+        reports = list(ALL_REPORTS)
+    exports_spec = []
+    for i, entry in enumerate(data.get("exports", [])):
+        if isinstance(entry, str):
+            entry = {"kind": entry}
+        try:
+            kind = ExportKind(entry.get("kind"))
+        except ValueError:
+            known = ", ".join(k.value for k in ExportKind)
+            raise SpecError(f"exports[{i}]: unknown kind {entry.get('kind')!r} ({known})") from None
+        exports_spec.append(ExportSpec(kind, entry.get("form"), entry.get("nps_category")))
+    nps = data.get("nps", {})
+    concurrency = data.get("concurrency", {})
+    rate = data.get("rate_limit", {})
+    poll = data.get("poll", {})
+    fields: dict[str, Any] = {
+        "tokens": tuple(tokens),
+        "date_from": _parse_when("date_from", data["date_from"]),
+        "date_to": _parse_when("date_to", data["date_to"]),
+        "output": base_dir / data.get("output", "lexer-output"),
+        "reports": tuple(reports),
+        "exports": tuple(exports_spec),
+        "nps_form": nps.get("form"),
+        "nps_category": nps.get("category", NpsCategory.ALL.value),
+        "window_months": data.get("window_months", 1),
+        "per_token_concurrency": concurrency.get("per_token", 8),
+        "total_concurrency": concurrency.get("total", 64),
+        "api_url": data.get("api_url"),
+        "status_url": data.get("status_url"),
+        "max_requests": rate.get("max_requests", DEFAULT_MAX_REQUESTS),
+        "window": rate.get("window", DEFAULT_WINDOW),
+        "redis_url": data.get("redis_url"),
+        "workflow_states_type": data.get("workflow_states_type", DEFAULT_WORKFLOW_STATES_TYPE),
+    }
+    if poll:
+        fields["poll"] = PollPolicy(**poll)
+    fields.update(overrides)
+    try:
+        return cls(**fields)
+    except TypeError as error:
+        raise SpecError(f"invalid spec: {error}") from None
+
+
+def _check_spec(spec: BackfillSpec) -> None:
+    if not spec.tokens:
+        raise SpecError("spec needs at least one token")
+    labels = [t.label for t in spec.tokens]
+    for source in spec.tokens:
+        if not source.label or "/" in source.label or source.label.startswith("."):
+            raise SpecError(f"token label {source.label!r} must be a plain file-name-safe name")
+        if (source.env is None) == (source.file is None):
+            raise SpecError(f"token {source.label!r} needs exactly one of `env` or `file`")
+    if len(set(labels)) != len(labels):
+        raise SpecError("token labels must be unique")
+    if spec.date_from.tzinfo is None or spec.date_to.tzinfo is None:
+        raise SpecError("date_from and date_to need a UTC offset")
+    if spec.date_from >= spec.date_to:
+        raise SpecError("date_from must be before date_to")
+    if not 1 <= spec.window_months <= 12:
+        raise SpecError("window_months must be 1 to 12")
+    known = set(ALL_REPORTS) | {spec.workflow_states_type}
+    for name in spec.reports:
+        if name not in known:
+            raise SpecError(f"unknown report {name!r}; known: {', '.join(sorted(known))}")
+    needs_form = any(r in ("nps_summary", "nps_volume") for r in spec.reports)
+    if needs_form:
+        try:
+            validate_nps(spec.nps_form, spec.nps_category)
+        except exc.ValidationError as error:
+            raise SpecError(f"[nps] form/category for NPS reports: {error}") from None
+    for item in spec.exports:
+        if item.kind.needs_form:
+            try:
+                validate_nps(item.form, item.nps_category or NpsCategory.ALL.value)
+            except exc.ValidationError as error:
+                raise SpecError(f"export {item.kind.value}: {error}") from None
+    if spec.per_token_concurrency < 1 or spec.total_concurrency < 1:
+        raise SpecError("concurrency caps must be at least 1")
+    if spec.max_requests < 1 or not spec.window > 0:
+        raise SpecError("rate_limit needs max_requests >= 1 and window > 0")
+
+
+@attrs.frozen
+class Unit:
+    """One token x window x report-or-export."""
+
+    label: str
+    name: str
+    is_export: bool
+    date_from: datetime
+    date_to: datetime
+
+    @property
+    def stamp(self) -> str:
+        return f"{format_datetime(self.date_from)}_{format_datetime(self.date_to)}".replace(
+            ":", "-"
+        )
+
+    @property
+    def id(self) -> str:
+        return f"{self.label}/{'exports' if self.is_export else 'reports'}/{self.name}/{self.stamp}"
+
+    def path(self, output: Path) -> Path:
+        suffix = ".csv" if self.is_export else ".json"
+        return output / (self.id + suffix)
+
+
+@attrs.frozen
+class Plan:
+    """The units of a spec, and what they cost in requests and rate-limit time."""
+
+    spec: BackfillSpec
+    units: tuple[Unit, ...]
+    windows: tuple[tuple[datetime, datetime], ...]
+
+    def units_of(self, label: str) -> list[Unit]:
+        return [u for u in self.units if u.label == label]
+
+    def requests_of(self, label: str) -> int:
+        """Estimated requests: one per report, 1 + `EXPORT_POLLS_ESTIMATE` per export."""
+        return sum(
+            1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label)
+        )
+
+    def least_seconds(self, label: str) -> float:
+        """The least time the rate limit allows for the token's requests: N go at once,
+        then each further N wait a window (ignoring latency)."""
+        return rate_limit_floor(self.requests_of(label), self.spec.max_requests, self.spec.window)
+
+
+def rate_limit_floor(requests: int, max_requests: int, window: float) -> float:
+    """Least seconds for ``requests`` under N per W: ``(ceil(R/N) - 1) * W``."""
+    return max(0, math.ceil(requests / max_requests) - 1) * window
+
+
+def plan(spec: BackfillSpec) -> Plan:
+    windows = tuple(split_range(spec.date_from, spec.date_to, months=spec.window_months))
+    units = []
+    for source in spec.tokens:
+        for lo, hi in windows:
+            for name in spec.reports:
+                units.append(Unit(source.label, name, False, lo, hi))
+            for item in spec.exports:
+                units.append(Unit(source.label, item.kind.value, True, lo, hi))
+    return Plan(spec, tuple(units), windows)
+
+
+@attrs.frozen
+class UnitStarted:
+    unit: Unit
+
+
+@attrs.frozen
+class UnitFinished:
+    """A unit ended: ``state`` is done, failed or skipped; ``size`` in bytes."""
+
+    unit: Unit
+    state: str
+    size: int = 0
+    error: str | None = None
+
+
+BackfillEvent = UnitStarted | UnitFinished | Event
+
+
+@attrs.frozen
+class BackfillSummary:
+    """Per label: units done, failed, skipped (already done); and totals."""
+
+    done: dict[str, int]
+    failed: dict[str, list[tuple[str, str]]]
+    skipped: dict[str, int]
+    bytes: int
+    requests: int
+    rate_limited: int
+    retries: int
+    files: int
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.failed.values())
+
+
+def _write_json_atomically(path: Path, payload: object) -> int:
+    data = (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(part, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return len(data)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class _TokenRun:
+    """Runs one token's units, concurrently up to the caps, recording each."""
+
+    def __init__(
+        self,
+        spec: BackfillSpec,
+        source: TokenSource,
+        units: Sequence[Unit],
+        checkpoint: Checkpoint,
+        overall: anyio.CapacityLimiter,
+        emit: Callable[[BackfillEvent], None],
+        registry: LimiterRegistry | None,
+    ) -> None:
+        self.spec = spec
+        self.source = source
+        self.units = units
+        self.checkpoint = checkpoint
+        self.overall = overall
+        self.mine = anyio.CapacityLimiter(spec.per_token_concurrency)
+        self.emit = emit
+        self.registry = registry
+        self.unauthorized: str | None = None
+        self.stats: tuple[int, int, int] = (0, 0, 0)
+
+    def _export_spec(self, kind: str) -> ExportSpec:
+        return next(e for e in self.spec.exports if e.kind.value == kind)
+
+    async def run(self) -> None:
+        try:
+            token = self.source.read()
+        except SpecError as error:
+            for unit in self.units:
+                self._fail(unit, str(error))
+            return
+        async with LexerClient(
+            token,
+            label=self.source.label,
+            api_url=self.spec.api_url,
+            status_url=self.spec.status_url,
+            max_requests=self.spec.max_requests,
+            window=self.spec.window,
+            registry=self.registry,
+            workflow_states_type=self.spec.workflow_states_type,
+            on_event=self.emit,
+        ) as client:
+            before = client.stats
+            async with anyio.create_task_group() as group:
+                for unit in self.units:
+                    group.start_soon(self._guarded, client, unit)
+            after = client.stats
+            self.stats = (
+                after.requests - before.requests,
+                after.rate_limited - before.rate_limited,
+                after.retries - before.retries,
+            )
+
+    def _fail(self, unit: Unit, error: str, report_token: str | None = None) -> None:
+        self.checkpoint.mark_failed(unit.id, error, report_token)
+        self.emit(UnitFinished(unit, FAILED, error=error))
+
+    async def _guarded(self, client: LexerClient, unit: Unit) -> None:
+        async with self.mine, self.overall:
+            if self.unauthorized is not None:
+                self._fail(unit, f"not attempted: {self.unauthorized}")
+                return
+            self.emit(UnitStarted(unit))
+            try:
+                size = await self._run_unit(client, unit)
+            except exc.UnauthorizedError as error:
+                self.unauthorized = f"token {self.source.label!r} unauthorized ({error.message})"
+                self._fail(unit, _describe(error))
+            except exc.LexerError as error:
+                record = self.checkpoint.get(unit.id)
+                self._fail(unit, _describe(error), record.report_token if record else None)
+            else:
+                self.checkpoint.mark_done(unit.id, size)
+                self.emit(UnitFinished(unit, DONE, size=size))
+
+    async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
+        path = unit.path(self.spec.output)
+        if not unit.is_export:
+            nps = unit.name in ("nps_summary", "nps_volume")
+            result = await client.report(
+                unit.name,
+                unit.date_from,
+                unit.date_to,
+                form=self.spec.nps_form if nps else None,
+                nps_category=self.spec.nps_category if nps else None,
+            )
+            payload = converter.unstructure(result)
+            return await anyio.to_thread.run_sync(_write_json_atomically, path, payload)
+        spec = self._export_spec(unit.name)
+        record = self.checkpoint.get(unit.id)
+        if record is not None and record.report_token and record.state in (PENDING, FAILED):
+            job = ExportJob(status="pending", url=None, token=record.report_token)
+        else:
+            job = await exports.start_export(
+                client,
+                spec.kind,
+                unit.date_from,
+                unit.date_to,
+                form=spec.form,
+                nps_category=spec.nps_category,
+            )
+            self.checkpoint.record_job(unit.id, job.token)
+        done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
+        return await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
+
+
+async def run_backfill(
+    spec: BackfillSpec,
+    *,
+    retry_failed: bool = False,
+    on_event: Callable[[BackfillEvent], None] | None = None,
+    registry: LimiterRegistry | None = None,
+) -> BackfillSummary:
+    """Run (or resume) a backfill. Units already done are skipped; failed units are
+    skipped too unless ``retry_failed``, which runs only them."""
+    the_plan = plan(spec)
+    if spec.redis_url is not None and registry is None:
+        from .limits_redis import check_redis, redis_limiter_factory
+
+        await check_redis(spec.redis_url)
+        registry = LimiterRegistry(factory=redis_limiter_factory(spec.redis_url))
+    done: dict[str, int] = {s.label: 0 for s in spec.tokens}
+    skipped: dict[str, int] = {s.label: 0 for s in spec.tokens}
+    failed: dict[str, list[tuple[str, str]]] = {s.label: [] for s in spec.tokens}
+    totals = {"bytes": 0, "files": 0}
+
+    def emit(event: BackfillEvent) -> None:
+        if isinstance(event, UnitFinished):
+            if event.state == DONE:
+                done[event.unit.label] += 1
+                totals["bytes"] += event.size
+                totals["files"] += 1
+            elif event.state == FAILED:
+                failed[event.unit.label].append((event.unit.id, event.error or ""))
+        if on_event is not None:
+            on_event(event)
+
+    with Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint:
+        records = checkpoint.records()
+        overall = anyio.CapacityLimiter(spec.total_concurrency)
+        runs = []
+        for source in spec.tokens:
+            todo = []
+            for unit in the_plan.units_of(source.label):
+                record = records.get(unit.id)
+                state = record.state if record is not None else None
+                if state == FAILED and not retry_failed:
+                    failed[source.label].append((unit.id, record.error or "" if record else ""))
+                if (state == FAILED) if retry_failed else state not in (DONE, FAILED):
+                    todo.append(unit)
+                else:
+                    skipped[source.label] += 1
+                    emit(UnitFinished(unit, "skipped"))
+            runs.append(_TokenRun(spec, source, todo, checkpoint, overall, emit, registry))
+        async with anyio.create_task_group() as group:
+            for run in runs:
+                group.start_soon(run.run)
+    return BackfillSummary(
+        done=done,
+        failed=failed,
+        skipped=skipped,
+        bytes=totals["bytes"],
+        files=totals["files"],
+        requests=sum(r.stats[0] for r in runs),
+        rate_limited=sum(r.stats[1] for r in runs),
+        retries=sum(r.stats[2] for r in runs),
+    )

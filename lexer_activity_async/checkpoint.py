@@ -1,0 +1,112 @@
+"""The backfill checkpoint: an SQLite file recording each unit's state.
+
+A unit is ``done`` once its output file is renamed into place; an export unit records its
+job's report token as soon as the job is started, so a rerun polls that job again rather
+than starting another. Every write is committed before the runner goes on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+
+__all__ = ["Checkpoint", "UnitRecord", "DONE", "FAILED", "PENDING"]
+
+DONE = "done"
+FAILED = "failed"
+PENDING = "pending"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS units (
+    unit_id      TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    report_token TEXT,
+    error        TEXT,
+    bytes        INTEGER,
+    updated_at   REAL NOT NULL
+)
+"""
+
+
+@attrs.frozen
+class UnitRecord:
+    unit_id: str
+    state: str
+    report_token: str | None
+    error: str | None
+    bytes: int | None
+
+
+class Checkpoint:
+    """Unit states in ``path`` (SQLite, WAL, synchronous=FULL: a commit survives a crash)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _upsert(
+        self,
+        unit_id: str,
+        state: str,
+        *,
+        report_token: str | None = None,
+        error: str | None = None,
+        size: int | None = None,
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO units (unit_id, state, report_token, error, bytes, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(unit_id) DO UPDATE SET "
+                "state=excluded.state, report_token=excluded.report_token, "
+                "error=excluded.error, bytes=excluded.bytes, updated_at=excluded.updated_at",
+                (unit_id, state, report_token, error, size, time.time()),
+            )
+
+    def record_job(self, unit_id: str, report_token: str) -> None:
+        """An export job was started for ``unit_id``: remember its report token."""
+        self._upsert(unit_id, PENDING, report_token=report_token)
+
+    def mark_done(self, unit_id: str, size: int) -> None:
+        self._upsert(unit_id, DONE, size=size)
+
+    def mark_failed(self, unit_id: str, error: str, report_token: str | None = None) -> None:
+        self._upsert(unit_id, FAILED, error=error, report_token=report_token)
+
+    def get(self, unit_id: str) -> UnitRecord | None:
+        row = self._db.execute(
+            "SELECT unit_id, state, report_token, error, bytes FROM units WHERE unit_id = ?",
+            (unit_id,),
+        ).fetchone()
+        return UnitRecord(*row) if row else None
+
+    def records(self) -> dict[str, UnitRecord]:
+        rows = self._db.execute("SELECT unit_id, state, report_token, error, bytes FROM units")
+        return {row[0]: UnitRecord(*row) for row in rows}

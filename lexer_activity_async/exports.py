@@ -1,0 +1,598 @@
+"""The export pipeline: start a job, poll its status economically, stream the CSV.
+
+The file lives on a third origin (a storage URL). It is fetched through a separate,
+bare session: no ``Auth-Api-Token``, none of the client's default headers, no cookies,
+and redirects followed by hand so plain-http hops are refused too.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import anyio
+import attrs
+
+from . import exceptions as exc
+from . import models as m
+from . import wire
+from .events import DownloadProgress, ExportState
+from .reports import (
+    ExportKind,
+    build_report_body,
+    format_datetime,
+    range_too_long,
+    split_range,
+    validate_range,
+)
+from .wire import is_loopback_url
+
+if TYPE_CHECKING:
+    from .client import LexerClient
+
+__all__ = [
+    "PollPolicy",
+    "DownloadPolicy",
+    "ExportResult",
+    "FAILED_STATUSES",
+    "start_export",
+    "export_status",
+    "wait_for_export",
+    "download",
+    "export",
+    "export_rows",
+    "iter_csv_records",
+    "stream_file",
+    "window_path",
+]
+
+log = logging.getLogger("lexer_activity_async")
+
+FAILED_STATUSES = frozenset({"failed", "failure", "error", "errored", "expired", "cancelled"})
+"""Terminal failure statuses (undocumented by the reference: API-NOTES item 11)."""
+
+_EXPIRED = frozenset({403, 404, 410})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+@attrs.frozen
+class PollPolicy:
+    """How export status is polled: the first poll ``first_delay`` s after the start,
+    then delays growing by ``factor`` up to ``cap`` s, each times uniform(0.75, 1); at
+    most ``timeout`` s in all. Every poll takes a slot of the token's limiter."""
+
+    first_delay: float = 2.0
+    factor: float = 1.6
+    cap: float = 30.0
+    jitter_low: float = 0.75
+    timeout: float = 3600.0
+
+    def delay(self, poll: int, rng: random.Random | None = None) -> float:
+        """Seconds before poll number ``poll`` (0-based)."""
+        base = min(self.first_delay * self.factor**poll, self.cap)
+        return base * (rng or random).uniform(self.jitter_low, 1.0)
+
+
+@attrs.frozen
+class DownloadPolicy:
+    """How the file is fetched: ``chunk_size`` bytes per write; up to ``max_resumes``
+    resumptions after a dropped connection; up to ``max_url_refreshes`` fresh URLs after
+    the file host says the URL expired (403/404/410); ``read_timeout`` s of silence."""
+
+    chunk_size: int = 1 << 20
+    max_resumes: int = 5
+    max_url_refreshes: int = 3
+    read_timeout: float = 60.0
+
+
+@attrs.frozen
+class ExportResult:
+    """What an export wrote: its files (one, or one per window), bytes and jobs."""
+
+    kind: str
+    paths: tuple[Path, ...]
+    bytes: int
+    jobs: tuple[m.ExportJob, ...]
+    polls: int
+
+
+def _kind(kind: ExportKind | str) -> ExportKind:
+    try:
+        return ExportKind(kind)
+    except ValueError:
+        known = ", ".join(k.value for k in ExportKind)
+        raise exc.ValidationError(f"unknown export kind {kind!r}; known: {known}") from None
+
+
+def _export_body(
+    client: LexerClient,
+    kind: ExportKind,
+    date_from: datetime,
+    date_to: datetime,
+    form: int | None,
+    nps_category: str | None,
+    filters: dict[str, object],
+) -> dict[str, object]:
+    return build_report_body(
+        kind.value,
+        date_from,
+        date_to,
+        needs_form=kind.needs_form,
+        form=form,
+        nps_category=nps_category,
+        extra=filters,
+        now=client._now(),
+    )
+
+
+async def start_export(
+    client: LexerClient,
+    kind: ExportKind | str,
+    date_from: datetime,
+    date_to: datetime,
+    *,
+    form: int | None = None,
+    nps_category: str | None = None,
+    **filters: object,
+) -> m.ExportJob:
+    """Start an export job (one request). Not retried on 5xx or after a dropped
+    connection, since the job may already exist; retried on 429 and failed connects."""
+    which = _kind(kind)
+    body = _export_body(client, which, date_from, date_to, form, nps_category, filters)
+
+    def decode(status: int, raw: bytes) -> m.ExportJob:
+        return wire.decode_export_job(status, raw, which.value)
+
+    job = await client.send(wire.report_request(body), decode, idempotent=False)
+    client._emit(ExportState(client.label, which.value, job.token, job.status))
+    return job
+
+
+async def export_status(client: LexerClient, report_token: str) -> m.ExportJob:
+    """One status poll, on the status host (it takes a limiter slot)."""
+    if not report_token:
+        raise exc.ValidationError("report_token must be a non-empty string")
+
+    def decode(status: int, raw: bytes) -> m.ExportJob:
+        return wire.decode_export_job(status, raw)
+
+    return await client.send(wire.status_request(report_token), decode)
+
+
+async def wait_for_export(
+    client: LexerClient,
+    job: m.ExportJob,
+    *,
+    kind: str = "export",
+    poll: PollPolicy | None = None,
+    on_poll: Callable[[m.ExportJob], None] | None = None,
+) -> m.ExportJob:
+    """Poll until the job is ``complete`` with a url; `ExportFailedError` on a failure
+    status, `ExportTimeoutError` after ``poll.timeout`` s. An unknown status is logged
+    once and polled on."""
+    policy = poll or PollPolicy()
+    seen_unknown: set[str] = set()
+    status = job.status
+    try:
+        with anyio.fail_after(policy.timeout):
+            n = 0
+            while True:
+                if job.status == "complete" and job.url:
+                    return job
+                await anyio.sleep(policy.delay(n))
+                n += 1
+                job = await export_status(client, job.token)
+                if on_poll is not None:
+                    on_poll(job)
+                if job.status != status:
+                    status = job.status
+                    client._emit(ExportState(client.label, kind, job.token, job.status))
+                lowered = job.status.lower()
+                if lowered in FAILED_STATUSES:
+                    raise exc.ExportFailedError(
+                        f"export job ended with status {job.status!r}", status=job.status, kind=kind
+                    )
+                if lowered not in ("pending", "complete") and lowered not in seen_unknown:
+                    seen_unknown.add(lowered)
+                    log.warning(
+                        "export job of token %s has undocumented status %r; polling on",
+                        client.label,
+                        job.status,
+                    )
+    except TimeoutError:
+        raise exc.ExportTimeoutError(
+            f"export job not complete after {policy.timeout:g}s (last status {status!r})",
+            report_type=kind,
+        ) from None
+
+
+def _check_file_url(client: LexerClient, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and is_loopback_url(url) and is_loopback_url(client.api_url):
+        return
+    raise exc.DownloadError(
+        f"refusing export file URL with scheme {parts.scheme!r} on host {parts.hostname!r}: "
+        "only https is allowed (plain http only for a loopback sandbox)"
+    )
+
+
+class _Expired(Exception):
+    """The file host says the URL is no longer valid."""
+
+
+async def _open_file(
+    client: LexerClient, url: str, offset: int, policy: DownloadPolicy
+) -> aiohttp.ClientResponse:
+    """GET the file with no credentials, following redirects by hand (checked each hop)."""
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    for _ in range(10):
+        _check_file_url(client, url)
+        response = await client.files_session.get(
+            url,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=policy.read_timeout),
+        )
+        if response.status in _REDIRECTS and "Location" in response.headers:
+            url = urljoin(url, response.headers["Location"])
+            response.release()
+            continue
+        if response.status in _EXPIRED:
+            response.release()
+            raise _Expired(response.status)
+        if response.status not in (200, 206) or (response.status == 206 and not offset):
+            response.release()
+            raise exc.DownloadError(f"file host answered HTTP {response.status}")
+        return response
+    raise exc.DownloadError("too many redirects from the file host")
+
+
+def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
+    """The whole file's size, from Content-Range (206) or Content-Length (200)."""
+    if response.status == 206:
+        content_range = response.headers.get("Content-Range", "")
+        unit, _, spec = content_range.partition(" ")
+        span, _, total = spec.partition("/")
+        start = span.partition("-")[0]
+        if unit != "bytes" or not start.isdigit() or int(start) != offset:
+            raise exc.DownloadError(f"file host sent a wrong Content-Range {content_range!r}")
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+async def stream_file(
+    client: LexerClient,
+    url: str,
+    *,
+    refresh_url: Callable[[], Awaitable[str]] | None = None,
+    policy: DownloadPolicy | None = None,
+    kind: str = "export",
+) -> AsyncIterator[bytes]:
+    """Yield the file's bytes in order, exactly once each, resuming dropped connections
+    with ``Range`` (or, when the host ignores Range, re-reading and skipping what was
+    already yielded), refreshing an expired URL through ``refresh_url``, and verifying
+    the size against Content-Length/Content-Range."""
+    policy = policy or DownloadPolicy()
+    received = resumes = refreshes = 0
+    total: int | None = None
+    while True:
+        try:
+            response = await _open_file(client, url, received, policy)
+        except _Expired:
+            if refresh_url is None or refreshes >= policy.max_url_refreshes:
+                raise exc.DownloadError(
+                    f"export file URL expired and {refreshes} fresh URLs did not help"
+                ) from None
+            refreshes += 1
+            url = await refresh_url()
+            continue
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+            resumes += 1
+            if resumes > policy.max_resumes:
+                raise exc.DownloadError(f"file download failed: {type(e).__name__}") from None
+            await anyio.sleep(min(0.25 * 2**resumes, 5.0))
+            continue
+        try:
+            size = _total_size(response, received)
+            if total is not None and size is not None and size != total:
+                raise exc.DownloadError(f"file size changed from {total} to {size} bytes")
+            total = size if size is not None else total
+            skip = received if response.status == 200 else 0
+            async for chunk in response.content.iter_chunked(policy.chunk_size):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                received += len(chunk)
+                yield chunk
+                client._emit(DownloadProgress(client.label, kind, received, total))
+            if skip or (total is not None and received < total):
+                raise aiohttp.ClientPayloadError("body ended early")
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+            resumes += 1
+            if resumes > policy.max_resumes:
+                raise exc.DownloadError(f"file download failed: {type(e).__name__}") from None
+            await anyio.sleep(min(0.25 * 2**resumes, 5.0))
+            continue
+        finally:
+            response.release()
+        if total is not None and received != total:
+            raise exc.DownloadError(f"got {received} bytes, Content-Length said {total}")
+        return
+
+
+def _part_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+async def _fsync_and_replace(handle: io.BufferedWriter, part: Path, dest: Path) -> None:
+    def finish() -> None:
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.replace(part, dest)
+        try:
+            fd = os.open(dest.parent, os.O_RDONLY)
+        except OSError:  # some platforms cannot open directories
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    await anyio.to_thread.run_sync(finish)
+
+
+async def _write_atomically(dest: Path, chunks: AsyncIterator[bytes]) -> int:
+    """Write ``chunks`` to ``dest.part``, fsync, rename onto ``dest``. On any failure or
+    cancellation the part file is removed and ``dest`` is untouched."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = _part_path(dest)
+    written = 0
+    handle = open(part, "wb")  # noqa: SIM115, ASYNC230 - closed in finish() or below
+    try:
+        async for chunk in chunks:
+            handle.write(chunk)  # page-cache writes of <= chunk_size; fsync once at the end
+            written += len(chunk)
+        await _fsync_and_replace(handle, part, dest)
+    except BaseException:
+        handle.close()
+        part.unlink(missing_ok=True)
+        raise
+    return written
+
+
+async def download(
+    client: LexerClient,
+    job: m.ExportJob,
+    dest: str | os.PathLike[str],
+    *,
+    kind: str = "export",
+    policy: DownloadPolicy | None = None,
+    poll: PollPolicy | None = None,
+) -> int:
+    """Stream a complete job's file to ``dest`` atomically; return its size in bytes."""
+    if not job.url:
+        raise exc.ValidationError("the export job has no url yet; wait_for_export() first")
+
+    async def refresh() -> str:
+        fresh = await wait_for_export(client, await export_status(client, job.token), kind=kind,
+                                      poll=poll)
+        assert fresh.url is not None
+        return fresh.url
+
+    chunks = stream_file(client, job.url, refresh_url=refresh, policy=policy, kind=kind)
+    return await _write_atomically(Path(dest), chunks)
+
+
+async def _run_one(
+    client: LexerClient,
+    kind: ExportKind,
+    date_from: datetime,
+    date_to: datetime,
+    dest: Path,
+    params: _Params,
+    poll: PollPolicy | None,
+    policy: DownloadPolicy | None,
+) -> tuple[m.ExportJob, int, int]:
+    polls = 0
+
+    def count(_: m.ExportJob) -> None:
+        nonlocal polls
+        polls += 1
+
+    job = await start_export(
+        client,
+        kind,
+        date_from,
+        date_to,
+        form=params.form,
+        nps_category=params.nps_category,
+        **params.filters,
+    )
+    done = await wait_for_export(client, job, kind=kind.value, poll=poll, on_poll=count)
+    size = await download(client, done, dest, kind=kind.value, policy=policy, poll=poll)
+    return done, size, polls
+
+
+@attrs.frozen
+class _Params:
+    form: int | None
+    nps_category: str | None
+    filters: dict[str, object]
+
+
+def window_path(dest: Path, start: datetime, end: datetime) -> Path:
+    """``cases.csv`` → ``cases.2024-01-01T00-00-00+00-00_2024-02-01T00-00-00+00-00.csv``."""
+    stamp = f"{format_datetime(start)}_{format_datetime(end)}".replace(":", "-")
+    return dest.with_name(f"{dest.stem}.{stamp}{dest.suffix}")
+
+
+async def export(
+    client: LexerClient,
+    kind: ExportKind | str,
+    date_from: datetime,
+    date_to: datetime,
+    dest: str | os.PathLike[str],
+    *,
+    form: int | None = None,
+    nps_category: str | None = None,
+    window_months: int = 1,
+    merge: bool = True,
+    poll: PollPolicy | None = None,
+    policy: DownloadPolicy | None = None,
+    **filters: object,
+) -> ExportResult:
+    """Export ``kind`` over ``[date_from, date_to)`` to ``dest``.
+
+    Ranges within 12 months run as one job. Longer ranges are split into half-open,
+    gap-free windows of ``window_months`` (default one calendar month), run concurrently
+    under the token's limiter, and written either merged into ``dest`` with a single
+    header (``merge=True``) or as one file per window beside it (`window_path`).
+    """
+    which = _kind(kind)
+    start, end = validate_range(date_from, date_to, now=client._now(), max_months=None)
+    params = _Params(form, nps_category, dict(filters))
+    # Validate every window's body before anything is sent.
+    windows = [(start, end)] if not range_too_long(start, end) else split_range(
+        start, end, months=window_months
+    )
+    for lo, hi in windows:
+        _export_body(client, which, lo, hi, form, nps_category, dict(filters))
+    target = Path(dest)
+    if len(windows) == 1:
+        job, size, polls = await _run_one(client, which, start, end, target, params, poll, policy)
+        return ExportResult(which.value, (target,), size, (job,), polls)
+
+    paths = [window_path(target, lo, hi) for lo, hi in windows]
+    results: list[tuple[m.ExportJob, int, int] | None] = [None] * len(windows)
+
+    async def one(i: int) -> None:
+        lo, hi = windows[i]
+        results[i] = await _run_one(client, which, lo, hi, paths[i], params, poll, policy)
+
+    try:
+        async with anyio.create_task_group() as group:
+            for i in range(len(windows)):
+                group.start_soon(one, i)
+        done = [r for r in results if r is not None]
+        if not merge:
+            return ExportResult(
+                which.value, tuple(paths), sum(r[1] for r in done),
+                tuple(r[0] for r in done), sum(r[2] for r in done),
+            )
+        size = await _write_atomically(target, _merged(paths))
+        return ExportResult(
+            which.value, (target,), size, tuple(r[0] for r in done), sum(r[2] for r in done)
+        )
+    finally:
+        if merge:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+
+async def _merged(paths: list[Path], chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """The window files in order, each one's header record dropped but the first's."""
+    for index, path in enumerate(paths):
+        with open(path, "rb") as handle:  # noqa: ASYNC230 - local reads of <= 1 MiB
+            if index:
+                _skip_header(handle)
+            while chunk := handle.read(chunk_size):
+                yield chunk
+                await anyio.lowlevel.checkpoint()
+
+
+def _skip_header(handle: io.BufferedReader) -> None:
+    """Advance past the first CSV record (which may span lines inside quotes)."""
+    quotes = 0
+    while line := handle.readline():
+        quotes += line.count(b'"')
+        if quotes % 2 == 0:
+            return
+
+
+async def iter_csv_records(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """Parse CSV records from a byte stream as it arrives: quoted commas, doubled quotes,
+    newlines inside fields and UTF-8 characters split across chunks are all handled."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    pending = ""
+    async for chunk in chunks:
+        pending += decoder.decode(chunk)
+        cut = _last_record_end(pending)
+        if cut:
+            for record in csv.reader(io.StringIO(pending[:cut], newline="")):
+                yield record
+            pending = pending[cut:]
+    pending += decoder.decode(b"", final=True)
+    if pending.strip():
+        for record in csv.reader(io.StringIO(pending, newline="")):
+            yield record
+
+
+def _last_record_end(text: str) -> int:
+    """Index just past the last newline that ends a record (outside quotes), or 0."""
+    inside = False
+    end = 0
+    start = 0
+    while True:
+        quote = text.find('"', start)
+        newline = text.find("\n", start)
+        if newline < 0:
+            return end
+        if 0 <= quote < newline:
+            inside = not inside
+            start = quote + 1
+            continue
+        if not inside:
+            end = newline + 1
+        start = newline + 1
+
+
+async def export_rows(
+    client: LexerClient,
+    kind: ExportKind | str,
+    date_from: datetime,
+    date_to: datetime,
+    *,
+    form: int | None = None,
+    nps_category: str | None = None,
+    poll: PollPolicy | None = None,
+    policy: DownloadPolicy | None = None,
+    **filters: object,
+) -> AsyncIterator[dict[str, str]]:
+    """Start an export (at most 12 months), wait for it, and yield its rows as dicts keyed
+    by the header, parsed while the file streams (nothing is written to disk)."""
+    job = await start_export(
+        client, kind, date_from, date_to, form=form, nps_category=nps_category, **filters
+    )
+    name = _kind(kind).value
+    done = await wait_for_export(client, job, kind=name, poll=poll)
+    assert done.url is not None
+
+    async def refresh() -> str:
+        fresh = await wait_for_export(client, await export_status(client, job.token), kind=name,
+                                      poll=poll)
+        assert fresh.url is not None
+        return fresh.url
+
+    header: list[str] | None = None
+    stream = stream_file(client, done.url, refresh_url=refresh, policy=policy, kind=name)
+    async for record in iter_csv_records(stream):
+        if header is None:
+            header = record
+            continue
+        yield dict(zip(header, record, strict=False))
