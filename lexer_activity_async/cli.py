@@ -266,8 +266,13 @@ class _ProgressView:
             self.progress.advance(self.overall)
             self.progress.update(self.tasks[label], info=self._info(label))
         elif isinstance(event, RateLimitWait):
-            self.waited[event.label] += event.seconds
-            self.waiting_until[event.label] = time.monotonic() + event.seconds
+            # Concurrent waits overlap: count the union of waiting spans, not their sum.
+            now = time.monotonic()
+            until = now + event.seconds
+            previous = self.waiting_until.get(event.label, now)
+            if until > previous:
+                self.waited[event.label] += until - max(now, previous)
+                self.waiting_until[event.label] = until
             self.progress.update(self.tasks[event.label], info=self._info(event.label))
 
     def _json(self, event: BackfillEvent) -> None:
