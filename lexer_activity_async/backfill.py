@@ -162,6 +162,27 @@ _KNOWN_KEYS = {
     "concurrency", "api_url", "status_url", "rate_limit", "redis_url", "workflow_states_type",
     "poll",
 }
+_TABLE_KEYS = {
+    "nps": {"form", "category"},
+    "concurrency": {"per_token", "total"},
+    "rate_limit": {"max_requests", "window"},
+    "poll": {f.name for f in attrs.fields(PollPolicy)},
+}
+_TOKEN_KEYS = {"label", "env", "file"}
+_EXPORT_KEYS = {"kind", "form", "nps_category"}
+
+
+def _table(where: str, value: object, allowed: set[str]) -> Mapping[str, Any]:
+    """``value`` as a table whose keys are all in ``allowed``, or `SpecError`."""
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where} must be a table, got {value!r}")
+    unknown = set(value) - allowed
+    if unknown:
+        raise SpecError(
+            f"unknown keys in {where}: {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(allowed))})"
+        )
+    return value
 
 
 def _parse_when(name: str, value: object) -> datetime:
@@ -179,19 +200,27 @@ def _parse_when(name: str, value: object) -> datetime:
     else:
         raise SpecError(f"{name} must be a date or datetime, got {value!r}")
     if moment.tzinfo is None:
-        raise SpecError(f"{name}: {value!r} has no UTC offset (a bare date means UTC midnight)")
+        shown = value if isinstance(value, str) else moment.isoformat()
+        raise SpecError(f"{name}: {shown!r} has no UTC offset (a bare date means UTC midnight)")
     return moment
 
 
 def _spec_from_dict(
     cls: type[BackfillSpec], data: Mapping[str, Any], base_dir: Path, overrides: dict[str, Any]
 ) -> BackfillSpec:
+    if "token" in data:
+        raise SpecError(
+            "`token` in the spec: put each token in an environment variable (`env`) or a "
+            "file (`file`) of a [[tokens]] entry, never in the spec"
+        )
     unknown = set(data) - _KNOWN_KEYS
     if unknown:
         raise SpecError(f"unknown keys in spec: {', '.join(sorted(unknown))}")
     for key in ("tokens", "date_from", "date_to"):
         if key not in data:
             raise SpecError(f"spec needs `{key}`")
+    if not isinstance(data["tokens"], list):
+        raise SpecError("`tokens` must be a list of tables ([[tokens]] with label and env/file)")
     tokens = []
     for i, entry in enumerate(data["tokens"]):
         if not isinstance(entry, Mapping) or "label" not in entry:
@@ -201,6 +230,7 @@ def _spec_from_dict(
                 f"tokens[{i}] ({entry['label']!r}): put the token in an environment variable "
                 "(`env`) or a file (`file`), never in the spec"
             )
+        _table(f"tokens[{i}]", entry, _TOKEN_KEYS)
         file = entry.get("file")
         tokens.append(
             TokenSource(
@@ -212,20 +242,23 @@ def _spec_from_dict(
     reports = data.get("reports", "all")
     if reports == "all":
         reports = list(ALL_REPORTS)
+    elif isinstance(reports, str):
+        reports = [reports]
     exports_spec = []
     for i, entry in enumerate(data.get("exports", [])):
         if isinstance(entry, str):
             entry = {"kind": entry}
+        entry = _table(f"exports[{i}]", entry, _EXPORT_KEYS)
         try:
             kind = ExportKind(entry.get("kind"))
         except ValueError:
             known = ", ".join(k.value for k in ExportKind)
             raise SpecError(f"exports[{i}]: unknown kind {entry.get('kind')!r} ({known})") from None
         exports_spec.append(ExportSpec(kind, entry.get("form"), entry.get("nps_category")))
-    nps = data.get("nps", {})
-    concurrency = data.get("concurrency", {})
-    rate = data.get("rate_limit", {})
-    poll = data.get("poll", {})
+    nps = _table("[nps]", data.get("nps", {}), _TABLE_KEYS["nps"])
+    concurrency = _table("[concurrency]", data.get("concurrency", {}), _TABLE_KEYS["concurrency"])
+    rate = _table("[rate_limit]", data.get("rate_limit", {}), _TABLE_KEYS["rate_limit"])
+    poll = _table("[poll]", data.get("poll", {}), _TABLE_KEYS["poll"])
     fields: dict[str, Any] = {
         "tokens": tuple(tokens),
         "date_from": _parse_when("date_from", data["date_from"]),
@@ -456,6 +489,7 @@ class _TokenRun:
             max_requests=self.spec.max_requests,
             window=self.spec.window,
             registry=self.registry,
+            redis_url=self.spec.redis_url if self.registry is None else None,
             workflow_states_type=self.spec.workflow_states_type,
             on_event=self.emit,
         ) as client:
@@ -507,9 +541,17 @@ class _TokenRun:
             return await anyio.to_thread.run_sync(_write_json_atomically, path, payload)
         spec = self._export_spec(unit.name)
         record = self.checkpoint.get(unit.id)
+        done: ExportJob | None = None
         if record is not None and record.report_token and record.state in (PENDING, FAILED):
+            # Poll the job started before (a crash, or a failure after it started) ...
             job = ExportJob(status="pending", url=None, token=record.report_token)
-        else:
+            try:
+                done = await exports.wait_for_export(
+                    client, job, kind=unit.name, poll=self.spec.poll
+                )
+            except (exc.ExportFailedError, exc.NotFoundError):
+                done = None  # ... unless it failed or the server forgot it: start afresh.
+        if done is None:
             job = await exports.start_export(
                 client,
                 spec.kind,
@@ -519,7 +561,7 @@ class _TokenRun:
                 nps_category=spec.nps_category,
             )
             self.checkpoint.record_job(unit.id, job.token)
-        done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
+            done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
         return await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
 
 
@@ -531,13 +573,13 @@ async def run_backfill(
     registry: LimiterRegistry | None = None,
 ) -> BackfillSummary:
     """Run (or resume) a backfill. Units already done are skipped; failed units are
-    skipped too unless ``retry_failed``, which runs only them."""
+    skipped too (and reported as failed again) unless ``retry_failed``, which reruns them
+    along with any unit a crash left unfinished."""
     the_plan = plan(spec)
     if spec.redis_url is not None and registry is None:
-        from .limits_redis import check_redis, redis_limiter_factory
+        from .limits_redis import check_redis
 
-        await check_redis(spec.redis_url)
-        registry = LimiterRegistry(factory=redis_limiter_factory(spec.redis_url))
+        await check_redis(spec.redis_url)  # fail the whole run early, clearly
     done: dict[str, int] = {s.label: 0 for s in spec.tokens}
     skipped: dict[str, int] = {s.label: 0 for s in spec.tokens}
     failed: dict[str, list[tuple[str, str]]] = {s.label: [] for s in spec.tokens}
@@ -565,11 +607,13 @@ async def run_backfill(
                 state = record.state if record is not None else None
                 if state == FAILED and not retry_failed:
                     failed[source.label].append((unit.id, record.error or "" if record else ""))
-                if (state == FAILED) if retry_failed else state not in (DONE, FAILED):
-                    todo.append(unit)
-                else:
+                # A rerun does every unit not done, except that failed ones need
+                # --retry-failed; units a crash left unfinished always run.
+                if state == DONE or (state == FAILED and not retry_failed):
                     skipped[source.label] += 1
                     emit(UnitFinished(unit, "skipped"))
+                else:
+                    todo.append(unit)
             runs.append(_TokenRun(spec, source, todo, checkpoint, overall, emit, registry))
         async with anyio.create_task_group() as group:
             for run in runs:

@@ -33,7 +33,6 @@ from . import exceptions as exc
 from ._version import __version__
 from .backfill import (
     ALL_REPORTS,
-    CHECKPOINT_NAME,
     BackfillEvent,
     BackfillSpec,
     BackfillSummary,
@@ -108,6 +107,8 @@ def _client_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="File holding the API token (instead of --token-env)."),
         click.option("--api-url", envvar="LEXER_API_URL", help="API base URL."),
         click.option("--status-url", envvar="LEXER_STATUS_URL", help="Export status base URL."),
+        click.option("--redis-url", envvar="LEXER_REDIS_URL",
+                     help="Share the token's rate limit through this Redis."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -141,13 +142,16 @@ def report(
     token_file: Path | None,
     api_url: str | None,
     status_url: str | None,
+    redis_url: str | None,
 ) -> None:
     """Fetch one report and print it as JSON."""
     start, end = _when(date_from, "--from"), _when(date_to, "--to")
     token = _read_token(token_env, token_file)
 
     async def fetch() -> Any:
-        async with LexerClient(token, api_url=api_url, status_url=status_url) as client:
+        async with LexerClient(
+            token, api_url=api_url, status_url=status_url, redis_url=redis_url
+        ) as client:
             return await client.report(
                 report_type, start, end,  # type: ignore[arg-type]
                 form=form, nps_category=nps_category,
@@ -181,6 +185,7 @@ def export(
     token_file: Path | None,
     api_url: str | None,
     status_url: str | None,
+    redis_url: str | None,
 ) -> None:
     """Run an export job and stream its CSV to a file."""
     start, end = _when(date_from, "--from"), _when(date_to, "--to")
@@ -202,7 +207,7 @@ def export(
 
         async def go() -> Any:
             async with LexerClient(
-                token, api_url=api_url, status_url=status_url, on_event=show
+                token, api_url=api_url, status_url=status_url, redis_url=redis_url, on_event=show
             ) as client:
                 return await client.export(
                     kind, start, end, output,  # type: ignore[arg-type]
@@ -392,6 +397,8 @@ def sandbox(port: int, max_requests: int, window: float, export_pending: float,
 
 
 DEMO_OUTPUT = Path("lexer-demo-output")
+DEMO_MARKER = ".lexer-demo"
+"""The file that marks a directory as a demo's output, which a later demo may delete."""
 
 
 @main.command()
@@ -406,10 +413,14 @@ DEMO_OUTPUT = Path("lexer-demo-output")
 def demo(output: Path, n_tokens: int, months: int, window: float, resume: bool,
          as_json: bool) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
-    if output.exists() and not resume:
-        if not (output / CHECKPOINT_NAME).exists():
+    if output.exists() and not resume and any(output.iterdir()):
+        # Only a directory an earlier demo marked may be deleted: a real backfill's output
+        # has a checkpoint too.
+        if not (output / DEMO_MARKER).is_file():
             raise click.UsageError(f"{output} exists and is not a demo output; choose another -o")
         shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / DEMO_MARKER).write_text("written by `lexer-activity demo`, which may delete it\n")
     labels = [f"team-{chr(ord('a') + i)}" for i in range(n_tokens)]
     tokens = {label: secrets.token_urlsafe(24) for label in labels}
     for label, token in tokens.items():

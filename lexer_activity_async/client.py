@@ -93,6 +93,8 @@ class LexerClient:
         retry: retries and the per-call deadline (`RetryPolicy`).
         max_requests, window: the rate limit (100 per 300 s).
         registry: where the per-token limiters live (default: process-wide).
+        redis_url: share the token's limit with every process and host using this Redis
+            (see `limits_redis`); unreachable Redis raises `LimiterBackendError`.
         workflow_states_type: the report type name used for workflow-state totals
             (unpublished; see the README's "Known API ambiguities").
         on_event: called with `events` (rate-limit waits, 429s, retries, exports).
@@ -112,6 +114,7 @@ class LexerClient:
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
         registry: LimiterRegistry | None = None,
+        redis_url: str | None = None,
         workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
         on_event: EventHook | None = None,
         now: Callable[[], datetime] | None = None,
@@ -137,6 +140,9 @@ class LexerClient:
         self.max_requests = max_requests
         self.window = window
         self.workflow_states_type = workflow_states_type
+        if redis_url is not None and registry is not None:
+            raise exc.ConfigurationError("pass either redis_url or registry, not both")
+        self.redis_url = redis_url
         self._registry = registry or default_registry
         self._on_event = on_event
         self._now = now or (lambda: datetime.now(timezone.utc))
@@ -185,6 +191,12 @@ class LexerClient:
             self._files_session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
             )
+        if self._limiter is None and self.redis_url is not None:
+            from .limits_redis import check_redis, shared_registry
+
+            await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
+            # A slot's lease must outlive the longest attempt, or it could free too early.
+            self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
         if self._limiter is None:
             self._limiter = self._registry.get(
                 self._token.reveal(), max_requests=self.max_requests, window=self.window

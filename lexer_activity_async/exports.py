@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,9 @@ from .wire import is_loopback_url
 
 if TYPE_CHECKING:
     from .client import LexerClient
+
+if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "PollPolicy",
@@ -252,6 +256,11 @@ async def _open_file(
         if response.status in _EXPIRED:
             response.release()
             raise _Expired(response.status)
+        if response.status >= 500 or response.status == 408:
+            response.release()
+            raise aiohttp.ClientResponseError(
+                response.request_info, (), status=response.status, message="transient"
+            )
         if response.status not in (200, 206) or (response.status == 206 and not offset):
             response.release()
             raise exc.DownloadError(f"file host answered HTTP {response.status}")
@@ -299,10 +308,10 @@ async def stream_file(
             refreshes += 1
             url = await refresh_url()
             continue
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+        except (aiohttp.ClientError, TimeoutError) as e:  # 5xx from the host included
             resumes += 1
             if resumes > policy.max_resumes:
-                raise exc.DownloadError(f"file download failed: {type(e).__name__}") from None
+                raise exc.DownloadError(f"file download failed: {_brief(e)}") from None
             await anyio.sleep(min(0.25 * 2**resumes, 5.0))
             continue
         try:
@@ -325,7 +334,7 @@ async def stream_file(
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
             resumes += 1
             if resumes > policy.max_resumes:
-                raise exc.DownloadError(f"file download failed: {type(e).__name__}") from None
+                raise exc.DownloadError(f"file download failed: {_brief(e)}") from None
             await anyio.sleep(min(0.25 * 2**resumes, 5.0))
             continue
         finally:
@@ -333,6 +342,12 @@ async def stream_file(
         if total is not None and received != total:
             raise exc.DownloadError(f"got {received} bytes, Content-Length said {total}")
         return
+
+
+def _brief(error: BaseException) -> str:
+    """An error's class, and its status when it has one (never the URL: it may be signed)."""
+    status = getattr(error, "status", None)
+    return f"{type(error).__name__}" + (f" (HTTP {status})" if status else "")
 
 
 def _part_path(dest: Path) -> Path:
@@ -486,9 +501,17 @@ async def export(
         results[i] = await _run_one(client, which, lo, hi, paths[i], params, poll, policy)
 
     try:
-        async with anyio.create_task_group() as group:
-            for i in range(len(windows)):
-                group.start_soon(one, i)
+        try:
+            async with anyio.create_task_group() as group:
+                for i in range(len(windows)):
+                    group.start_soon(one, i)
+        except BaseExceptionGroup as group_error:
+            # anyio wraps even a single failure in a group: raise the (first) window's own
+            # error, ExportFailedError, DownloadError, ..., as a one-window export does.
+            first = group_error.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         done = [r for r in results if r is not None]
         if not merge:
             return ExportResult(
@@ -548,13 +571,20 @@ def _last_record_end(text: str) -> int:
     inside = False
     end = 0
     start = 0
+    closed = -2  # index of the quote that last closed a quoted field
     while True:
         quote = text.find('"', start)
         newline = text.find("\n", start)
         if newline < 0:
             return end
         if 0 <= quote < newline:
-            inside = not inside
+            # As the csv module reads it: a quote opens a quoted field only at a field's
+            # start, or right after the quote that closed one (a doubled quote); inside an
+            # unquoted field it is a literal character.
+            if inside:
+                inside, closed = False, quote
+            elif quote == 0 or text[quote - 1] in ",\r\n" or closed == quote - 1:
+                inside = True
             start = quote + 1
             continue
         if not inside:

@@ -162,6 +162,7 @@ class SlidingWindowLimiter(_SlotMixin):
         self._gate = asyncio.Lock()
         self._changed = asyncio.Event()
         self._serial = 0
+        self._pending = 0  # acquisitions not yet granted: the one at the gate and its queue
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -184,28 +185,54 @@ class SlidingWindowLimiter(_SlotMixin):
         self._delay(self._now())
         return self._in_flight + len(self._frees_at)
 
+    def _expected_wait(self, now: float, ahead: int) -> float:
+        """Seconds until the slot of an acquisition queued behind ``ahead`` others frees:
+        the ``ahead``-th slot to free (one window when that one is not known yet)."""
+        self._delay(now)
+        rank = ahead - (self.max_requests - self._in_flight - len(self._frees_at))
+        if rank < 0:
+            at = now
+        elif rank < len(self._frees_at):
+            at = self._frees_at[rank]
+        else:
+            at = now + self.window
+        return max(at, self._blocked_until) - now
+
     async def acquire(self, on_wait: WaitCallback | None = None) -> Lease:
-        async with self._gate:
-            started = self._now()
-            told = False
-            while True:
-                delay = self._delay(self._now())
-                if delay == 0.0:
-                    break
-                if on_wait is not None and not told:
-                    told = True
-                    on_wait(delay if delay is not None else self.window)
-                self._changed.clear()
-                with anyio.move_on_after(math.inf if delay is None else delay):
-                    await self._changed.wait()
-            self._in_flight += 1
-            self._serial += 1
-            now = self._now()
-            self.stats.requests += 1
-            if now > started:
-                self.stats.waits += 1
-                self.stats.wait_seconds += now - started
-            return Lease(str(self._serial), now)
+        # Arrival and the wait notice come before the gate: a task queued behind the one
+        # waiting at the gate waits as well, and is counted and told like it.
+        started = self._now()
+        told = waited = False
+        if self._pending:
+            expected = self._expected_wait(started, self._pending)
+            if expected > 0:
+                waited = told = True
+                if on_wait is not None:
+                    on_wait(expected)
+        self._pending += 1
+        try:
+            async with self._gate:
+                while True:
+                    delay = self._delay(self._now())
+                    if delay == 0.0:
+                        break
+                    waited = True
+                    if on_wait is not None and not told:
+                        told = True
+                        on_wait(delay if delay is not None else self.window)
+                    self._changed.clear()
+                    with anyio.move_on_after(math.inf if delay is None else delay):
+                        await self._changed.wait()
+                self._in_flight += 1
+                self._serial += 1
+                now = self._now()
+                self.stats.requests += 1
+                if waited:  # merely passing through an uncontended gate is not a wait
+                    self.stats.waits += 1
+                    self.stats.wait_seconds += now - started
+                return Lease(str(self._serial), now)
+        finally:
+            self._pending -= 1
 
     async def release(self, lease: Lease) -> None:
         self._in_flight -= 1
