@@ -342,7 +342,8 @@ def _print_plan(spec: BackfillSpec) -> None:
 @main.command()
 @click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--dry-run", is_flag=True, help="Print the plan (units, requests, least time).")
-@click.option("--retry-failed", is_flag=True, help="Rerun only the units that failed before.")
+@click.option("--retry-failed", is_flag=True,
+              help="Rerun the units that failed before (done units are always skipped).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
 @click.option("--redis-url", help="Share each token's rate limit through Redis.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),

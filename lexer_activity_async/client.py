@@ -8,6 +8,7 @@ Every request of a token goes through that token's limiter (shared in the proces
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -266,7 +267,7 @@ class LexerClient:
             async with self.limiter.slot(self._on_wait), self.session.request(
                 request.method,
                 self._url(request),
-                json=request.json,
+                data=None if request.json is None else json.dumps(request.json).encode(),
                 params=request.params,
                 headers=headers,
                 allow_redirects=False,
@@ -310,6 +311,8 @@ class LexerClient:
         policy = self.retry
         retries = policy.max_retries if max_retries is None else max_retries
         limit = policy.deadline if deadline is None else deadline
+        if limit is None:  # no deadline: skip the cancel scope (it costs ~10% per call)
+            return await self._send_with_retries(request, decode, idempotent, retries)
         try:
             with anyio.fail_after(limit):
                 return await self._send_with_retries(request, decode, idempotent, retries)

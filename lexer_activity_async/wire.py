@@ -142,18 +142,17 @@ def decode_list(cls: type[T], status: int, body: bytes) -> list[T]:
     return items
 
 
-_LOCAL_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
-
-
 def _local_time(text: Any, tz: tzinfo) -> datetime:
+    """A period start, ``"YYYY-MM-DD HH:MM"`` with no offset, read in ``tz``. (An offset,
+    should the server ever send one, is kept.) fromisoformat is ~60x faster than strptime
+    and accepts the reference's forms on Python 3.10+."""
     if not isinstance(text, str):
         raise TypeError(f"expected a 'YYYY-MM-DD HH:MM' string, got {text!r}")
-    for fmt in _LOCAL_FORMATS:
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=tz)
-        except ValueError:
-            continue
-    raise ValueError(f"unrecognised period start {text!r}")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"unrecognised period start {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)
 
 
 def _points(series: Any, tz: tzinfo, keep: tuple[str, ...]) -> list[dict[str, Any]]:

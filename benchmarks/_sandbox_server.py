@@ -1,0 +1,97 @@
+"""Run a `lexer_activity_async.sandbox.Sandbox` in its own process, for the benchmarks.
+
+Started by `_common.SandboxProcess`; not a benchmark itself. It serves the sandbox's three
+origins plus a fourth, private control origin that answers ``GET /stats?window=W`` with the
+sandbox's counters as JSON (the sandbox has no stats endpoint of its own), so a benchmark
+can check 429s and the per-token sliding-window maximum while the server runs on its own
+core. It prints one JSON line with the URLs, then serves until SIGTERM/SIGINT, when it
+closes the sandbox (which deletes its export files).
+
+    python benchmarks/_sandbox_server.py --config '{"max_requests": 100, "window": 5}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from lexer_activity_async.sandbox import Sandbox, SandboxConfig
+
+
+def _stats_payload(sandbox: Sandbox, window: float) -> dict[str, Any]:
+    stats = sandbox.stats
+    return {
+        "requests": dict(stats.requests),
+        "rate_limited": stats.rate_limited,
+        "rate_limited_by_token": dict(stats.rate_limited_by_token),
+        "max_in_window": {key: stats.max_in_window(key, window) for key in stats.arrivals},
+        "window": window,
+        "unauthorized": stats.unauthorized,
+        "leaks": stats.leaks,
+        "file_requests": stats.file_requests,
+        "bytes_served": stats.bytes_served,
+        "exports_started": stats.exports_started,
+        "status_polls": dict(stats.status_polls),
+        "errors_injected": stats.errors_injected,
+    }
+
+
+async def _serve(config: SandboxConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Sandbox(config) as sandbox:
+
+        async def stats(request: web.Request) -> web.Response:
+            window = float(request.query.get("window", sandbox.config.window))
+            # Computed on the loop (not in a thread) so the counters cannot change under it;
+            # benchmarks ask only between measurements.
+            return web.json_response(_stats_payload(sandbox, window))
+
+        app = web.Application()
+        app.router.add_get("/stats", stats)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, config.host, 0).start()
+            port = runner.addresses[0][1]
+            line = {
+                "api_url": sandbox.api_url,
+                "status_url": sandbox.status_url,
+                "files_url": sandbox.files_url,
+                "control_url": f"http://{config.host}:{port}",
+                "pid": os.getpid(),
+            }
+            print(json.dumps(line), flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="{}", help="SandboxConfig fields as JSON")
+    parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
+    args = parser.parse_args()
+    if args.cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.cpu})
+    fields = json.loads(args.config)
+    if fields.get("tokens") is not None:
+        fields["tokens"] = frozenset(fields["tokens"])
+    config = SandboxConfig(**fields)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
