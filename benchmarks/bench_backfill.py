@@ -1,0 +1,371 @@
+"""Backfill wall time against the rate-limit lower bound, and peak memory as tokens grow
+(the bulk-backfill issue, item 7).
+
+The sandbox runs in a separate process (``_common.SandboxProcess``, pinned to CPU 1)
+enforcing N requests per W seconds per token on arrival. Each measured backfill runs in a
+fresh child process (this script with ``--worker``, pinned to CPU 0), so its peak RSS is
+its own (``os.wait4``) and the server's CPU does not compete inside its event loop.
+
+Spec: K tokens, reports only (all 12 types), one-month windows over ``--months`` months,
+so each token makes ``12 * months`` requests (default 12 x 26 = 312: four bursts of at most
+N=100, three full windows of W=5 s to wait). Concurrency caps: ``--per-token`` (default
+100, so a token's burst is not held back) and ``--total`` (default 100: the sandbox listens
+with aiohttp's default backlog of 128, and more simultaneous connects than that overflow
+it; the kernel then drops SYNs and the client's retransmits after 1 s and 3 s dominate the
+wall time. The table counts those drops, from ``/proc/net/netstat``).
+
+For each run:
+  - wall: ``run_backfill`` from call to return, in the child;
+  - floor: ``backfill.rate_limit_floor(R_t, N, W)`` per token from the requests that token
+    ACTUALLY made (its limiter's count, cross-checked with the sandbox's arrivals), and the
+    run's floor is the largest (tokens run in parallel);
+  - ratio = wall / floor (target <= 1.05), and each token's own finish time / own floor;
+  - CPU: the child's CPU seconds / wall (near 100 % on its one CPU means client-bound)
+    and the sandbox's (near 100 % means server-bound);
+  - 429s (must be 0) and the sandbox's max arrivals of any token in any W span (<= N);
+  - peak RSS of the child;
+  - the CPU share a busy loop gets on the child's CPU just before the run, since a shared
+    or throttled machine gives a process less than a whole core.
+Medians over ``--runs`` runs (fresh tokens each run); a token count whose run makes more
+than 20,000 requests gets ``--big-runs`` runs (default 1: each takes minutes on 2 cores).
+
+    python benchmarks/bench_backfill.py [--quick] [--runs N] [--big-runs N]
+        [--tokens 1 10 200] [--months M] [--window W] [--per-token P] [--total T] [--no-pin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import _common as c
+
+from lexer_activity_async import LimiterRegistry
+from lexer_activity_async.backfill import (
+    ALL_REPORTS,
+    BackfillEvent,
+    BackfillSpec,
+    TokenSource,
+    UnitFinished,
+    plan,
+    rate_limit_floor,
+    run_backfill,
+)
+from lexer_activity_async.limits import token_key
+from lexer_activity_async.reports import add_months
+
+NPS_FORM = 55
+TARGET = 1.05
+DATE_TO = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+# -- the child: one backfill, measured from inside ---------------------------------------
+
+
+async def worker(args: argparse.Namespace) -> dict[str, Any]:
+    labels = [f"t{i:03d}" for i in range(args.tokens)]
+    tokens = {label: f"bench-{secrets.token_hex(12)}" for label in labels}
+    for label, token in tokens.items():
+        os.environ[f"BENCH_BACKFILL_{label.upper()}"] = token
+    output = Path(tempfile.mkdtemp(prefix="bench-backfill-", dir=args.output_dir))
+    spec = BackfillSpec(
+        tokens=tuple(TokenSource(label, env=f"BENCH_BACKFILL_{label.upper()}")
+                     for label in labels),
+        date_from=add_months(DATE_TO, -args.months),
+        date_to=DATE_TO,
+        output=output,
+        reports=ALL_REPORTS,
+        nps_form=NPS_FORM,
+        api_url=args.api_url,
+        status_url=args.status_url,
+        max_requests=args.max_requests,
+        window=args.window,
+        per_token_concurrency=args.per_token,
+        total_concurrency=args.total,
+    )
+    registry = LimiterRegistry()
+    finished_at: dict[str, float] = {}
+    requests: dict[str, int] = {}
+    t0 = 0.0
+
+    def on_event(event: BackfillEvent) -> None:
+        if isinstance(event, UnitFinished):
+            finished_at[event.unit.label] = time.perf_counter() - t0
+
+    async def measured() -> Any:
+        nonlocal t0
+        t0 = time.perf_counter()
+        summary = await run_backfill(spec, on_event=on_event, registry=registry)
+        limiters = registry.limiters()
+        for label, token in tokens.items():
+            requests[label] = limiters[token_key(token)].stats.requests
+        return summary
+
+    busy_wall, busy_cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - busy_wall < 0.3:
+        pass
+    cpu_share = (time.process_time() - busy_cpu) / (time.perf_counter() - busy_wall)
+    cpu0 = time.process_time()
+    summary = await measured()
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    shutil.rmtree(output, ignore_errors=True)
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cpu_share": cpu_share,
+        "planned_requests_per_token": plan(spec).requests_of(labels[0]),
+        "requests": requests,
+        "finished_at_s": finished_at,
+        "keys": {label: token_key(token) for label, token in tokens.items()},
+        "ok": summary.ok,
+        "units_done": sum(summary.done.values()),
+        "rate_limited": summary.rate_limited,
+        "retries": summary.retries,
+        "files": summary.files,
+        "bytes": summary.bytes,
+        "self_peak_rss": c.self_peak_rss(),
+    }
+
+
+def worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    for name in ("--api-url", "--status-url", "--output-dir"):
+        parser.add_argument(name)
+    for name in ("--tokens", "--months", "--max-requests", "--per-token", "--total"):
+        parser.add_argument(name, type=int)
+    parser.add_argument("--window", type=float)
+    parser.add_argument("--cpu", type=int, default=None)
+    args = parser.parse_args(argv)
+    c.pin_self(args.cpu)
+    print(json.dumps(asyncio.run(worker(args))), flush=True)
+
+
+# -- the parent: sandbox process, children, tables -----------------------------------------
+
+
+def listen_drops() -> int | None:
+    """SYNs the kernel dropped because a listen queue was full (``ListenDrops``), or None."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(fields["ListenDrops"]) if "ListenDrops" in fields else None
+    return None
+
+
+def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int,
+            client_cpu: int | None) -> dict[str, Any]:
+    cmd = [
+        sys.executable, __file__, "--worker",
+        "--api-url", sb.api_url, "--status-url", sb.status_url,
+        "--output-dir", str(args.output_dir),
+        "--tokens", str(tokens), "--months", str(args.months),
+        "--max-requests", str(args.max_requests), "--window", str(args.window),
+        "--per-token", str(args.per_token), "--total", str(args.total),
+    ]
+    if client_cpu is not None:
+        cmd += ["--cpu", str(client_cpu)]
+    server_cpu0, drops0 = c.proc_cpu_seconds(sb.pid), listen_drops()
+    child = c.run_child(cmd, timeout=3600)
+    server_cpu1, drops1 = c.proc_cpu_seconds(sb.pid), listen_drops()
+    if child.returncode != 0:
+        raise RuntimeError(f"worker failed ({child.returncode}):\n{child.stderr}")
+    result: dict[str, Any] = json.loads(child.stdout.splitlines()[-1])
+    stats = sb.stats(args.window)
+    n, w = args.max_requests, args.window
+    floors = {label: rate_limit_floor(r, n, w) for label, r in result["requests"].items()}
+    floor = max(floors.values())
+    per_token = [
+        c.ratio(result["finished_at_s"][label], floors[label])
+        for label in floors if floors[label] > 0
+    ]
+    keys = result["keys"].values()
+    server_requests = {label: stats["requests"].get(key, 0)
+                       for label, key in result["keys"].items()}
+    wall = result["wall_s"]
+    server_cpu = (server_cpu1 - server_cpu0) if server_cpu0 is not None and server_cpu1 else None
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "floor_s": floor,
+        "ratio": c.ratio(wall, floor),
+        "per_token_ratio_median": c.median(per_token),
+        "per_token_ratio_max": max(per_token) if per_token else float("nan"),
+        "requests_total": sum(result["requests"].values()),
+        "requests_per_token_min_max": c.spread(result["requests"].values()),
+        "planned_requests_per_token": result["planned_requests_per_token"],
+        "server_requests_match": server_requests == result["requests"],
+        "client_cpu_pct": 100 * result["cpu_s"] / wall,
+        "client_cpu_ms_per_request": 1000 * result["cpu_s"] / sum(result["requests"].values()),
+        "cpu_share_pct": 100 * result["cpu_share"],
+        "syn_drops": drops1 - drops0 if drops0 is not None and drops1 is not None else None,
+        "server_cpu_pct": 100 * server_cpu / wall if server_cpu is not None else None,
+        "client_429": result["rate_limited"],
+        "server_429": sum(stats["rate_limited_by_token"].get(k, 0) for k in keys),
+        "max_in_window": max(stats["max_in_window"].get(k, 0) for k in keys),
+        "retries": result["retries"],
+        "ok": result["ok"],
+        "units_done": result["units_done"],
+        "files": result["files"],
+        "bytes": result["bytes"],
+        "peak_rss_mb": child.peak_rss / c.MB,
+        "child_wall_s": child.wall,
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return c.median(r[key] for r in runs if r[key] is not None)
+
+    return {
+        "tokens": runs[0]["tokens"],
+        "runs": len(runs),
+        "wall_s": med("wall_s"),
+        "wall_s_min_max": c.spread(r["wall_s"] for r in runs),
+        "floor_s": med("floor_s"),
+        "ratio": med("ratio"),
+        "ratio_min_max": c.spread(r["ratio"] for r in runs),
+        "within_target": med("ratio") <= TARGET,
+        "over_target_pct": max(0.0, (med("ratio") - 1) * 100),
+        "per_token_ratio_median": med("per_token_ratio_median"),
+        "per_token_ratio_max": med("per_token_ratio_max"),
+        "requests_total": med("requests_total"),
+        "requests_per_s": med("requests_total") / med("wall_s"),
+        "client_cpu_pct": med("client_cpu_pct"),
+        "client_cpu_ms_per_request": med("client_cpu_ms_per_request"),
+        "cpu_share_pct": med("cpu_share_pct"),
+        "syn_drops": max((r["syn_drops"] or 0) for r in runs),
+        "server_cpu_pct": med("server_cpu_pct"),
+        "client_429": max(r["client_429"] for r in runs),
+        "server_429": max(r["server_429"] for r in runs),
+        "max_in_window": max(r["max_in_window"] for r in runs),
+        "all_ok": all(r["ok"] and r["server_requests_match"] for r in runs),
+        "peak_rss_mb": med("peak_rss_mb"),
+        "peak_rss_mb_min_max": c.spread(r["peak_rss_mb"] for r in runs),
+    }
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        worker_main(sys.argv[2:])
+        return
+    parser = c.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=None)
+    parser.add_argument("--months", type=int, default=None,
+                        help="months backfilled (12 report requests per month per token)")
+    parser.add_argument("--window", type=float, default=None, help="rate window W (s)")
+    parser.add_argument("--max-requests", type=int, default=100, help="rate limit N")
+    parser.add_argument("--per-token", type=int, default=100, help="per-token unit cap")
+    parser.add_argument("--total", type=int, default=100, help="overall unit cap")
+    parser.add_argument("--big-runs", type=int, default=1,
+                        help="runs for token counts making over 20,000 requests")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where the children write (default /dev/shm, else the temp dir)")
+    args = parser.parse_args()
+    quick = args.quick
+    args.runs = args.runs or (1 if quick else 3)
+    args.tokens = args.tokens or ([1, 5, 20] if quick else [1, 10, 200])
+    args.months = args.months or (9 if quick else 26)
+    args.window = args.window or (1.0 if quick else 5.0)
+    if args.output_dir is None:
+        shm = Path("/dev/shm")
+        args.output_dir = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    args.output_dir = args.output_dir or Path(tempfile.gettempdir())
+    client_cpu, server_cpu = c.cpu_plan(args.no_pin)
+    per_token_requests = len(ALL_REPORTS) * args.months
+    print(
+        f"backfill: {len(ALL_REPORTS)} reports x {args.months} months = {per_token_requests} "
+        f"requests per token; N={args.max_requests} per W={args.window:g}s; floor "
+        f"{rate_limit_floor(per_token_requests, args.max_requests, args.window):g}s; "
+        f"tokens {args.tokens}; {args.runs} run(s) each; caps {args.per_token}/token, "
+        f"{args.total} total; output under {args.output_dir}; "
+        f"pinning client/server to CPUs {client_cpu}/{server_cpu}",
+        flush=True,
+    )
+    all_runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.tokens}
+    with c.SandboxProcess(max_requests=args.max_requests, window=args.window,
+                          cpu=server_cpu) as sb:
+        for run in range(args.runs):
+            for tokens in args.tokens:
+                big = tokens * per_token_requests > 20_000
+                if big and run >= args.big_runs:
+                    continue
+                result = one_run(args, sb, tokens, client_cpu)
+                all_runs[tokens].append(result)
+                print(f"  run {run + 1}: {tokens:4d} tokens  wall {result['wall_s']:7.2f}s  "
+                      f"floor {result['floor_s']:6.2f}s  ratio {result['ratio']:.3f}  "
+                      f"rss {result['peak_rss_mb']:.0f} MB", flush=True)
+    summaries = [summarise(all_runs[k]) for k in args.tokens]
+    c.print_table(
+        f"Backfill wall time vs the rate-limit floor (medians of {args.runs}; target "
+        f"ratio <= {TARGET})",
+        ["tokens", "runs", "requests", "floor s", "wall s", "ratio", "ratio min-max",
+         "excess s", "per-token med", "req/s", "client CPU %", "client CPU ms/req",
+         "CPU share %", "server CPU %", "429s", "max/W", "SYN drops"],
+        [[s["tokens"], s["runs"], int(s["requests_total"]), s["floor_s"], s["wall_s"],
+          s["ratio"], "{:.3f}-{:.3f}".format(*s["ratio_min_max"]),
+          s["wall_s"] - s["floor_s"], s["per_token_ratio_median"], s["requests_per_s"],
+          s["client_cpu_pct"], s["client_cpu_ms_per_request"], s["cpu_share_pct"],
+          s["server_cpu_pct"],
+          s["client_429"] + s["server_429"], s["max_in_window"], s["syn_drops"]]
+         for s in summaries],
+    )
+    c.print_table(
+        "Peak RSS of the backfill process (MB, medians)",
+        ["tokens", "peak RSS MB", "min-max", "MB per token over 1 token"],
+        [[s["tokens"], s["peak_rss_mb"], "{:.0f}-{:.0f}".format(*s["peak_rss_mb_min_max"]),
+          c.ratio(s["peak_rss_mb"] - summaries[0]["peak_rss_mb"], s["tokens"] - 1)
+          if s["tokens"] > 1 else float("nan")] for s in summaries],
+    )
+    missed = [s for s in summaries if not s["within_target"]]
+    for s in missed:
+        used = s["client_cpu_pct"] / max(s["cpu_share_pct"], 1e-9)
+        burst_cpu = s["tokens"] * args.max_requests * s["client_cpu_ms_per_request"] / 1000
+        bound = ("client CPU-bound throughout" if used >= 0.85 else
+                 "server CPU-bound" if (s["server_cpu_pct"] or 0) >= 0.85 * s["cpu_share_pct"]
+                 else f"client CPU-bound during each window's burst: {s['tokens']} tokens x "
+                 f"N={args.max_requests} requests x {s['client_cpu_ms_per_request']:.2f} ms "
+                 f"= {burst_cpu:.1f} s of client CPU per window, vs "
+                 f"{s['wall_s'] - s['floor_s']:.1f} s over the floor")
+        print(f"\n{s['tokens']} tokens: {s['over_target_pct']:.1f}% over the floor "
+              f"(target <= {(TARGET - 1) * 100:.0f}%); client CPU {s['client_cpu_pct']:.0f}% "
+              f"and server CPU {s['server_cpu_pct']:.0f}% of a core, where a busy loop got "
+              f"{s['cpu_share_pct']:.0f}%: {bound}; {s['requests_per_s']:.0f} requests/s "
+              f"achieved vs {s['requests_total'] / max(s['floor_s'], 1e-9):.0f} needed to "
+              f"meet the floor; {s['syn_drops']} SYNs dropped by the sandbox's listen queue")
+    c.write_results("backfill", {
+        "config": {
+            "months": args.months, "reports": len(ALL_REPORTS),
+            "requests_per_token": per_token_requests, "max_requests": args.max_requests,
+            "window_s": args.window, "per_token_cap": args.per_token,
+            "total_cap": args.total, "runs": args.runs, "big_runs": args.big_runs,
+            "quick": quick,
+            "output_dir": str(args.output_dir), "client_cpu": client_cpu,
+            "server_cpu": server_cpu, "target_ratio": TARGET,
+        },
+        "summary": summaries,
+        "runs": all_runs,
+    })
+    if any(not s["all_ok"] or s["client_429"] or s["server_429"]
+           or s["max_in_window"] > args.max_requests for s in summaries):
+        print("FAILED: a run had failures, 429s or more than N requests in a window",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
