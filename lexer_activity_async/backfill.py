@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, timezone
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 ALL_REPORTS = tuple(k.value for k in ReportType)
 EXPORT_POLLS_ESTIMATE = 2
 """Status polls assumed per export job when estimating requests for ``--dry-run``."""
@@ -90,7 +92,10 @@ class TokenSource:
         if self.env is not None:
             value = os.environ.get(self.env, "").strip()
             if not value:
-                raise SpecError(f"token {self.label!r}: environment variable {self.env} is unset")
+                # Name the variable only if it looks like one: a token pasted into `env`
+                # by mistake must not be echoed.
+                shown = self.env if _ENV_NAME.fullmatch(self.env) else "named in `env`"
+                raise SpecError(f"token {self.label!r}: environment variable {shown} is unset")
             return value
         assert self.file is not None
         try:

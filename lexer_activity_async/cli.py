@@ -6,6 +6,7 @@ Tokens are read from an environment variable or a file, never from the command l
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -67,25 +68,28 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         sys.exit(1)
 
 
-def _when(value: str | None, name: str) -> datetime | None:
-    """ISO 8601 with an offset, or a bare date (UTC midnight)."""
-    if value is None:
-        return None
+def _when(ctx: click.Context, param: click.Parameter, value: str) -> datetime:
+    """Click callback: ISO 8601 with an offset, or a bare date (UTC midnight)."""
     try:
         if len(value) == 10:
             day = date.fromisoformat(value)
             return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an ISO 8601 date or datetime", param_hint=name
-        ) from None
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or datetime") from None
     if moment.tzinfo is None:
         raise click.BadParameter(
-            f"{value!r} has no UTC offset; add one (e.g. +00:00) or give a bare date (UTC)",
-            param_hint=name,
+            f"{value!r} has no UTC offset; add one (e.g. +00:00) or give a bare date (UTC)"
         )
     return moment
+
+
+def _date_range(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--from`` and ``--to``, parsed into aware datetimes."""
+    func = click.option("--to", "date_to", required=True, callback=_when,
+                        help="End (ISO 8601 with offset, or a date).")(func)
+    return click.option("--from", "date_from", required=True, callback=_when,
+                        help="Start (ISO 8601 with offset, or a date).")(func)
 
 
 def _read_token(token_env: str, token_file: Path | None) -> str:
@@ -99,7 +103,29 @@ def _read_token(token_env: str, token_file: Path | None) -> str:
         raise click.UsageError(str(error).replace("token 'cli': ", "")) from None
 
 
-def _client_options(func: Callable[..., Any]) -> Callable[..., Any]:
+def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the token and URL options, and passes ``connect``: a `LexerClient` factory
+    holding the token (read from the environment or a file, never an argument)."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        token_env: str,
+        token_file: Path | None,
+        api_url: str | None,
+        status_url: str | None,
+        redis_url: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        connect = functools.partial(
+            LexerClient,
+            _read_token(token_env, token_file),
+            api_url=api_url,
+            status_url=status_url,
+            redis_url=redis_url,
+        )
+        return func(*args, connect=connect, **kwargs)
+
     options = [
         click.option("--token-env", default="LEXER_API_TOKEN", show_default=True,
                      help="Environment variable holding the API token."),
@@ -111,8 +137,8 @@ def _client_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Share the token's rate limit through this Redis."),
     ]
     for option in reversed(options):
-        func = option(func)
-    return func
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,37 +149,28 @@ def main() -> None:
 
 @main.command()
 @click.argument("report_type")
-@click.option("--from", "date_from", required=True, help="Start (ISO 8601 with offset, or a date).")
-@click.option("--to", "date_to", required=True, help="End (ISO 8601 with offset, or a date).")
+@_date_range
 @click.option("--form", type=int, help="NPS form id (NPS reports).")
 @click.option("--nps-category", help="all, promoters, passives or detractors (NPS reports).")
 @click.option("--user", "users", type=int, multiple=True, help="Filter by user id (repeatable).")
 @click.option("--group", "groups", type=int, multiple=True, help="Filter by group id (repeatable).")
-@_client_options
+@_with_client
 def report(
     report_type: str,
-    date_from: str,
-    date_to: str,
+    date_from: datetime,
+    date_to: datetime,
     form: int | None,
     nps_category: str | None,
     users: tuple[int, ...],
     groups: tuple[int, ...],
-    token_env: str,
-    token_file: Path | None,
-    api_url: str | None,
-    status_url: str | None,
-    redis_url: str | None,
+    connect: Callable[..., LexerClient],
 ) -> None:
     """Fetch one report and print it as JSON."""
-    start, end = _when(date_from, "--from"), _when(date_to, "--to")
-    token = _read_token(token_env, token_file)
 
     async def fetch() -> Any:
-        async with LexerClient(
-            token, api_url=api_url, status_url=status_url, redis_url=redis_url
-        ) as client:
+        async with connect() as client:
             return await client.report(
-                report_type, start, end,  # type: ignore[arg-type]
+                report_type, date_from, date_to,
                 form=form, nps_category=nps_category,
                 users=list(users) or None, groups=list(groups) or None,
             )
@@ -163,33 +180,26 @@ def report(
 
 @main.command()
 @click.argument("kind", type=click.Choice([k.value for k in ExportKind]))
-@click.option("--from", "date_from", required=True, help="Start (ISO 8601 with offset, or a date).")
-@click.option("--to", "date_to", required=True, help="End (ISO 8601 with offset, or a date).")
+@_date_range
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
 @click.option("--form", type=int, help="NPS form id (nps_submissions).")
 @click.option("--nps-category", help="all, promoters, passives or detractors.")
 @click.option("--window-months", type=click.IntRange(1, 12), default=1, show_default=True,
               help="Window size when the range is over 12 months.")
 @click.option("--split", is_flag=True, help="One file per window instead of one merged file.")
-@_client_options
+@_with_client
 def export(
     kind: str,
-    date_from: str,
-    date_to: str,
+    date_from: datetime,
+    date_to: datetime,
     output: Path,
     form: int | None,
     nps_category: str | None,
     window_months: int,
     split: bool,
-    token_env: str,
-    token_file: Path | None,
-    api_url: str | None,
-    status_url: str | None,
-    redis_url: str | None,
+    connect: Callable[..., LexerClient],
 ) -> None:
     """Run an export job and stream its CSV to a file."""
-    start, end = _when(date_from, "--from"), _when(date_to, "--to")
-    token = _read_token(token_env, token_file)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), console=err, transient=True,
@@ -206,11 +216,9 @@ def export(
                 progress.update(task, info=str(event.status))
 
         async def go() -> Any:
-            async with LexerClient(
-                token, api_url=api_url, status_url=status_url, redis_url=redis_url, on_event=show
-            ) as client:
+            async with connect(on_event=show) as client:
                 return await client.export(
-                    kind, start, end, output,  # type: ignore[arg-type]
+                    kind, date_from, date_to, output,
                     form=form, nps_category=nps_category,
                     window_months=window_months, merge=not split,
                 )
