@@ -203,14 +203,15 @@ class FakeLexer:
         method: str,
         url: str,
         *,
-        json: Any = None,
+        data: bytes | None = None,
         params: Any = None,
         headers: dict[str, str] | None = None,
         allow_redirects: bool = True,
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> _Exchange:
         assert allow_redirects is False  # the token must never follow a redirect
-        return _Exchange(self, method, url, json, headers or {}, timeout)
+        body = None if data is None else json.loads(data)  # the client sends encoded JSON
+        return _Exchange(self, method, url, body, headers or {}, timeout)
 
     @property
     def times(self) -> list[float]:

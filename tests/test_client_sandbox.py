@@ -318,7 +318,7 @@ async def test_report_body_on_the_wire(mock_http, registry):
 
     assert result == m.converter.structure(payload, m.Summary)
     [call] = mock_http.requests[("POST", URL(MOCK_API + "/activity/reports"))]
-    assert call.kwargs["json"] == {
+    assert json.loads(call.kwargs["data"]) == {
         "type": "summary",
         "date_from": "2026-04-01T00:00:00+11:00",
         "date_to": "2026-04-30T23:59:59+11:00",
