@@ -433,7 +433,8 @@ class BackfillSummary:
 
 
 def _write_json_atomically(path: Path, payload: object) -> int:
-    data = (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
+    data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     try:
@@ -495,6 +496,7 @@ class _TokenRun:
             window=self.spec.window,
             registry=self.registry,
             redis_url=self.spec.redis_url if self.registry is None else None,
+            max_in_flight=self.overall,
             workflow_states_type=self.spec.workflow_states_type,
             on_event=self.emit,
         ) as client:
@@ -514,7 +516,7 @@ class _TokenRun:
         self.emit(UnitFinished(unit, FAILED, error=error))
 
     async def _guarded(self, client: LexerClient, unit: Unit) -> None:
-        async with self.mine, self.overall:
+        async with self.mine:
             if self.unauthorized is not None:
                 self._fail(unit, f"not attempted: {self.unauthorized}")
                 return

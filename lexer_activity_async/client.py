@@ -8,6 +8,7 @@ Every request of a token goes through that token's limiter (shared in the proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -94,6 +95,9 @@ class LexerClient:
         retry: retries and the per-call deadline (`RetryPolicy`).
         max_requests, window: the rate limit (100 per 300 s).
         registry: where the per-token limiters live (default: process-wide).
+        max_in_flight: at most this many requests of this client on the wire at once; pass
+            one `anyio.CapacityLimiter` to several clients to cap them together. Waiting on
+            the rate limit does not hold one.
         redis_url: share the token's limit with every process and host using this Redis
             (see `limits_redis`); unreachable Redis raises `LimiterBackendError`.
         workflow_states_type: the report type name used for workflow-state totals
@@ -116,6 +120,7 @@ class LexerClient:
         window: float = DEFAULT_WINDOW,
         registry: LimiterRegistry | None = None,
         redis_url: str | None = None,
+        max_in_flight: int | anyio.CapacityLimiter | None = None,
         workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
         on_event: EventHook | None = None,
         now: Callable[[], datetime] | None = None,
@@ -146,6 +151,12 @@ class LexerClient:
         self.redis_url = redis_url
         self._registry = registry or default_registry
         self._on_event = on_event
+        if isinstance(max_in_flight, int):
+            max_in_flight = anyio.CapacityLimiter(max_in_flight)
+        # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
+        self._in_flight: contextlib.AbstractAsyncContextManager[object] = (
+            max_in_flight if max_in_flight is not None else contextlib.nullcontext()
+        )
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._session = session
         self._owns_session = session is None
@@ -264,7 +275,7 @@ class LexerClient:
         if request.json is not None:
             headers["Content-Type"] = "application/json"
         try:
-            async with self.limiter.slot(self._on_wait), self.session.request(
+            async with self.limiter.slot(self._on_wait), self._in_flight, self.session.request(
                 request.method,
                 self._url(request),
                 data=None if request.json is None else json.dumps(request.json).encode(),

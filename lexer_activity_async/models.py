@@ -301,6 +301,7 @@ def _array_hook_factory(conv: cattrs.Converter) -> Any:
     def factory(type_: Any) -> Any:
         element = get_args(type_)[0]
         as_tuple = get_origin(type_) is tuple
+        handler = conv.get_structure_hook(element)  # fetched once, not per item
 
         def structure(value: Any, _: object) -> Any:
             if not isinstance(value, list):
@@ -309,7 +310,7 @@ def _array_hook_factory(conv: cattrs.Converter) -> Any:
             errors: list[Exception] = []
             for index, item in enumerate(value):
                 try:
-                    items.append(conv.structure(item, element))
+                    items.append(handler(item, element))
                 except Exception as error:
                     note = IterableValidationNote(
                         f"Structuring {type_} @ index {index}", index, element

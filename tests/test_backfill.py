@@ -435,9 +435,11 @@ async def test_concurrency_caps_per_token_and_overall_are_honoured(
     assert sum(summary.done.values()) == 3 * 2 * 4
     assert len(started) == 24
     assert not +running
-    # Each cap is reached and never exceeded: 3 tokens x 2 would be 6 without the total cap.
+    # The per-token cap bounds each token's units in progress: reached, never exceeded.
     assert most == {"a": 2, "b": 2, "c": 2}
-    assert peak == 4
+    assert peak == 6
+    # The total cap bounds requests on the wire (3 tokens x 2 units would put 6 there).
+    assert sb.stats.max_in_progress == 4
 
 
 @pytest.mark.usefixtures("token_env")

@@ -1019,3 +1019,39 @@ async def test_a_redirect_over_real_http_is_not_followed(loopback_server, regist
     assert [(s["method"], s["path_qs"]) for s in seen] == [("POST", "/v1/activity/reports")]
     assert sandbox.stats.requests == {}
     assert sandbox.stats.unauthorized == 0
+
+
+# -- a shared in-flight cap ------------------------------------------------------------
+
+
+async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(sandbox_factory, client_for):
+    """Two tokens share a cap of one request in flight. Token A has spent its window, so
+    its next call waits on the rate limit; token B must still get through meanwhile."""
+    sb = await sandbox_factory(max_requests=1, window=300.0)
+    shared = anyio.CapacityLimiter(1)
+    async with client_for(sb, TOKEN_A, max_in_flight=shared) as a, client_for(
+        sb, TOKEN_B, max_in_flight=shared
+    ) as b:
+        await a.groups()  # A's only request of the window
+        waiting = anyio.Event()
+
+        def on_event(event: object) -> None:
+            if isinstance(event, RateLimitWait):
+                waiting.set()
+
+        a._on_event = on_event
+        async with anyio.create_task_group() as group:
+            group.start_soon(a.groups)  # blocks for the rest of A's 300 s window
+            await waiting.wait()
+            with anyio.fail_after(5):
+                assert await b.groups()  # would hang if A's wait held the shared slot
+            group.cancel_scope.cancel()
+    assert shared.borrowed_tokens == 0
+    assert sb.stats.max_in_progress == 1
+
+
+async def test_max_in_flight_caps_requests_on_the_wire(sandbox_factory, client_for):
+    sb = await sandbox_factory(latency=0.05)
+    async with client_for(sb, max_in_flight=3) as client:
+        await asyncio.gather(*(client.groups() for _ in range(12)))
+    assert sb.stats.max_in_progress == 3

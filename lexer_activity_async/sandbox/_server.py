@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -77,6 +78,9 @@ def _date(body: dict[str, Any], name: str) -> datetime:
         raise _NotFound from None
 
 
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class Sandbox:
     """A local simulator of the Activity API on three loopback origins.
 
@@ -130,7 +134,7 @@ class Sandbox:
                 (self._file, cfg.files_port),
             ):
                 app = web.Application()
-                app.router.add_route("*", "/{tail:.*}", handler)
+                app.router.add_route("*", "/{tail:.*}", self._counted(handler))
                 runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 await runner.setup()
                 self._runners.append(runner)
@@ -142,6 +146,20 @@ class Sandbox:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         api, status, files = (f"http://{host}:{p}" for p in ports)
         self._urls = (api + API_PREFIX, status + STATUS_PREFIX, files)
+
+    def _counted(self, handler: _Handler) -> _Handler:
+        """Wrap a handler to track how many API/status/file requests are in progress."""
+
+        async def counted(request: web.Request) -> web.StreamResponse:
+            stats = self.stats
+            stats.in_progress += 1
+            stats.max_in_progress = max(stats.max_in_progress, stats.in_progress)
+            try:
+                return await handler(request)
+            finally:
+                stats.in_progress -= 1
+
+        return counted
 
     async def close(self) -> None:
         """Stop serving and delete the export files."""

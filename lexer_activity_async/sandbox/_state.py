@@ -63,6 +63,10 @@ class SandboxStats:
     exports_started: int = 0
     status_polls: dict[str, int] = attrs.Factory(dict)
     errors_injected: int = 0
+    in_progress: int = 0
+    """Requests being handled right now, on all three origins."""
+    max_in_progress: int = 0
+    """The most requests ever handled at once (a client's concurrency cap shows here)."""
 
     def max_in_window(self, key: str, window: float) -> int:
         """The most arrivals of token ``key`` in any half-open span ``[t, t + window)``: the
