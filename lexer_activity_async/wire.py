@@ -155,28 +155,38 @@ def _local_time(text: Any, tz: tzinfo) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)
 
 
-def _points(series: Any, tz: tzinfo, keep: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Flatten ``{..., "date_range": {"date_from": "YYYY-MM-DD HH:MM"}}`` points."""
+def _points(
+    series: Any, tz: tzinfo, keep: tuple[str, ...], seen: dict[str, datetime]
+) -> list[dict[str, Any]]:
+    """Flatten ``{..., "date_range": {"date_from": "YYYY-MM-DD HH:MM"}}`` points. ``seen``
+    caches parsed period starts: every state's series repeats the same few."""
     if not isinstance(series, list):
         raise TypeError(f"expected a list of points, got {type(series).__name__}")
     out = []
     for point in series:
         flat = {key: point[key] for key in keep}
-        flat["date_from"] = _local_time(point["date_range"]["date_from"], tz)
+        text = point["date_range"]["date_from"]
+        moment = seen.get(text) if isinstance(text, str) else None
+        if moment is None:
+            moment = seen[text] = _local_time(text, tz)
+        flat["date_from"] = moment
         out.append(flat)
     return out
 
 
 def _prepare(kind: ReportType, payload: Any, tz: tzinfo) -> Any:
     """Reshape the few payloads whose wire form differs from their model."""
+    seen: dict[str, datetime] = {}
     if kind is ReportType.STATES_VOLUME:
         if not isinstance(payload, dict):
             raise TypeError("expected an object keyed by workflow state")
-        return {"states": {k: _points(v, tz, ("state", "value")) for k, v in payload.items()}}
+        return {
+            "states": {k: _points(v, tz, ("state", "value"), seen) for k, v in payload.items()}
+        }
     if kind is ReportType.RESPONSE_VOLUME:
-        return {"avg_response_time": _points(payload["avg_response_time"], tz, ("value",))}
+        return {"avg_response_time": _points(payload["avg_response_time"], tz, ("value",), seen)}
     if kind is ReportType.CASE_VOLUME:
-        return {"open": _points(payload["open"], tz, ("value",))}
+        return {"open": _points(payload["open"], tz, ("value",), seen)}
     return payload
 
 
