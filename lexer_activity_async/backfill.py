@@ -20,7 +20,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -471,7 +471,6 @@ class _TokenRun:
         self.units = units
         self.checkpoint = checkpoint
         self.overall = overall
-        self.mine = anyio.CapacityLimiter(spec.per_token_concurrency)
         self.emit = emit
         self.registry = registry
         self.unauthorized: str | None = None
@@ -501,9 +500,10 @@ class _TokenRun:
             on_event=self.emit,
         ) as client:
             before = client.stats
+            queue = iter(self.units)
             async with anyio.create_task_group() as group:
-                for unit in self.units:
-                    group.start_soon(self._guarded, client, unit)
+                for _ in range(min(self.spec.per_token_concurrency, len(self.units))):
+                    group.start_soon(self._worker, client, queue)
             after = client.stats
             self.stats = (
                 after.requests - before.requests,
@@ -515,23 +515,28 @@ class _TokenRun:
         self.checkpoint.mark_failed(unit.id, error, report_token)
         self.emit(UnitFinished(unit, FAILED, error=error))
 
+    async def _worker(self, client: LexerClient, units: Iterator[Unit]) -> None:
+        """Take units from the token's shared queue until it is empty. ``per_token``
+        workers make the per-token cap, with no task per waiting unit."""
+        for unit in units:
+            await self._guarded(client, unit)
+
     async def _guarded(self, client: LexerClient, unit: Unit) -> None:
-        async with self.mine:
-            if self.unauthorized is not None:
-                self._fail(unit, f"not attempted: {self.unauthorized}")
-                return
-            self.emit(UnitStarted(unit))
-            try:
-                size = await self._run_unit(client, unit)
-            except exc.UnauthorizedError as error:
-                self.unauthorized = f"token {self.source.label!r} unauthorized ({error.message})"
-                self._fail(unit, _describe(error))
-            except exc.LexerError as error:
-                record = self.checkpoint.get(unit.id)
-                self._fail(unit, _describe(error), record.report_token if record else None)
-            else:
-                self.checkpoint.mark_done(unit.id, size)
-                self.emit(UnitFinished(unit, DONE, size=size))
+        if self.unauthorized is not None:
+            self._fail(unit, f"not attempted: {self.unauthorized}")
+            return
+        self.emit(UnitStarted(unit))
+        try:
+            size = await self._run_unit(client, unit)
+        except exc.UnauthorizedError as error:
+            self.unauthorized = f"token {self.source.label!r} unauthorized ({error.message})"
+            self._fail(unit, _describe(error))
+        except exc.LexerError as error:
+            record = self.checkpoint.get(unit.id)
+            self._fail(unit, _describe(error), record.report_token if record else None)
+        else:
+            self.checkpoint.mark_done(unit.id, size)
+            self.emit(UnitFinished(unit, DONE, size=size))
 
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)
