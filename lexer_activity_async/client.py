@@ -188,6 +188,8 @@ class LexerClient:
         """Create the session (if not given) and bind the token's limiter. Idempotent."""
         if self._closed:
             raise exc.ClientClosedError("this LexerClient is closed; create a new one")
+        if self._limiter is not None:
+            return
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
@@ -203,16 +205,15 @@ class LexerClient:
             self._files_session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
             )
-        if self._limiter is None and self.redis_url is not None:
+        if self.redis_url is not None:
             from .limits_redis import check_redis, shared_registry
 
             await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
             # A slot's lease must outlive the longest attempt, or it could free too early.
             self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
-        if self._limiter is None:
-            self._limiter = self._registry.get(
-                self._token.reveal(), max_requests=self.max_requests, window=self.window
-            )
+        self._limiter = self._registry.get(
+            self._token.reveal(), max_requests=self.max_requests, window=self.window
+        )
 
     async def aclose(self) -> None:
         """Close the owned session. A closed client cannot be used again."""
