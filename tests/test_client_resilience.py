@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import anyio
 import attrs
+import payloads  # tests/ is on sys.path
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
@@ -74,25 +75,8 @@ NOW = datetime(2024, 6, 3, 12, 0, tzinfo=timezone.utc)  # the client's wall cloc
 DATE_FROM = NOW - timedelta(days=8)
 DATE_TO = NOW - timedelta(days=1)
 
-SUMMARY = {
-    "total_volume": 81,
-    "avg_response_time": 181795.692883103,
-    "avg_action_response_time": 167207.984987586,
-    "total_responded_to": 29,
-    "broke_sla": 11,
-    "broke_action_sla": 10,
-    "min_response_time": 34.090906,
-    "median_response_time": 649.951914,
-    "max_response_time": 1387160.862218,
-    "min_action_response_time": 5.63089,
-    "median_action_response_time": 96.865511,
-    "max_action_response_time": 1387064.010109,
-    "avg_action_response_time_min": 2786.7997497931,
-    "avg_response_time_min": 3029.9282147183835,
-    "median_action_response_time_min": 1.6144251833333334,
-    "median_response_time_min": 10.8325319,
-}
-SUMMARY_BODY = json.dumps(SUMMARY).encode()
+SUMMARY_BODY = payloads.SUMMARY  # the reference's summary example, verbatim
+SUMMARY = json.loads(SUMMARY_BODY)
 
 
 def now() -> float:

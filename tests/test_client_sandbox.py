@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import payloads  # tests/ is on sys.path
 import pytest
 from conftest import NOW, TOKEN_A, TOKEN_B
 from yarl import URL
@@ -916,22 +917,7 @@ async def test_client_limit_matches_a_strict_sandbox(sandbox_factory, client_for
 
 # -- exact responses through aioresponses ---------------------------------------------
 
-USERS_EXAMPLE = b"""{
-    "id": 12345,
-    "email": "[email protected]",
-    "first_name": "Jane",
-    "last_name": "Remington",
-    "timezone": "Australia/Sydney",
-    "gmtoffset": 10,
-    "sign_in_count": 76,
-    "last_sign_in_at": "2018-03-21T06:09:01Z",
-    "archived": false,
-    "groups": [
-      123,
-      456,
-      789,
-    ]
-  }"""
+USERS_EXAMPLE = payloads.USERS_AS_PUBLISHED  # verbatim, trailing comma and all
 
 HTML_502 = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
