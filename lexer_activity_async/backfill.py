@@ -432,21 +432,74 @@ class BackfillSummary:
         return not any(self.failed.values())
 
 
-def _write_json_atomically(path: Path, payload: object) -> int:
-    # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
-    data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    try:
-        with open(part, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    return len(data)
+@attrs.define
+class _Pending:
+    unit_id: str
+    part: Path
+    path: Path
+    size: int
+    committed: bool = False
+    error: Exception | None = None
+
+
+class _ReportWriter:
+    """Writes report files with group commit.
+
+    Each unit's JSON goes to ``<file>.part`` on the event loop (a page-cache write).
+    Then one worker-thread call per batch fsyncs the parts, renames them into place,
+    fsyncs their folders and marks the units done in one checkpoint transaction. A thread
+    hop per unit cost about 1 ms of CPU, more than the request itself. A unit is done only
+    once its file is durable. A crash before the commit leaves a ``.part`` file that the
+    rerun of that unit overwrites.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self._checkpoint = checkpoint
+        self._pending: list[_Pending] = []
+        self._lock = anyio.Lock()
+
+    async def write(self, unit_id: str, path: Path, payload: object) -> int:
+        # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
+        data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = _Pending(unit_id, path.with_name(path.name + ".part"), path, len(data))
+        entry.part.write_bytes(data)
+        self._pending.append(entry)
+        async with self._lock:  # batches run one at a time; later arrivals form the next
+            if not entry.committed and entry.error is None:
+                batch, self._pending = self._pending, []
+                try:
+                    await anyio.to_thread.run_sync(self._commit, batch)
+                except Exception as error:  # e.g. the checkpoint's disk is full
+                    for other in batch:
+                        if not other.committed and other.error is None:
+                            other.error = error
+        if entry.error is not None:
+            raise entry.error
+        return entry.size
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        folders = set()
+        for entry in batch:
+            try:
+                with open(entry.part, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(entry.part, entry.path)
+                folders.add(entry.path.parent)
+            except OSError as error:
+                entry.error = error
+                entry.part.unlink(missing_ok=True)
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._checkpoint.mark_done_many(
+            [(e.unit_id, e.size) for e in batch if e.error is None]
+        )
+        for entry in batch:
+            entry.committed = True
 
 
 def _describe(error: BaseException) -> str:
@@ -462,6 +515,7 @@ class _TokenRun:
         source: TokenSource,
         units: Sequence[Unit],
         checkpoint: Checkpoint,
+        writer: _ReportWriter,
         overall: anyio.CapacityLimiter,
         emit: Callable[[BackfillEvent], None],
         registry: LimiterRegistry | None,
@@ -470,6 +524,7 @@ class _TokenRun:
         self.source = source
         self.units = units
         self.checkpoint = checkpoint
+        self.writer = writer
         self.overall = overall
         self.emit = emit
         self.registry = registry
@@ -534,8 +589,7 @@ class _TokenRun:
         except exc.LexerError as error:
             record = self.checkpoint.get(unit.id)
             self._fail(unit, _describe(error), record.report_token if record else None)
-        else:
-            self.checkpoint.mark_done(unit.id, size)
+        else:  # _run_unit recorded it as done
             self.emit(UnitFinished(unit, DONE, size=size))
 
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
@@ -549,8 +603,7 @@ class _TokenRun:
                 form=self.spec.nps_form if nps else None,
                 nps_category=self.spec.nps_category if nps else None,
             )
-            payload = converter.unstructure(result)
-            return await anyio.to_thread.run_sync(_write_json_atomically, path, payload)
+            return await self.writer.write(unit.id, path, converter.unstructure(result))
         spec = self._export_spec(unit.name)
         record = self.checkpoint.get(unit.id)
         done: ExportJob | None = None
@@ -574,7 +627,9 @@ class _TokenRun:
             )
             self.checkpoint.record_job(unit.id, job.token)
             done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
-        return await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
+        size = await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
+        self.checkpoint.mark_done(unit.id, size)
+        return size
 
 
 async def run_backfill(
@@ -611,6 +666,7 @@ async def run_backfill(
     with Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint:
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
+        writer = _ReportWriter(checkpoint)
         runs = []
         for source in spec.tokens:
             todo = []
@@ -626,7 +682,9 @@ async def run_backfill(
                     emit(UnitFinished(unit, "skipped"))
                 else:
                     todo.append(unit)
-            runs.append(_TokenRun(spec, source, todo, checkpoint, overall, emit, registry))
+            runs.append(
+                _TokenRun(spec, source, todo, checkpoint, writer, overall, emit, registry)
+            )
         async with anyio.create_task_group() as group:
             for run in runs:
                 group.start_soon(run.run)
