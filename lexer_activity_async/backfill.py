@@ -41,9 +41,9 @@ from .reports import (
     ExportKind,
     NpsCategory,
     ReportType,
-    format_datetime,
     split_range,
     validate_nps,
+    window_stamp,
 )
 
 if sys.version_info >= (3, 11):
@@ -343,9 +343,7 @@ class Unit:
 
     @property
     def stamp(self) -> str:
-        return f"{format_datetime(self.date_from)}_{format_datetime(self.date_to)}".replace(
-            ":", "-"
-        )
+        return window_stamp(self.date_from, self.date_to)
 
     @property
     def id(self) -> str:

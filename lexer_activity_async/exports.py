@@ -31,10 +31,10 @@ from .events import DownloadProgress, ExportState
 from .reports import (
     ExportKind,
     build_report_body,
-    format_datetime,
     range_too_long,
     split_range,
     validate_range,
+    window_stamp,
 )
 from .wire import is_loopback_url
 
@@ -391,6 +391,21 @@ async def _write_atomically(dest: Path, chunks: AsyncIterator[bytes]) -> int:
     return written
 
 
+def _url_refresher(
+    client: LexerClient, report_token: str, kind: str, poll: PollPolicy | None
+) -> Callable[[], Awaitable[str]]:
+    """A fresh file URL for an expired one: poll the job's status again."""
+
+    async def refresh() -> str:
+        fresh = await wait_for_export(
+            client, await export_status(client, report_token), kind=kind, poll=poll
+        )
+        assert fresh.url is not None  # wait_for_export returns only complete jobs with a url
+        return fresh.url
+
+    return refresh
+
+
 async def download(
     client: LexerClient,
     job: m.ExportJob,
@@ -404,12 +419,7 @@ async def download(
     if not job.url:
         raise exc.ValidationError("the export job has no url yet; wait_for_export() first")
 
-    async def refresh() -> str:
-        fresh = await wait_for_export(client, await export_status(client, job.token), kind=kind,
-                                      poll=poll)
-        assert fresh.url is not None
-        return fresh.url
-
+    refresh = _url_refresher(client, job.token, kind, poll)
     chunks = stream_file(client, job.url, refresh_url=refresh, policy=policy, kind=kind)
     return await _write_atomically(Path(dest), chunks)
 
@@ -453,8 +463,7 @@ class _Params:
 
 def window_path(dest: Path, start: datetime, end: datetime) -> Path:
     """``cases.csv`` → ``cases.2024-01-01T00-00-00+00-00_2024-02-01T00-00-00+00-00.csv``."""
-    stamp = f"{format_datetime(start)}_{format_datetime(end)}".replace(":", "-")
-    return dest.with_name(f"{dest.stem}.{stamp}{dest.suffix}")
+    return dest.with_name(f"{dest.stem}.{window_stamp(start, end)}{dest.suffix}")
 
 
 async def export(
@@ -513,15 +522,11 @@ async def export(
                 first = first.exceptions[0]
             raise first from None
         done = [r for r in results if r is not None]
+        jobs, polls = tuple(r[0] for r in done), sum(r[2] for r in done)
         if not merge:
-            return ExportResult(
-                which.value, tuple(paths), sum(r[1] for r in done),
-                tuple(r[0] for r in done), sum(r[2] for r in done),
-            )
+            return ExportResult(which.value, tuple(paths), sum(r[1] for r in done), jobs, polls)
         size = await _write_atomically(target, _merged(paths))
-        return ExportResult(
-            which.value, (target,), size, tuple(r[0] for r in done), sum(r[2] for r in done)
-        )
+        return ExportResult(which.value, (target,), size, jobs, polls)
     finally:
         if merge:
             for path in paths:
@@ -613,13 +618,8 @@ async def export_rows(
     done = await wait_for_export(client, job, kind=name, poll=poll)
     assert done.url is not None
 
-    async def refresh() -> str:
-        fresh = await wait_for_export(client, await export_status(client, job.token), kind=name,
-                                      poll=poll)
-        assert fresh.url is not None
-        return fresh.url
-
     header: list[str] | None = None
+    refresh = _url_refresher(client, job.token, name, poll)
     stream = stream_file(client, done.url, refresh_url=refresh, policy=policy, kind=name)
     async for record in iter_csv_records(stream):
         if header is None:

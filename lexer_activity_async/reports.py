@@ -29,6 +29,7 @@ __all__ = [
     "validate_nps",
     "build_report_body",
     "split_range",
+    "window_stamp",
 ]
 
 MAX_RANGE_MONTHS = 12
@@ -253,3 +254,8 @@ def split_range(
         windows.append((start, end))
         start, step = end, step + 1
     return windows
+
+
+def window_stamp(date_from: datetime, date_to: datetime) -> str:
+    """A window as a file-name-safe string: ``2024-01-01T00-00-00+00-00_2024-02-01T...``."""
+    return f"{format_datetime(date_from)}_{format_datetime(date_to)}".replace(":", "-")

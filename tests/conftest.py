@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
@@ -19,16 +20,20 @@ NOW = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
 """A fixed "now" shared by the sandbox and clients, so date rules are deterministic."""
 
 
+SANDBOX_DEFAULTS: dict[str, Any] = {
+    "tokens": frozenset({TOKEN_A, TOKEN_B}),
+    "max_requests": 10_000,
+    "window": 300.0,
+    "export_pending_seconds": 0.05,
+    "now": lambda: NOW,
+}
+"""Two valid tokens, a generous limit and quick export jobs."""
+
+
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    """A sandbox with two valid tokens, a generous limit and quick export jobs."""
-    async with Sandbox(
-        tokens=frozenset({TOKEN_A, TOKEN_B}),
-        max_requests=10_000,
-        window=300.0,
-        export_pending_seconds=0.05,
-        now=lambda: NOW,
-    ) as sb:
+    """A sandbox with `SANDBOX_DEFAULTS`."""
+    async with Sandbox(**SANDBOX_DEFAULTS) as sb:
         yield sb
 
 
@@ -40,20 +45,10 @@ def registry() -> LimiterRegistry:
 
 @pytest.fixture
 def make_client(
-    sandbox: Sandbox, registry: LimiterRegistry
+    sandbox: Sandbox, client_for: Callable[..., LexerClient]
 ) -> Callable[..., LexerClient]:
     """Build clients for the sandbox: ``make_client(token=TOKEN_A, **options)``."""
-
-    def make(token: str = TOKEN_A, **options: Any) -> LexerClient:
-        options.setdefault("api_url", sandbox.api_url)
-        options.setdefault("status_url", sandbox.status_url)
-        options.setdefault("registry", registry)
-        options.setdefault("max_requests", sandbox.config.max_requests)
-        options.setdefault("window", sandbox.config.window)
-        options.setdefault("now", lambda: NOW)
-        return LexerClient(token, **options)
-
-    return make
+    return functools.partial(client_for, sandbox)
 
 
 # -- additive fixtures (wire tests: test_client_sandbox.py, test_exports.py) -------------
@@ -69,14 +64,7 @@ async def sandbox_factory() -> AsyncIterator[Callable[..., Any]]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(**overrides: Any) -> Sandbox:
-            options: dict[str, Any] = {
-                "tokens": frozenset({TOKEN_A, TOKEN_B}),
-                "max_requests": 10_000,
-                "window": 300.0,
-                "export_pending_seconds": 0.05,
-                "now": lambda: NOW,
-            }
-            options.update(overrides)
+            options = {**SANDBOX_DEFAULTS, **overrides}
             sb: Sandbox = await stack.enter_async_context(Sandbox(**options))
             return sb
 

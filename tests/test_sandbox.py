@@ -724,14 +724,31 @@ def test_config_helpers() -> None:
         _ = sandbox.api_url
 
 
+def _three_free_ports() -> int:
+    """A base port P with P, P+1 and P+2 free a moment ago (tried until found)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + 2 > 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+                for sock, port in ((a, base), (b, base + 1), (c, base + 2)):
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no three consecutive free loopback ports")
+
+
 async def test_fixed_ports_and_restart(session: aiohttp.ClientSession) -> None:
-    async with Sandbox() as first:
+    async with Sandbox(config_for_port(_three_free_ports())) as first:
         port = int(first.api_url.split(":")[2].split("/")[0])
-    sb = Sandbox(config_for_port(port))
-    try:
-        await sb.start()
-    except OSError:
-        pytest.skip("ports next to the freed one are taken")
+    sb = Sandbox(config_for_port(port))  # the same ports again, just freed
+    await sb.start()
     try:
         assert sb.api_url == f"http://127.0.0.1:{port}/v1"
         assert sb.status_url == f"http://127.0.0.1:{port + 1}/api/public/v1"
