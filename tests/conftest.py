@@ -172,13 +172,8 @@ def sandbox_in_thread() -> Any:
     started: list[Sandbox] = []
 
     def start(**overrides: Any) -> Sandbox:
-        options: dict[str, Any] = {
-            "tokens": frozenset({TOKEN_A, TOKEN_B}),
-            "max_requests": 10_000,
-            "window": 300.0,
-            "export_pending_seconds": 0.05,
-        }
-        options.update(overrides)
+        real_clock = {k: v for k, v in SANDBOX_DEFAULTS.items() if k != "now"}
+        options = {**real_clock, **overrides}
         sb = Sandbox(**options)
         asyncio.run_coroutine_threadsafe(sb.start(), loop).result(timeout=30)
         started.append(sb)
