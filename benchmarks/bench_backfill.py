@@ -8,11 +8,18 @@ its own (``os.wait4``) and the server's CPU does not compete inside its event lo
 
 Spec: K tokens, reports only (all 12 types), one-month windows over ``--months`` months,
 so each token makes ``12 * months`` requests (default 12 x 26 = 312: four bursts of at most
-N=100, three full windows of W=5 s to wait). Concurrency caps: ``--per-token`` (default
-100, so a token's burst is not held back) and ``--total`` (default 100: the sandbox listens
-with aiohttp's default backlog of 128, and more simultaneous connects than that overflow
-it; the kernel then drops SYNs and the client's retransmits after 1 s and 3 s dominate the
-wall time. The table counts those drops, from ``/proc/net/netstat``).
+N=100, three full windows to wait).
+
+The window is scaled down from the real 300 s (``scaled_window``): 5 s, but never under
+3 ms per request of one window's burst, so 1 and 10 tokens run at W = 5 s (floor 15 s)
+and 200 tokens at W = 60 s (floor 180 s). ``--window`` forces one W for every count, e.g.
+``--tokens 200 --window 5`` for the CPU-bound stress case.
+
+Concurrency caps: ``--per-token`` (default 100, so a token's burst is not held back) and
+``--total`` (default 100: the sandbox listens with aiohttp's default backlog of 128, and
+more simultaneous connects than that overflow it; the kernel then drops SYNs and the
+client's retransmits after 1 s and 3 s dominate the wall time. The table counts those
+drops, from ``/proc/net/netstat``).
 
 For each run:
   - wall: ``run_backfill`` from call to return, in the child;
@@ -27,7 +34,7 @@ For each run:
   - the CPU share a busy loop gets on the child's CPU just before the run, since a shared
     or throttled machine gives a process less than a whole core.
 Medians over ``--runs`` runs (fresh tokens each run); a token count whose run makes more
-than 20,000 requests gets ``--big-runs`` runs (default 1: each takes minutes on 2 cores).
+than 20,000 requests gets at most ``--big-runs`` runs (default 3; each takes over 3 min).
 
     python benchmarks/bench_backfill.py [--quick] [--runs N] [--big-runs N]
         [--tokens 1 10 200] [--months M] [--window W] [--per-token P] [--total T] [--no-pin]
@@ -38,12 +45,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import secrets
 import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,6 +75,7 @@ from lexer_activity_async.reports import add_months
 
 NPS_FORM = 55
 TARGET = 1.05
+BURST_BUDGET_S = 0.003  # wall seconds a scaled window allows per request of its burst
 DATE_TO = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
@@ -154,6 +164,19 @@ def worker_main(argv: list[str]) -> None:
 # -- the parent: sandbox process, children, tables -----------------------------------------
 
 
+def scaled_window(tokens: int, max_requests: int, quick: bool = False) -> float:
+    """The scaled rate window for ``tokens``: 5 s (1 s with --quick), the real 300 s cut
+    60-fold, but never less than 3 ms per request of one window's burst (tokens x N),
+    rounded up to 5 s. Below that the run measures how fast this 2-core machine can make
+    and serve requests, not the client's scheduling: the real window gives each request
+    of a 200-token burst 15 ms; at W = 5 s it would get 0.25 ms, less than bare aiohttp
+    needs (~0.5 ms), so no client could come near the floor. --quick steps by 1 s."""
+    step = 1.0 if quick else 5.0
+    needed = tokens * max_requests * BURST_BUDGET_S
+    return max(step, math.ceil(needed / step) * step)
+
+
+
 def listen_drops() -> int | None:
     """SYNs the kernel dropped because a listen queue was full (``ListenDrops``), or None."""
     try:
@@ -167,14 +190,14 @@ def listen_drops() -> int | None:
     return None
 
 
-def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int,
+def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int, window: float,
             client_cpu: int | None) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--worker",
         "--api-url", sb.api_url, "--status-url", sb.status_url,
         "--output-dir", str(args.output_dir),
         "--tokens", str(tokens), "--months", str(args.months),
-        "--max-requests", str(args.max_requests), "--window", str(args.window),
+        "--max-requests", str(args.max_requests), "--window", str(window),
         "--per-token", str(args.per_token), "--total", str(args.total),
     ]
     if client_cpu is not None:
@@ -185,8 +208,8 @@ def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int,
     if child.returncode != 0:
         raise RuntimeError(f"worker failed ({child.returncode}):\n{child.stderr}")
     result: dict[str, Any] = json.loads(child.stdout.splitlines()[-1])
-    stats = sb.stats(args.window)
-    n, w = args.max_requests, args.window
+    stats = sb.stats(window)
+    n, w = args.max_requests, window
     floors = {label: rate_limit_floor(r, n, w) for label, r in result["requests"].items()}
     floor = max(floors.values())
     per_token = [
@@ -200,6 +223,7 @@ def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int,
     server_cpu = (server_cpu1 - server_cpu0) if server_cpu0 is not None and server_cpu1 else None
     return {
         "tokens": tokens,
+        "window_s": window,
         "wall_s": wall,
         "floor_s": floor,
         "ratio": c.ratio(wall, floor),
@@ -233,6 +257,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {
         "tokens": runs[0]["tokens"],
+        "window_s": runs[0]["window_s"],
         "runs": len(runs),
         "wall_s": med("wall_s"),
         "wall_s_min_max": c.spread(r["wall_s"] for r in runs),
@@ -267,11 +292,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--months", type=int, default=None,
                         help="months backfilled (12 report requests per month per token)")
-    parser.add_argument("--window", type=float, default=None, help="rate window W (s)")
+    parser.add_argument("--window", type=float, default=None,
+                        help="rate window W (s) for every token count (default: scaled_window)")
     parser.add_argument("--max-requests", type=int, default=100, help="rate limit N")
     parser.add_argument("--per-token", type=int, default=100, help="per-token unit cap")
     parser.add_argument("--total", type=int, default=100, help="overall unit cap")
-    parser.add_argument("--big-runs", type=int, default=1,
+    parser.add_argument("--big-runs", type=int, default=3,
                         help="runs for token counts making over 20,000 requests")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the children write (default /dev/shm, else the temp dir)")
@@ -280,7 +306,7 @@ def main() -> None:
     args.runs = args.runs or (1 if quick else 3)
     args.tokens = args.tokens or ([1, 5, 20] if quick else [1, 10, 200])
     args.months = args.months or (9 if quick else 26)
-    args.window = args.window or (1.0 if quick else 5.0)
+    windows = {k: args.window or scaled_window(k, args.max_requests, quick) for k in args.tokens}
     if args.output_dir is None:
         shm = Path("/dev/shm")
         args.output_dir = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
@@ -289,34 +315,41 @@ def main() -> None:
     per_token_requests = len(ALL_REPORTS) * args.months
     print(
         f"backfill: {len(ALL_REPORTS)} reports x {args.months} months = {per_token_requests} "
-        f"requests per token; N={args.max_requests} per W={args.window:g}s; floor "
-        f"{rate_limit_floor(per_token_requests, args.max_requests, args.window):g}s; "
-        f"tokens {args.tokens}; {args.runs} run(s) each; caps {args.per_token}/token, "
+        f"requests per token; N={args.max_requests}; W (floor) by token count: "
+        + ", ".join(f"{k}: {w:g}s ({rate_limit_floor(per_token_requests, args.max_requests, w):g}s)"
+                    for k, w in windows.items())
+        + f"; {args.runs} run(s) each; caps {args.per_token}/token, "
         f"{args.total} total; output under {args.output_dir}; "
         f"pinning client/server to CPUs {client_cpu}/{server_cpu}",
         flush=True,
     )
     all_runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.tokens}
-    with c.SandboxProcess(max_requests=args.max_requests, window=args.window,
-                          cpu=server_cpu) as sb:
+    with ExitStack() as stack:
+        sandboxes = {
+            w: stack.enter_context(c.SandboxProcess(max_requests=args.max_requests, window=w,
+                                                    cpu=server_cpu))
+            for w in sorted(set(windows.values()))
+        }
         for run in range(args.runs):
             for tokens in args.tokens:
                 big = tokens * per_token_requests > 20_000
                 if big and run >= args.big_runs:
                     continue
-                result = one_run(args, sb, tokens, client_cpu)
+                window = windows[tokens]
+                result = one_run(args, sandboxes[window], tokens, window, client_cpu)
                 all_runs[tokens].append(result)
-                print(f"  run {run + 1}: {tokens:4d} tokens  wall {result['wall_s']:7.2f}s  "
-                      f"floor {result['floor_s']:6.2f}s  ratio {result['ratio']:.3f}  "
-                      f"rss {result['peak_rss_mb']:.0f} MB", flush=True)
+                print(f"  run {run + 1}: {tokens:4d} tokens  W {window:g}s  wall "
+                      f"{result['wall_s']:7.2f}s  floor {result['floor_s']:6.2f}s  ratio "
+                      f"{result['ratio']:.3f}  rss {result['peak_rss_mb']:.0f} MB", flush=True)
     summaries = [summarise(all_runs[k]) for k in args.tokens]
     c.print_table(
         f"Backfill wall time vs the rate-limit floor (medians of {args.runs}; target "
         f"ratio <= {TARGET})",
-        ["tokens", "runs", "requests", "floor s", "wall s", "ratio", "ratio min-max",
+        ["tokens", "W s", "runs", "requests", "floor s", "wall s", "ratio", "ratio min-max",
          "excess s", "per-token med", "req/s", "client CPU %", "client CPU ms/req",
          "CPU share %", "server CPU %", "429s", "max/W", "SYN drops"],
-        [[s["tokens"], s["runs"], int(s["requests_total"]), s["floor_s"], s["wall_s"],
+        [[s["tokens"], s["window_s"], s["runs"], int(s["requests_total"]), s["floor_s"],
+          s["wall_s"],
           s["ratio"], "{:.3f}-{:.3f}".format(*s["ratio_min_max"]),
           s["wall_s"] - s["floor_s"], s["per_token_ratio_median"], s["requests_per_s"],
           s["client_cpu_pct"], s["client_cpu_ms_per_request"], s["cpu_share_pct"],
@@ -351,7 +384,7 @@ def main() -> None:
         "config": {
             "months": args.months, "reports": len(ALL_REPORTS),
             "requests_per_token": per_token_requests, "max_requests": args.max_requests,
-            "window_s": args.window, "per_token_cap": args.per_token,
+            "window_s": windows, "per_token_cap": args.per_token,
             "total_cap": args.total, "runs": args.runs, "big_runs": args.big_runs,
             "quick": quick,
             "output_dir": str(args.output_dir), "client_cpu": client_cpu,

@@ -44,12 +44,13 @@ from .reports import (
 )
 from .retry import RetryPolicy, is_retryable
 
-__all__ = ["LexerClient", "DEFAULT_API_URL", "DEFAULT_STATUS_URL"]
+__all__ = ["LexerClient", "api_session", "DEFAULT_API_URL", "DEFAULT_STATUS_URL"]
 
 log = logging.getLogger("lexer_activity_async")
 
 DEFAULT_API_URL = "https://api.lexer.io/v1"
 DEFAULT_STATUS_URL = "https://clients.lexer.io/api/public/v1"
+DEFAULT_TIMEOUT = 60.0
 TOKEN_ENV = "LEXER_API_TOKEN"
 API_URL_ENV = "LEXER_API_URL"
 STATUS_URL_ENV = "LEXER_STATUS_URL"
@@ -75,6 +76,31 @@ class _Secret:
     __str__ = __repr__
 
 
+def api_session(
+    *, connections: int = 100, timeout: float = DEFAULT_TIMEOUT
+) -> aiohttp.ClientSession:
+    """A session for the API and status hosts, as a client makes for itself: up to
+    ``connections`` kept-alive connections, no cookies (the token authenticates each
+    request, so nothing of one token's should ride along with another's), and
+    aiohttp's silent resend of a GET switched off (see `LexerClient.open`). Pass one to
+    many clients (``session=``) to share connections between tokens, as backfills do."""
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": f"lexer-activity-async/{__version__}"},
+    )
+    _no_silent_resend(session)
+    return session
+
+
+def _no_silent_resend(session: aiohttp.ClientSession) -> None:
+    # aiohttp silently resends a GET once when a kept-alive connection drops; the server
+    # would then see two requests for one limiter slot. It has only a private switch.
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+
+
 class LexerClient:
     """Async client for the Activity API, for one API token.
 
@@ -96,8 +122,9 @@ class LexerClient:
         max_requests, window: the rate limit (100 per 300 s).
         registry: where the per-token limiters live (default: process-wide).
         max_in_flight: at most this many requests of this client on the wire at once; pass
-            one `anyio.CapacityLimiter` to several clients to cap them together. Waiting on
-            the rate limit does not hold one.
+            one `anyio.CapacityLimiter` (or any async context manager entered around each
+            attempt) to several clients to cap them together. Waiting on the rate limit
+            does not hold one.
         redis_url: share the token's limit with every process and host using this Redis
             (see `limits_redis`); unreachable Redis raises `LimiterBackendError`.
         workflow_states_type: the report type name used for workflow-state totals
@@ -114,13 +141,13 @@ class LexerClient:
         api_url: str | None = None,
         status_url: str | None = None,
         session: aiohttp.ClientSession | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
         registry: LimiterRegistry | None = None,
         redis_url: str | None = None,
-        max_in_flight: int | anyio.CapacityLimiter | None = None,
+        max_in_flight: int | contextlib.AbstractAsyncContextManager[object] | None = None,
         workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
         on_event: EventHook | None = None,
         now: Callable[[], datetime] | None = None,
@@ -191,15 +218,8 @@ class LexerClient:
         if self._limiter is not None:
             return
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
-                headers={"User-Agent": f"lexer-activity-async/{__version__}"},
-            )
-        # aiohttp silently resends a GET once when a kept-alive connection drops; the server
-        # would then see two requests for one limiter slot. It has only a private switch.
-        if hasattr(self._session, "_retry_connection"):
-            self._session._retry_connection = False
+            self._session = api_session(timeout=self.timeout)
+        _no_silent_resend(self._session)  # a caller's session too
         if self._files_session is None:
             # Export files live on a storage host: a bare session, no headers, no cookies.
             self._files_session = aiohttp.ClientSession(
@@ -276,15 +296,19 @@ class LexerClient:
         if request.json is not None:
             headers["Content-Type"] = "application/json"
         try:
-            async with self.limiter.slot(self._on_wait), self._in_flight, self.session.request(
-                request.method,
-                self._url(request),
-                data=None if request.json is None else json.dumps(request.json).encode(),
-                params=request.params,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as response:
+            async with (
+                self.limiter.slot(self._on_wait),
+                self._in_flight,
+                self.session.request(
+                    request.method,
+                    self._url(request),
+                    data=None if request.json is None else json.dumps(request.json).encode(),
+                    params=request.params,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=self.timeout),
+                ) as response,
+            ):
                 body = await response.read()
                 return response.status, dict(response.headers), body
         except aiohttp.ClientConnectorError as error:
@@ -529,14 +553,10 @@ class LexerClient:
         self, date_from: datetime, date_to: datetime, **kw: Any
     ) -> m.CaseSummary:
         """``case_summary``: case handling metrics."""
-        result: m.CaseSummary = await self.report(
-            ReportType.CASE_SUMMARY, date_from, date_to, **kw
-        )
+        result: m.CaseSummary = await self.report(ReportType.CASE_SUMMARY, date_from, date_to, **kw)
         return result
 
-    async def case_volume(
-        self, date_from: datetime, date_to: datetime, **kw: Any
-    ) -> m.CaseVolume:
+    async def case_volume(self, date_from: datetime, date_to: datetime, **kw: Any) -> m.CaseVolume:
         """``case_volume``: open cases per day."""
         result: m.CaseVolume = await self.report(ReportType.CASE_VOLUME, date_from, date_to, **kw)
         return result
@@ -579,7 +599,6 @@ class LexerClient:
             ReportType.NPS_VOLUME, date_from, date_to, form=form, nps_category=nps_category, **kw
         )
         return result
-
 
     # -- exports (see `exports` for the pipeline) ------------------------------------------
 

@@ -6,6 +6,7 @@ the sandbox (caps, layout, atomic writes, the checkpoint, resume, isolated failu
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import sqlite3
@@ -24,6 +25,7 @@ from lexer_activity_async import LimiterRegistry
 from lexer_activity_async.backfill import (
     ALL_REPORTS,
     CHECKPOINT_NAME,
+    GC_THRESHOLDS,
     BackfillEvent,
     BackfillSpec,
     ExportSpec,
@@ -32,6 +34,7 @@ from lexer_activity_async.backfill import (
     Unit,
     UnitFinished,
     UnitStarted,
+    gc_tuned,
     plan,
     rate_limit_floor,
     run_backfill,
@@ -440,6 +443,85 @@ async def test_concurrency_caps_per_token_and_overall_are_honoured(
     assert peak == 6
     # The total cap bounds requests on the wire (3 tokens x 2 units would put 6 there).
     assert sb.stats.max_in_progress == 4
+
+
+@pytest.mark.usefixtures("token_env")
+async def test_requests_leave_round_robin_across_tokens(
+    sandbox_factory: Callable[..., Any], tmp_path: Path, registry: LimiterRegistry
+) -> None:
+    """With one request on the wire at a time and every token free to send all its units,
+    the overall cap still admits the tokens in turn: each token's first request goes
+    before any token's third. Token by token, the last token's first request (which
+    its last window waits on) would wait for every other token's whole burst."""
+    sb = await sandbox_factory(tokens=None)
+    labels = ("a", "b", "c")
+    spec = make_spec(
+        sb,
+        tmp_path / "out",
+        tokens=tuple(TokenSource(label, env=f"LEXER_TEST_RR_{label}") for label in labels),
+        reports=("summary", "user_volume"),
+        exports=(),
+        per_token_concurrency=4,
+        total_concurrency=1,
+    )
+    keys = {}
+    with pytest.MonkeyPatch.context() as env:
+        for label in labels:
+            token = f"round-robin-token-{label}"
+            env.setenv(f"LEXER_TEST_RR_{label}", token)
+            keys[Sandbox.key(token)] = label
+        summary = await run_backfill(spec, registry=registry)
+    assert summary.ok
+    assert summary.requests == 12
+    order = [label for _, label in sorted(
+        (at, keys[key]) for key, times in sb.stats.arrivals.items() for at in times
+    )]
+    assert len(order) == 12
+    assert sorted(order[:3]) == ["a", "b", "c"]
+    thirds = [i for i, label in enumerate(order) if order[: i + 1].count(label) == 3]
+    firsts = [order.index(label) for label in labels]
+    assert max(firsts) < min(thirds)
+    # One connection pool for all tokens: with one request at a time, one connection.
+    assert sb.stats.connections == 1
+
+
+def test_gc_tuned_raises_thresholds_and_restores_them_when_the_last_run_leaves() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with gc_tuned():
+            assert gc.get_threshold() == GC_THRESHOLDS
+            with gc_tuned():  # an overlapping run
+                assert gc.get_threshold() == GC_THRESHOLDS
+            assert gc.get_threshold() == GC_THRESHOLDS  # the first is still running
+        assert gc.get_threshold() == (700, 10, 10)
+        # Thresholds already higher than ours are kept.
+        gc.set_threshold(50_000, 5, 100)
+        with gc_tuned():
+            assert gc.get_threshold() == (50_000, GC_THRESHOLDS[1], 100)
+        assert gc.get_threshold() == (50_000, 5, 100)
+    finally:
+        gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("token_env")
+@pytest.mark.parametrize("tune_gc", [True, False])
+async def test_run_backfill_tunes_gc_only_while_running(
+    sandbox: Sandbox, tmp_path: Path, registry: LimiterRegistry, tune_gc: bool
+) -> None:
+    before = gc.get_threshold()
+    seen: set[tuple[int, int, int]] = set()
+    spec = make_spec(sandbox, tmp_path / "out", exports=())
+    summary = await run_backfill(
+        spec,
+        registry=registry,
+        tune_gc=tune_gc,
+        on_event=lambda _: seen.add(gc.get_threshold()),
+    )
+    assert summary.ok
+    tuned = tuple(max(a, b) for a, b in zip(before, GC_THRESHOLDS, strict=True))
+    assert seen == {tuned if tune_gc else before}
+    assert gc.get_threshold() == before
 
 
 @pytest.mark.usefixtures("token_env")

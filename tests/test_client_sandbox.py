@@ -49,6 +49,7 @@ from lexer_activity_async import (
     wire,
 )
 from lexer_activity_async import models as m
+from lexer_activity_async.client import api_session
 from lexer_activity_async.events import RateLimited, RateLimitWait, Retrying
 from lexer_activity_async.reports import ReportType
 from lexer_activity_async.sandbox import Sandbox, _data
@@ -775,6 +776,26 @@ async def test_a_passed_in_session_is_used_and_not_closed(make_client, sandbox):
         async with session.get(sandbox.api_url + "/groups", headers=own) as response:
             assert response.status == 200
     assert sent == ["/v1/users", "/v1/activity/reports", "/v1/groups"]
+
+
+async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(
+    make_client, sandbox
+):
+    """`api_session()` is what a client makes for itself, and several clients can share
+    it: one connection serves two tokens in turn, each request carrying only its own
+    token, with no cookie jar to carry one token's state into another's requests."""
+    async with api_session(connections=1) as session:
+        assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
+        assert getattr(session, "_retry_connection", False) is False
+        async with make_client(session=session) as a, make_client(
+            TOKEN_B, session=session
+        ) as b:
+            for _ in range(3):
+                await a.users()
+                await b.users()
+        assert not session.closed
+    assert sandbox.stats.requests == {KEY_A: 3, KEY_B: 3}
+    assert sandbox.stats.connections == 1
 
 
 async def test_closing_twice_and_closing_unopened(make_client):

@@ -67,6 +67,8 @@ class SandboxStats:
     """Requests being handled right now, on all three origins."""
     max_in_progress: int = 0
     """The most requests ever handled at once (a client's concurrency cap shows here)."""
+    connections: int = 0
+    """Client connections seen by the API and status hosts (distinct peer addresses)."""
 
     def max_in_window(self, key: str, window: float) -> int:
         """The most arrivals of token ``key`` in any half-open span ``[t, t + window)``: the
