@@ -472,7 +472,9 @@ class _ReportWriter:
         self._lock = anyio.Lock()
         self._folders: set[Path] = set()
 
-    async def write(self, unit_id: str, path: Path, payload: object) -> int:
+    def stage(self, unit_id: str, path: Path, payload: object) -> _Pending:
+        """Write ``payload`` as JSON to ``<file>.part``; `commit` then makes it final.
+        Nothing of the payload is kept: units waiting for their batch hold no data."""
         # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
         data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
         if path.parent not in self._folders:  # one mkdir per folder, not per unit
@@ -480,6 +482,10 @@ class _ReportWriter:
             self._folders.add(path.parent)
         entry = _Pending(unit_id, path.with_name(path.name + ".part"), path, len(data))
         entry.part.write_bytes(data)
+        return entry
+
+    async def commit(self, entry: _Pending) -> int:
+        """Wait until the batch holding ``entry`` is durable and checkpointed; its size."""
         self._pending.append(entry)
         async with self._lock:  # batches run one at a time; later arrivals form the next
             if not entry.committed and entry.error is None:
@@ -658,14 +664,21 @@ class _TokenRun:
         path = unit.path(self.spec.output)
         if not unit.is_export:
             nps = unit.name in ("nps_summary", "nps_volume")
-            result = await client.report(
-                unit.name,
-                unit.date_from,
-                unit.date_to,
-                form=self.spec.nps_form if nps else None,
-                nps_category=self.spec.nps_category if nps else None,
+            # No local holds the result: it is freed before the wait for the commit.
+            entry = self.writer.stage(
+                unit.id,
+                path,
+                converter.unstructure(
+                    await client.report(
+                        unit.name,
+                        unit.date_from,
+                        unit.date_to,
+                        form=self.spec.nps_form if nps else None,
+                        nps_category=self.spec.nps_category if nps else None,
+                    )
+                ),
             )
-            return await self.writer.write(unit.id, path, converter.unstructure(result))
+            return await self.writer.commit(entry)
         spec = self._export_spec(unit.name)
         record = self.checkpoint.get(unit.id)
         done: ExportJob | None = None
