@@ -720,7 +720,7 @@ def gc_tuned() -> Iterator[None]:
     With the defaults (700, 10, 10) each decoded report's thousands of small objects
     outlive a young collection, get promoted, and trigger full collections of a heap
     that thousands of waiting tasks make large: at 200 tokens, 26 % of the client's CPU
-    went to the collector, with pauses of up to 1.6 s. With these thresholds, 5 %.
+    went to the collector, with pauses of up to 1.6 s. With these thresholds, about 6 %.
     Garbage without cycles is still freed at once; only cycles wait longer.
     """
     global _gc_users, _gc_saved
