@@ -16,7 +16,9 @@ import csv
 import io
 import itertools
 import logging
+import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -636,6 +638,58 @@ async def test_cancellation_mid_download_leaves_nothing(sandbox_factory, client_
         # The client is still usable after the cancelled download.
         assert len(await client.users()) == 4
     assert list(tmp_path.iterdir()) == []
+
+
+class _BlockingFile:
+    """A real file whose writes block (as on a slow, saturated disk) until released."""
+
+    def __init__(self, path: Any, mode: str, entered: threading.Event,
+                 release: threading.Event, outcomes: list[bool]) -> None:
+        self._file = open(path, mode)  # noqa: SIM115 - closed through close()
+        self._entered, self._release, self._outcomes = entered, release, outcomes
+
+    def _block(self) -> None:
+        self._entered.set()
+        self._outcomes.append(self._release.wait(timeout=5))
+
+    def write(self, data: bytes) -> int:
+        self._block()
+        return self._file.write(data)
+
+    def writelines(self, lines: list[bytes]) -> None:
+        self._block()
+        self._file.writelines(lines)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """While a chunk's write is stuck in the kernel, the loop runs other tasks: here the
+    test itself, which releases the write. Were the write on the loop, the release could
+    not happen until the write gave up waiting (5 s), and it would report False."""
+    entered, release, outcomes = threading.Event(), threading.Event(), []
+    monkeypatch.setattr(
+        exports, "open",
+        lambda path, mode: _BlockingFile(path, mode, entered, release, outcomes),
+        raising=False,
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * (exports._WRITE_BATCH // 2 + 1)
+
+    dest = tmp_path / "out.csv"
+    async with anyio.create_task_group() as group:
+        group.start_soon(exports._write_atomically, dest, chunks())
+        await anyio.to_thread.run_sync(entered.wait)
+        release.set()
+    assert outcomes
+    assert all(outcomes)
+    assert dest.stat().st_size == 3 * (exports._WRITE_BATCH // 2 + 1)
+    assert os.listdir(tmp_path) == [dest.name]
 
 
 # -- rows ---------------------------------------------------------------------------------
