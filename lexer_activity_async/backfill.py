@@ -616,13 +616,10 @@ class _TokenRun:
         of the token's requests gets past the overall cap onto the wire. Workers so
         grow with requests actually sent, not all at once: thousands of tasks started
         up front would run before any response is read."""
-        if self._group is not None and self._todo and self._workers < self._cap:
+        room = self._workers < self.spec.per_token_concurrency
+        if self._group is not None and self._todo and room:
             self._workers += 1
             self._group.start_soon(self.worker)
-
-    @property
-    def _cap(self) -> int:
-        return self.spec.per_token_concurrency
 
     def record_stats(self) -> None:
         """Keep the client's request, 429 and retry counts of this run (before closing)."""

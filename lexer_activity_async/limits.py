@@ -58,6 +58,21 @@ def token_key(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def wait_behind(
+    now: float, rank: int, frees_at: list[float], window: float, blocked_until: float
+) -> float:
+    """Seconds until the ``rank``-th of the slots still to free is free (``rank < 0``: one
+    is free now; past the known release times, one window), and no penalty blocks it.
+    Shared by the in-process and the Redis limiter's wait estimates."""
+    if rank < 0:
+        at = now
+    elif rank < len(frees_at):
+        at = frees_at[rank]
+    else:
+        at = now + window
+    return max(at, blocked_until) - now
+
+
 @attrs.define
 class LimiterStats:
     """Counters for one token, shared by every client that uses it in this process."""
@@ -189,14 +204,8 @@ class SlidingWindowLimiter(_SlotMixin):
         """Seconds until the slot of an acquisition queued behind ``ahead`` others frees:
         the ``ahead``-th slot to free (one window when that one is not known yet)."""
         self._delay(now)
-        rank = ahead - (self.max_requests - self._in_flight - len(self._frees_at))
-        if rank < 0:
-            at = now
-        elif rank < len(self._frees_at):
-            at = self._frees_at[rank]
-        else:
-            at = now + self.window
-        return max(at, self._blocked_until) - now
+        free_now = self.max_requests - self._in_flight - len(self._frees_at)
+        return wait_behind(now, ahead - free_now, self._frees_at, self.window, self._blocked_until)
 
     async def acquire(self, on_wait: WaitCallback | None = None) -> Lease:
         # Arrival and the wait notice come before the gate: a task queued behind the one

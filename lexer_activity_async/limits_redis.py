@@ -45,6 +45,7 @@ from .limits import (
     LimiterStats,
     WaitCallback,
     _SlotMixin,
+    wait_behind,
 )
 
 if TYPE_CHECKING:
@@ -220,13 +221,7 @@ class _View:
         del self.frees_at[:cut]
         self.held = max(0, self.held - cut)
         rank = ahead - (limiter.max_requests - self.held)
-        if rank < 0:
-            at = now
-        elif rank < len(self.frees_at):
-            at = self.frees_at[rank]
-        else:
-            at = now + limiter.window
-        return max(at, self.blocked_until) - now
+        return wait_behind(now, rank, self.frees_at, limiter.window, self.blocked_until)
 
 
 class RedisLimiter(_SlotMixin):

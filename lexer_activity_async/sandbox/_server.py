@@ -95,7 +95,6 @@ class Sandbox:
         self.faults = Faults()
         self._store = ExportStore(self.config.export_rows, self.config.export_size_bytes)
         self._windows: dict[str, deque[float]] = {}
-        self._peers: set[object] = set()  # client addresses seen on the API and status hosts
         self._runners: list[web.AppRunner] = []
         self._urls: tuple[str, str, str] | None = None
 
@@ -220,9 +219,8 @@ class Sandbox:
     async def _gate(self, request: web.Request) -> tuple[str, web.StreamResponse | None]:
         """Auth, rate limit, latency and injected faults; a response when they answer."""
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        if peer is not None and peer not in self._peers:
-            self._peers.add(peer)
-            self.stats.connections += 1
+        if peer is not None:
+            self.stats.peers.add(tuple(peer))
         token = request.headers.get(TOKEN_HEADER, "").strip()
         answer: web.StreamResponse | None = None
         key = ""

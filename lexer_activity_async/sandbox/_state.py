@@ -67,8 +67,13 @@ class SandboxStats:
     """Requests being handled right now, on all three origins."""
     max_in_progress: int = 0
     """The most requests ever handled at once (a client's concurrency cap shows here)."""
-    connections: int = 0
-    """Client connections seen by the API and status hosts (distinct peer addresses)."""
+    peers: set[tuple[object, ...]] = attrs.Factory(set)
+    """Client addresses (host, port) seen by the API and status hosts."""
+
+    @property
+    def connections(self) -> int:
+        """Client connections seen by the API and status hosts."""
+        return len(self.peers)
 
     def max_in_window(self, key: str, window: float) -> int:
         """The most arrivals of token ``key`` in any half-open span ``[t, t + window)``: the
