@@ -20,6 +20,7 @@ from .exceptions import (
     LimiterBackendError,
     MissingTokenError,
     NotFoundError,
+    OutputError,
     RateLimitedError,
     RequestTimeoutError,
     ServerError,
@@ -68,4 +69,5 @@ __all__ = [
     "ExportTimeoutError",
     "DownloadError",
     "LimiterBackendError",
+    "OutputError",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "ExportTimeoutError",
     "DownloadError",
     "LimiterBackendError",
+    "OutputError",
 ]
 
 BODY_EXCERPT_BYTES = 200
@@ -240,3 +241,20 @@ class DownloadError(ExportError):
 
 class LimiterBackendError(LexerError):
     """The shared limiter backend (for example Redis) could not be reached or used."""
+
+
+class OutputError(LexerError):
+    """A local file or folder could not be written or read (permissions, full disk, bad name).
+
+    Attributes:
+        path: the path that failed.
+        reason: the operating system's reason, e.g. ``"Permission denied"``.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.path, self.reason))
