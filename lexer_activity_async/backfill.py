@@ -18,16 +18,14 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 import math
 import os
-import re
-import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager, nullcontext
-from datetime import date, datetime, timezone
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager, nullcontext, suppress
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anyio
@@ -36,26 +34,15 @@ from anyio.abc import TaskGroup
 
 from . import exceptions as exc
 from . import exports
-from .checkpoint import DONE, FAILED, PENDING, Checkpoint
+from .checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError
 from .client import LexerClient, api_session
 from .events import Event
-from .exports import PollPolicy
-from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, LimiterRegistry, LimiterStats
+from .limits import LimiterRegistry, LimiterStats
 from .models import ExportJob, converter
-from .reports import (
-    DEFAULT_WORKFLOW_STATES_TYPE,
-    ExportKind,
-    NpsCategory,
-    ReportType,
-    split_range,
-    validate_nps,
-    window_stamp,
-)
+from .reports import split_range, window_stamp
+from .spec import ALL_REPORTS, BackfillSpec, ExportSpec, SpecError, TokenSource
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+log = logging.getLogger("lexer_activity_async")
 
 __all__ = [
     "SpecError",
@@ -73,269 +60,12 @@ __all__ = [
     "gc_tuned",
     "CHECKPOINT_NAME",
     "ALL_REPORTS",
+    "CheckpointError",
 ]
 
 CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
-_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
-ALL_REPORTS = tuple(k.value for k in ReportType)
 EXPORT_POLLS_ESTIMATE = 2
 """Status polls assumed per export job when estimating requests for ``--dry-run``."""
-
-
-class SpecError(exc.ValidationError):
-    """The backfill spec is invalid; the message says where and why."""
-
-
-@attrs.frozen
-class TokenSource:
-    """Where a token's secret comes from: an environment variable or a file. The spec
-    names the source only, so tokens never appear on a command line or in the spec."""
-
-    label: str
-    env: str | None = None
-    file: Path | None = None
-
-    def read(self) -> str:
-        if self.env is not None:
-            value = os.environ.get(self.env, "").strip()
-            if not value:
-                # Name the variable only if it looks like one: a token pasted into `env`
-                # by mistake must not be echoed.
-                shown = self.env if _ENV_NAME.fullmatch(self.env) else "named in `env`"
-                raise SpecError(f"token {self.label!r}: environment variable {shown} is unset")
-            return value
-        assert self.file is not None
-        try:
-            value = self.file.read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise SpecError(
-                f"token {self.label!r}: cannot read {self.file}: {error.strerror}"
-            ) from None
-        if not value:
-            raise SpecError(f"token {self.label!r}: {self.file} is empty")
-        return value
-
-
-@attrs.frozen
-class ExportSpec:
-    kind: ExportKind
-    form: int | None = None
-    nps_category: str | None = None
-
-
-@attrs.frozen(kw_only=True)
-class BackfillSpec:
-    """What to backfill. Build it directly or with `BackfillSpec.from_toml`."""
-
-    tokens: tuple[TokenSource, ...]
-    date_from: datetime
-    date_to: datetime
-    output: Path
-    reports: tuple[str, ...] = ALL_REPORTS
-    exports: tuple[ExportSpec, ...] = ()
-    nps_form: int | None = None
-    nps_category: str = NpsCategory.ALL.value
-    window_months: int = 1
-    per_token_concurrency: int = 8
-    total_concurrency: int = 64
-    api_url: str | None = None
-    status_url: str | None = None
-    max_requests: int = DEFAULT_MAX_REQUESTS
-    window: float = DEFAULT_WINDOW
-    redis_url: str | None = None
-    workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
-    poll: PollPolicy = attrs.field(factory=PollPolicy)
-
-    def __attrs_post_init__(self) -> None:
-        _check_spec(self)
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> BackfillSpec:
-        """Read a spec file; relative paths in it are relative to the file."""
-        source = Path(path)
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except OSError as error:
-            raise SpecError(f"cannot read spec {source}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise SpecError(f"{source} is not valid TOML: {error}") from None
-        return cls.from_dict(data, base_dir=source.parent, **overrides)
-
-    @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, base_dir: Path = Path("."), **overrides: Any
-    ) -> BackfillSpec:
-        """Build a spec from parsed TOML (see the README for every key)."""
-        return _spec_from_dict(cls, data, base_dir, overrides)
-
-
-_KNOWN_KEYS = {
-    "tokens", "date_from", "date_to", "output", "reports", "exports", "nps", "window_months",
-    "concurrency", "api_url", "status_url", "rate_limit", "redis_url", "workflow_states_type",
-    "poll",
-}
-_TABLE_KEYS = {
-    "nps": {"form", "category"},
-    "concurrency": {"per_token", "total"},
-    "rate_limit": {"max_requests", "window"},
-    "poll": {f.name for f in attrs.fields(PollPolicy)},
-}
-_TOKEN_KEYS = {"label", "env", "file"}
-_EXPORT_KEYS = {"kind", "form", "nps_category"}
-
-
-def _table(where: str, value: object, allowed: set[str]) -> Mapping[str, Any]:
-    """``value`` as a table whose keys are all in ``allowed``, or `SpecError`."""
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{where} must be a table, got {value!r}")
-    unknown = set(value) - allowed
-    if unknown:
-        raise SpecError(
-            f"unknown keys in {where}: {', '.join(sorted(unknown))} "
-            f"(known: {', '.join(sorted(allowed))})"
-        )
-    return value
-
-
-def _parse_when(name: str, value: object) -> datetime:
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise SpecError(f"{name}: {value!r} is not an ISO 8601 date or datetime") from None
-        if len(value) == 10:
-            moment = moment.replace(tzinfo=timezone.utc)
-    else:
-        raise SpecError(f"{name} must be a date or datetime, got {value!r}")
-    if moment.tzinfo is None:
-        shown = value if isinstance(value, str) else moment.isoformat()
-        raise SpecError(f"{name}: {shown!r} has no UTC offset (a bare date means UTC midnight)")
-    return moment
-
-
-def _spec_from_dict(
-    cls: type[BackfillSpec], data: Mapping[str, Any], base_dir: Path, overrides: dict[str, Any]
-) -> BackfillSpec:
-    if "token" in data:
-        raise SpecError(
-            "`token` in the spec: put each token in an environment variable (`env`) or a "
-            "file (`file`) of a [[tokens]] entry, never in the spec"
-        )
-    unknown = set(data) - _KNOWN_KEYS
-    if unknown:
-        raise SpecError(f"unknown keys in spec: {', '.join(sorted(unknown))}")
-    for key in ("tokens", "date_from", "date_to"):
-        if key not in data:
-            raise SpecError(f"spec needs `{key}`")
-    if not isinstance(data["tokens"], list):
-        raise SpecError("`tokens` must be a list of tables ([[tokens]] with label and env/file)")
-    tokens = []
-    for i, entry in enumerate(data["tokens"]):
-        if not isinstance(entry, Mapping) or "label" not in entry:
-            raise SpecError(f"tokens[{i}] needs a `label` and one of `env` or `file`")
-        if "token" in entry:
-            raise SpecError(
-                f"tokens[{i}] ({entry['label']!r}): put the token in an environment variable "
-                "(`env`) or a file (`file`), never in the spec"
-            )
-        _table(f"tokens[{i}]", entry, _TOKEN_KEYS)
-        file = entry.get("file")
-        tokens.append(
-            TokenSource(
-                label=str(entry["label"]),
-                env=entry.get("env"),
-                file=(base_dir / file) if file is not None else None,
-            )
-        )
-    reports = data.get("reports", "all")
-    if reports == "all":
-        reports = list(ALL_REPORTS)
-    elif isinstance(reports, str):
-        reports = [reports]
-    exports_spec = []
-    for i, entry in enumerate(data.get("exports", [])):
-        if isinstance(entry, str):
-            entry = {"kind": entry}
-        entry = _table(f"exports[{i}]", entry, _EXPORT_KEYS)
-        try:
-            kind = ExportKind(entry.get("kind"))
-        except ValueError:
-            known = ", ".join(k.value for k in ExportKind)
-            raise SpecError(f"exports[{i}]: unknown kind {entry.get('kind')!r} ({known})") from None
-        exports_spec.append(ExportSpec(kind, entry.get("form"), entry.get("nps_category")))
-    nps = _table("[nps]", data.get("nps", {}), _TABLE_KEYS["nps"])
-    concurrency = _table("[concurrency]", data.get("concurrency", {}), _TABLE_KEYS["concurrency"])
-    rate = _table("[rate_limit]", data.get("rate_limit", {}), _TABLE_KEYS["rate_limit"])
-    poll = _table("[poll]", data.get("poll", {}), _TABLE_KEYS["poll"])
-    fields: dict[str, Any] = {
-        "tokens": tuple(tokens),
-        "date_from": _parse_when("date_from", data["date_from"]),
-        "date_to": _parse_when("date_to", data["date_to"]),
-        "output": base_dir / data.get("output", "lexer-output"),
-        "reports": tuple(reports),
-        "exports": tuple(exports_spec),
-        "nps_form": nps.get("form"),
-        "nps_category": nps.get("category", NpsCategory.ALL.value),
-        "window_months": data.get("window_months", 1),
-        "per_token_concurrency": concurrency.get("per_token", 8),
-        "total_concurrency": concurrency.get("total", 64),
-        "api_url": data.get("api_url"),
-        "status_url": data.get("status_url"),
-        "max_requests": rate.get("max_requests", DEFAULT_MAX_REQUESTS),
-        "window": rate.get("window", DEFAULT_WINDOW),
-        "redis_url": data.get("redis_url"),
-        "workflow_states_type": data.get("workflow_states_type", DEFAULT_WORKFLOW_STATES_TYPE),
-    }
-    if poll:
-        fields["poll"] = PollPolicy(**poll)
-    fields.update(overrides)
-    try:
-        return cls(**fields)
-    except TypeError as error:
-        raise SpecError(f"invalid spec: {error}") from None
-
-
-def _check_spec(spec: BackfillSpec) -> None:
-    if not spec.tokens:
-        raise SpecError("spec needs at least one token")
-    labels = [t.label for t in spec.tokens]
-    for source in spec.tokens:
-        if not source.label or "/" in source.label or source.label.startswith("."):
-            raise SpecError(f"token label {source.label!r} must be a plain file-name-safe name")
-        if (source.env is None) == (source.file is None):
-            raise SpecError(f"token {source.label!r} needs exactly one of `env` or `file`")
-    if len(set(labels)) != len(labels):
-        raise SpecError("token labels must be unique")
-    if spec.date_from.tzinfo is None or spec.date_to.tzinfo is None:
-        raise SpecError("date_from and date_to need a UTC offset")
-    if spec.date_from >= spec.date_to:
-        raise SpecError("date_from must be before date_to")
-    if not 1 <= spec.window_months <= 12:
-        raise SpecError("window_months must be 1 to 12")
-    known = set(ALL_REPORTS) | {spec.workflow_states_type}
-    for name in spec.reports:
-        if name not in known:
-            raise SpecError(f"unknown report {name!r}; known: {', '.join(sorted(known))}")
-    needs_form = any(r in ("nps_summary", "nps_volume") for r in spec.reports)
-    if needs_form:
-        try:
-            validate_nps(spec.nps_form, spec.nps_category)
-        except exc.ValidationError as error:
-            raise SpecError(f"[nps] form/category for NPS reports: {error}") from None
-    for item in spec.exports:
-        if item.kind.needs_form:
-            try:
-                validate_nps(item.form, item.nps_category or NpsCategory.ALL.value)
-            except exc.ValidationError as error:
-                raise SpecError(f"export {item.kind.value}: {error}") from None
-    if spec.per_token_concurrency < 1 or spec.total_concurrency < 1:
-        raise SpecError("concurrency caps must be at least 1")
-    if spec.max_requests < 1 or not spec.window > 0:
-        raise SpecError("rate_limit needs max_requests >= 1 and window > 0")
 
 
 @attrs.frozen
@@ -382,9 +112,7 @@ class Plan:
 
     def requests_of(self, label: str) -> int:
         """Estimated requests: one per report, 1 + `EXPORT_POLLS_ESTIMATE` per export."""
-        return sum(
-            1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label)
-        )
+        return sum(1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label))
 
     def least_seconds(self, label: str) -> float:
         """The least time the rate limit allows for the token's requests: N go at once,
@@ -455,6 +183,19 @@ class _Pending:
     error: Exception | None = None
 
 
+def _output_error(path: Path, error: OSError | ValueError) -> exc.OutputError:
+    """An OS refusal to write ``path`` (full disk, read-only folder, bad name) as the
+    unit's `OutputError`."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return exc.OutputError(path, reason)
+
+
+def _remove(part: Path) -> None:
+    """Remove a part file, if any; a folder that refuses even that keeps it."""
+    with suppress(OSError, ValueError):
+        part.unlink(missing_ok=True)
+
+
 class _ReportWriter:
     """Writes report files with group commit.
 
@@ -462,7 +203,9 @@ class _ReportWriter:
     Then one worker-thread call per batch fsyncs the parts, renames them into place,
     fsyncs their folders and marks the units done in one checkpoint transaction. A thread
     hop per unit cost about 1 ms of CPU, more than the request itself. A unit is done only
-    once its file is durable. A crash before the commit leaves a ``.part`` file that the
+    once its file is durable. A file that cannot be written fails its unit alone (an
+    `OutputError`, its part file removed); a checkpoint that cannot be written fails the
+    whole batch with `CheckpointError`. Only a crash can leave a ``.part`` file, which the
     rerun of that unit overwrites.
     """
 
@@ -477,49 +220,65 @@ class _ReportWriter:
         Nothing of the payload is kept: units waiting for their batch hold no data."""
         # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
         data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
-        if path.parent not in self._folders:  # one mkdir per folder, not per unit
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(path.parent)
-        entry = _Pending(unit_id, path.with_name(path.name + ".part"), path, len(data))
-        entry.part.write_bytes(data)
-        return entry
+        part = path.with_name(path.name + ".part")
+        try:
+            if path.parent not in self._folders:  # one mkdir per folder, not per unit
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._folders.add(path.parent)
+            with open(part, "wb") as handle:
+                handle.write(data)
+        except (OSError, ValueError) as error:
+            _remove(part)
+            raise _output_error(path, error) from None
+        return _Pending(unit_id, part, path, len(data))
 
     async def commit(self, entry: _Pending) -> int:
-        """Wait until the batch holding ``entry`` is durable and checkpointed; its size."""
+        """Wait until the batch holding ``entry`` is durable and checkpointed; its size.
+        Cancelled before that, the entry leaves its batch and its part file is removed."""
         self._pending.append(entry)
-        async with self._lock:  # batches run one at a time; later arrivals form the next
-            if not entry.committed and entry.error is None:
-                batch, self._pending = self._pending, []
-                try:
-                    await anyio.to_thread.run_sync(self._commit, batch)
-                except Exception as error:  # e.g. the checkpoint's disk is full
-                    for other in batch:
-                        if not other.committed and other.error is None:
-                            other.error = error
+        try:
+            async with self._lock:  # batches run one at a time; later arrivals form the next
+                if not entry.committed and entry.error is None:
+                    batch, self._pending = self._pending, []
+                    try:
+                        await anyio.to_thread.run_sync(self._commit, batch)
+                    except Exception as error:  # the checkpoint could not be written
+                        for other in batch:
+                            if not other.committed and other.error is None:
+                                other.error = error
+                                _remove(other.part)
+        except BaseException:
+            if not entry.committed:
+                if entry in self._pending:
+                    self._pending.remove(entry)
+                _remove(entry.part)
+            raise
         if entry.error is not None:
             raise entry.error
         return entry.size
 
     def _commit(self, batch: list[_Pending]) -> None:
-        folders = set()
+        folders: dict[Path, list[_Pending]] = {}
         for entry in batch:
             try:
                 with open(entry.part, "rb+") as handle:
                     os.fsync(handle.fileno())
                 os.replace(entry.part, entry.path)
-                folders.add(entry.path.parent)
+                folders.setdefault(entry.path.parent, []).append(entry)
             except OSError as error:
-                entry.error = error
-                entry.part.unlink(missing_ok=True)
-        for folder in folders:
-            fd = os.open(folder, os.O_RDONLY)
+                entry.error = _output_error(entry.path, error)
+                _remove(entry.part)
+        for folder, entries in folders.items():
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._checkpoint.mark_done_many(
-            [(e.unit_id, e.size) for e in batch if e.error is None]
-        )
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as error:  # the renames may not be durable: not done
+                for entry in entries:
+                    entry.error = _output_error(entry.path, error)
+        self._checkpoint.mark_done_many([(e.unit_id, e.size) for e in batch if e.error is None])
         for entry in batch:
             entry.committed = True
 
@@ -573,6 +332,7 @@ class _TokenRun:
         self._todo: deque[Unit] = deque()
         self._workers = 0
         self._group: TaskGroup | None = None
+        self.fatal: CheckpointError | None = None
 
     def _export_spec(self, kind: str) -> ExportSpec:
         return next(e for e in self.spec.exports if e.kind.value == kind)
@@ -642,6 +402,17 @@ class _TokenRun:
             await self._guarded(self.client, self._todo.popleft())
 
     async def _guarded(self, client: LexerClient, unit: Unit) -> None:
+        """Run ``unit``, recording how it ended. A checkpoint that can no longer be
+        written stops the whole backfill: nothing after that could be recorded."""
+        try:
+            await self._recorded(client, unit)
+        except CheckpointError as error:
+            self.fatal = error
+            self._todo.clear()
+            assert self._group is not None
+            self._group.cancel_scope.cancel()
+
+    async def _recorded(self, client: LexerClient, unit: Unit) -> None:
         if self.unauthorized is not None:
             self._fail(unit, f"not attempted: {self.unauthorized}")
             return
@@ -689,6 +460,15 @@ class _TokenRun:
             except (exc.ExportFailedError, exc.NotFoundError):
                 done = None  # ... unless it failed or the server forgot it: start afresh.
         if done is None:
+            if record is not None and record.state == STARTING:
+                log.warning(
+                    "backfill unit %s: the last run stopped while starting its export job; "
+                    "that job may exist unrecorded, and another is started now",
+                    unit.id,
+                )
+            # The intent before the request and the token right after it: a stop in
+            # between can leave a job started that no rerun knows of (see the README).
+            self.checkpoint.record_intent(unit.id)
             job = await exports.start_export(
                 client,
                 spec.kind,
@@ -699,7 +479,10 @@ class _TokenRun:
             )
             self.checkpoint.record_job(unit.id, job.token)
             done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
-        size = await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
+        try:
+            size = await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
+        except OSError as error:  # the download removed its part file
+            raise _output_error(path, error) from None
         self.checkpoint.mark_done(unit.id, size)
         return size
 
@@ -766,9 +549,10 @@ async def run_backfill(
         if on_event is not None:
             on_event(event)
 
-    with gc_tuned() if tune_gc else nullcontext(), Checkpoint(
-        spec.output / CHECKPOINT_NAME
-    ) as checkpoint:
+    with (
+        gc_tuned() if tune_gc else nullcontext(),
+        Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint,
+    ):
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
         writer = _ReportWriter(checkpoint)
@@ -805,6 +589,9 @@ async def run_backfill(
                     run.start(group)
             for run in runs:
                 run.record_stats()
+        fatal = next((run.fatal for run in runs if run.fatal is not None), None)
+        if fatal is not None:
+            raise fatal
     return BackfillSummary(
         done=done,
         failed=failed,
