@@ -28,6 +28,7 @@ from .reports import (
     ExportKind,
     NpsCategory,
     ReportType,
+    add_months,
     validate_nps,
 )
 
@@ -196,6 +197,10 @@ def _check_spec(spec: BackfillSpec) -> None:
         raise SpecError("date_from must be before date_to")
     if not _is_int(spec.window_months) or not 1 <= spec.window_months <= 12:
         raise SpecError("window_months must be 1 to 12")
+    try:  # the planner's last window may end up to a window after date_to
+        add_months(spec.date_to.astimezone(spec.date_from.tzinfo), spec.window_months)
+    except (ValueError, OverflowError):
+        raise SpecError("date_to is too late to plan windows after it") from None
     wst = check_name("workflow_states_type", spec.workflow_states_type)
     taken = (set(ALL_REPORTS) - {DEFAULT_WORKFLOW_STATES_TYPE}) | {k.value for k in ExportKind}
     if wst in taken:
@@ -209,6 +214,8 @@ def _check_spec(spec: BackfillSpec) -> None:
     if len(set(spec.reports)) != len(spec.reports):
         twice = sorted({r for r in spec.reports if spec.reports.count(r) > 1})
         raise SpecError(f"reports listed twice (they would write the same files): {twice}")
+    if not spec.reports and not spec.exports:
+        raise SpecError("the spec fetches nothing: list at least one report or export")
     needs_form = any(r in ("nps_summary", "nps_volume") for r in spec.reports)
     if needs_form:
         try:
