@@ -419,14 +419,19 @@ class _TokenRun:
         self.emit(UnitStarted(unit))
         try:
             size = await self._run_unit(client, unit)
+        except CheckpointError:
+            raise
         except exc.UnauthorizedError as error:
             self.unauthorized = f"token {self.source.label!r} unauthorized ({error.message})"
-            self._fail(unit, _describe(error))
+            failure, keep_job = _describe(error), False
         except exc.LexerError as error:
-            record = self.checkpoint.get(unit.id)
-            self._fail(unit, _describe(error), record.report_token if record else None)
+            failure, keep_job = _describe(error), True
         else:  # _run_unit recorded it as done
             self.emit(UnitFinished(unit, DONE, size=size))
+            return
+        # Recorded outside the handler: a checkpoint error then carries no other error.
+        record = self.checkpoint.get(unit.id) if keep_job else None
+        self._fail(unit, failure, record.report_token if record else None)
 
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)

@@ -17,10 +17,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -60,6 +59,7 @@ _UPSERT = (
     "error=excluded.error, bytes=excluded.bytes, updated_at=excluded.updated_at"
 )
 _CORRUPT_CODES = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+T = TypeVar("T")
 
 
 class CheckpointError(exc.OutputError):
@@ -75,12 +75,16 @@ def _reason(error: sqlite3.Error) -> str:
     # its siblings under DatabaseError mean the file's contents are bad.
     operational = isinstance(error, sqlite3.OperationalError)
     if code in _CORRUPT_CODES or (isinstance(error, sqlite3.DatabaseError) and not operational):
-        return (
-            f"the checkpoint is corrupt ({error}); move it and any -wal and -shm files "
-            "beside it aside and rerun (units are then fetched again and their files "
-            "rewritten)"
-        )
+        return _corrupt(str(error))
     return f"cannot use the checkpoint: {error}"
+
+
+def _corrupt(detail: str) -> str:
+    return (
+        f"the checkpoint is corrupt ({detail}); move it and any -wal and -shm files "
+        "beside it aside and rerun (its units are then fetched again and their files "
+        "rewritten)"
+    )
 
 
 @attrs.frozen
@@ -115,16 +119,11 @@ class Checkpoint:
         # The backfill's report writer commits from a worker thread: one connection,
         # shared across threads, every use under _lock.
         self._lock = threading.Lock()
+        self._db = self._sql(
+            lambda: sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        )
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as error:
-            raise CheckpointError(path, _reason(error)) from None
-        try:
-            with self._errors():
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.execute(_SCHEMA)
-                self._check_integrity()
+            self._sql(self._prepare)
             self._identity = self._stat()
         except BaseException:
             self._db.close()
@@ -132,6 +131,12 @@ class Checkpoint:
         if self._identity is None:  # pragma: no cover - deleted between open and stat
             self._db.close()
             raise CheckpointError(path, "the checkpoint vanished as it was opened")
+
+    def _prepare(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._check_integrity()
 
     def _check_integrity(self) -> None:
         columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(units)"))
@@ -141,13 +146,12 @@ class Checkpoint:
                 "not a backfill checkpoint (its `units` table has other columns); "
                 "use another output folder or move the file aside",
             )
-        problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
-            raise CheckpointError(
-                self.path,
-                f"the checkpoint is corrupt ({'; '.join(map(str, problems[:3]))}); move it "
-                "and any -wal and -shm files beside it aside and rerun",
-            )
+            # The first finding is enough to say what is wrong; there may be thousands.
+            lines = [line for problem in problems for line in problem.splitlines()]
+            first = next((line for line in lines if not line.startswith("***")), "")
+            raise CheckpointError(self.path, _corrupt(first or "integrity check failed"))
 
     def _stat(self) -> tuple[int, int] | None:
         try:
@@ -156,39 +160,40 @@ class Checkpoint:
             return None
         return (st.st_dev, st.st_ino)
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """SQLite errors as `CheckpointError` (without the SQLite error as its cause)."""
+    def _sql(self, call: Callable[[], T]) -> T:
+        """``call()``, its SQLite errors as `CheckpointError`. Raised outside the handler,
+        so the error carries no cause or context."""
         try:
-            yield
+            return call()
         except sqlite3.Error as error:
             reason = _reason(error)
-        else:
-            return
         raise CheckpointError(self.path, reason)
 
     def _write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Run ``sql`` for each row in one transaction, once the file is checked."""
-        with self._lock, self._errors():
-            if self._stat() != self._identity:
-                raise CheckpointError(
-                    self.path,
-                    "the checkpoint was deleted or replaced while the backfill was "
-                    "using it; the run stopped, since it could record nothing more. "
-                    "A rerun uses whatever checkpoint is there now (with none, every "
-                    "unit is fetched again)",
-                )
-            if len(rows) == 1:
-                # One statement in autocommit mode: its own transaction, committed on return.
-                self._db.execute(sql, rows[0])
-                return
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(sql, rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock:
+            self._sql(lambda: self._write_checked(sql, rows))
+
+    def _write_checked(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        if self._stat() != self._identity:
+            raise CheckpointError(
+                self.path,
+                "the checkpoint was deleted or replaced while the backfill was "
+                "using it; the run stopped, since it could record nothing more. "
+                "A rerun uses whatever checkpoint is there now (with none, every "
+                "unit is fetched again)",
+            )
+        if len(rows) == 1:
+            # One statement in autocommit mode: its own transaction, committed on return.
+            self._db.execute(sql, rows[0])
+            return
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(sql, rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -232,16 +237,21 @@ class Checkpoint:
         self._upsert(unit_id, FAILED, error=error, report_token=report_token)
 
     def get(self, unit_id: str) -> UnitRecord | None:
-        with self._lock, self._errors():
-            row = self._db.execute(
-                "SELECT unit_id, state, report_token, error, bytes FROM units WHERE unit_id = ?",
-                (unit_id,),
-            ).fetchone()
+        with self._lock:
+            row = self._sql(
+                lambda: self._db.execute(
+                    "SELECT unit_id, state, report_token, error, bytes FROM units "
+                    "WHERE unit_id = ?",
+                    (unit_id,),
+                ).fetchone()
+            )
         return UnitRecord(*row) if row else None
 
     def records(self) -> dict[str, UnitRecord]:
-        with self._lock, self._errors():
-            rows = self._db.execute(
-                "SELECT unit_id, state, report_token, error, bytes FROM units"
-            ).fetchall()
+        with self._lock:
+            rows = self._sql(
+                lambda: self._db.execute(
+                    "SELECT unit_id, state, report_token, error, bytes FROM units"
+                ).fetchall()
+            )
         return {row[0]: UnitRecord(*row) for row in rows}
