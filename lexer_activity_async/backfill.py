@@ -5,6 +5,8 @@ the span into windows (default one calendar month) and makes one *unit* per toke
 window x report or export. The runner runs every token in parallel under its own limiter,
 writes each unit atomically to ``<output>/<label>/...`` and records it in a checkpoint,
 so a rerun after a crash skips finished units and polls in-flight export jobs again.
+A unit whose file cannot be written fails alone (`OutputError`); a checkpoint that
+cannot be used stops the run (`CheckpointError`). The spec itself is in `spec`.
 
 Output layout (keyed by label, never the token)::
 

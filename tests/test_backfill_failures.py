@@ -482,3 +482,35 @@ async def test_the_intent_is_recorded_before_the_job_and_the_token_right_after(
     assert unit.id in warning.getMessage()
     assert TOKEN_A not in caplog.text
     assert TOKEN_B not in caplog.text
+
+
+def test_the_cli_reports_a_corrupt_checkpoint_in_one_line_without_a_traceback(
+    tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    from click.testing import CliRunner
+
+    from lexer_activity_async.cli import main
+
+    spec_path = write_spec(
+        tmp_path / "spec.toml",
+        {
+            "date_from": "2024-01-01",
+            "date_to": "2024-02-01",
+            "reports": ["summary"],
+            "output": "out",
+            "api_url": "http://127.0.0.1:9/v1",  # nothing listens: nothing may be sent
+            "tokens": [{"label": "a", "env": ENV_A}],
+        },
+    )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / CHECKPOINT_NAME).write_bytes(b"\0garbage" * 512)
+    result = CliRunner().invoke(
+        main, ["backfill", str(spec_path)], env={"COLUMNS": "200", ENV_A: TOKEN_A}
+    )
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "error: " in text
+    assert "the checkpoint is corrupt (file is not a database)" in text
+    assert "move it and any -wal and -shm files beside it aside and rerun" in text
+    assert "Traceback" not in result.output
+    assert TOKEN_A not in result.output
