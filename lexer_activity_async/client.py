@@ -114,6 +114,14 @@ def api_session(
     return session
 
 
+def files_session() -> aiohttp.ClientSession:
+    """The session for export files, which live on a storage host: no default headers, no
+    cookies (per-request deadlines come from `exports.DownloadPolicy`)."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+    )
+
+
 def _no_silent_resend(session: aiohttp.ClientSession) -> None:
     # aiohttp silently resends a GET once when a kept-alive connection drops; the server
     # would then see two requests for one limiter slot. It has only a private switch.
@@ -256,10 +264,7 @@ class LexerClient:
                 opened.append(self._session)
             _no_silent_resend(self._session)  # a caller's session too
             if self._files_session is None:
-                # Export files live on a storage host: a bare session, no headers, no cookies.
-                self._files_session = aiohttp.ClientSession(
-                    cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
-                )
+                self._files_session = files_session()
                 opened.append(self._files_session)
             if self.redis_url is not None:
                 from .limits_redis import check_redis, shared_registry

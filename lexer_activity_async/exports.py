@@ -399,6 +399,8 @@ async def stream_file(
 def _brief(error: BaseException) -> str:
     """An error's class, and its status when it has one (never the URL: it may be signed)."""
     status = getattr(error, "status", None)
+    if isinstance(error, _Transient):
+        return f"file host answered HTTP {status}"
     return f"{type(error).__name__}" + (f" (HTTP {status})" if status else "")
 
 

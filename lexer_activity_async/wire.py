@@ -239,12 +239,15 @@ def decode_export_job(status: int, body: bytes, report_type: str | None = None) 
     return job
 
 
-def _message(body: bytes) -> str:
+def _message(body: bytes) -> str | None:
+    """The server's message in an error body; None for JSON nested too deeply to read."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         payload = _loads(text)
-    except (ValueError, RecursionError):
+    except ValueError:
         return text[:500]
+    except RecursionError:
+        return None
     if isinstance(payload, dict):
         for key in ("error", "message", "errors", "detail"):
             if isinstance(payload.get(key), str):
@@ -312,7 +315,12 @@ def map_error(
 ) -> exc.LexerError:
     """The typed exception for an error response (status >= 400); a 429's ``retry_after``
     is at most ``max_retry_after`` seconds when given."""
-    message = _message(body)
+    found = _message(body)
+    if found is None and status != 429:  # a 429 is a rate limit whatever its body
+        return _unexpected(
+            "error body is JSON nested too deeply to parse", status, body, report_type
+        )
+    message = found or ""
     lowered = message.lower()
     if status == 400:
         for needle, cls in _BAD_REQUESTS:
