@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import math
 import socket
@@ -44,8 +43,8 @@ from lexer_activity_async import (
     ServerError,
     TokenMismatchError,
     UnexpectedResponseError,
-    client as client_module,
 )
+from lexer_activity_async import client as client_module
 from lexer_activity_async.client import _Secret
 from lexer_activity_async.exports import DownloadPolicy, export_status, stream_file
 
@@ -290,7 +289,8 @@ async def test_malformed_http_names_what_the_parser_objected_to() -> None:
     async with raw_server(reply(answer)) as server, hostile_client(server.url) as client:
         error = await failure(client.users())
     assert "Invalid character in Content-Length" in str(error)
-    assert isinstance(error, MalformedResponseError) and error.request_sent
+    assert isinstance(error, MalformedResponseError)
+    assert error.request_sent
 
 
 async def test_a_malformed_answer_is_retried_like_a_dropped_connection() -> None:
@@ -495,7 +495,8 @@ async def test_a_call_deadline_keeps_no_cancelled_attempt_in_its_context() -> No
     async with raw_server(never_answer) as server, hostile_client(server.url) as client:
         error = await failure(client.users(deadline=0.05))
     assert type(error) is LexerTimeoutError
-    assert error.__context__ is None and error.__cause__ is None
+    assert error.__context__ is None
+    assert error.__cause__ is None
     assert_token_free(error)
 
 
@@ -516,7 +517,8 @@ async def test_a_file_host_that_never_completes_the_handshake_times_out() -> Non
     with black_hole() as url:
         error = await download(url + "/f.csv", DownloadPolicy(connect_timeout=0.05, max_resumes=0))
     assert type(error) is DownloadTimeoutError
-    assert isinstance(error, DownloadError) and isinstance(error, LexerTimeoutError)
+    assert isinstance(error, DownloadError)
+    assert isinstance(error, LexerTimeoutError)
     assert "connect 0.05s" in str(error)
     assert_token_free(error)
 
@@ -563,7 +565,8 @@ async def test_a_malformed_file_host_is_a_download_error(answer: bytes) -> None:
     async with raw_server(reply(answer)) as server:
         error = await download(server.url + "/f.csv", DownloadPolicy(max_resumes=0))
     assert type(error) is DownloadError
-    assert error.__context__ is None and error.__cause__ is None
+    assert error.__context__ is None
+    assert error.__cause__ is None
     assert len(server.requests) == 1
     assert _token_of(server.requests[0]) == b""  # the file host never sees the token
 
@@ -585,7 +588,8 @@ def test_a_token_with_control_characters_is_a_configuration_error(bad: str) -> N
     token = f"{TOKEN[:10]}{bad}{TOKEN[10:]}"
     with pytest.raises(ConfigurationError, match="control character") as info:
         LexerClient(token, api_url="http://127.0.0.1:9")
-    assert TOKEN[:10] not in str(info.value) and TOKEN[10:] not in str(info.value)
+    assert TOKEN[:10] not in str(info.value)
+    assert TOKEN[10:] not in str(info.value)
 
 
 def test_surrounding_whitespace_of_a_token_is_still_stripped() -> None:
