@@ -21,6 +21,7 @@ import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -628,3 +629,46 @@ async def test_two_limits_for_one_token_is_a_configuration_error_that_closes_its
 def test_a_nonsense_limit_is_a_configuration_error(options: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError):
         LexerClient(TOKEN, api_url="http://127.0.0.1:9", **options)  # type: ignore[arg-type]
+
+
+# -- end to end: a backfill against a server that echoes the token ----------------------------
+
+
+async def test_a_backfill_records_no_echoed_token_in_its_checkpoint_or_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lexer_activity_async.backfill import BackfillSpec, TokenSource, run_backfill
+
+    monkeypatch.setenv("LEXER_TEST_HOSTILE_TOKEN", TOKEN)
+    answers = [  # none retried, so no backoff to sit through
+        response("400 Bad Request", b'{"error": "' + ECHO + b' is no report type"}'),
+        response("418 Teapot", b"I am " + ECHO),
+        response("401 Unauthorized", b"Unauthorized - api token not matching: " + ECHO),
+    ]
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answers[len(server.requests) % len(answers)].replace(ECHO, _token_of(request)))
+        await writer.drain()
+
+    async with raw_server(answer) as server:
+        spec = BackfillSpec(
+            tokens=(TokenSource("hostile", env="LEXER_TEST_HOSTILE_TOKEN"),),
+            date_from=datetime(2024, 1, 1, tzinfo=timezone.utc),
+            date_to=datetime(2024, 3, 1, tzinfo=timezone.utc),
+            output=tmp_path / "out",
+            reports=("summary", "case_summary"),
+            api_url=server.url,
+            status_url=server.url,
+        )
+        summary = await run_backfill(spec, registry=LimiterRegistry())
+    assert not summary.ok
+    assert server.requests
+    assert all(_token_of(r) == TOKEN.encode() for r in server.requests)
+    assert TOKEN not in repr(summary)
+    errors = [error for failures in summary.failed.values() for _, error in failures]
+    assert errors
+    assert any("<redacted>" in error for error in errors)
+    for path in (tmp_path / "out").rglob("*"):
+        assert TOKEN not in str(path)
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path  # the checkpoint too
