@@ -170,20 +170,8 @@ class BackfillSpec:
 
 
 _KNOWN_KEYS = {
-    "tokens",
-    "date_from",
-    "date_to",
-    "output",
-    "reports",
-    "exports",
-    "nps",
-    "window_months",
-    "concurrency",
-    "api_url",
-    "status_url",
-    "rate_limit",
-    "redis_url",
-    "workflow_states_type",
+    "tokens", "date_from", "date_to", "output", "reports", "exports", "nps", "window_months",
+    "concurrency", "api_url", "status_url", "rate_limit", "redis_url", "workflow_states_type",
     "poll",
 }
 _TABLE_KEYS = {
@@ -394,7 +382,9 @@ class Plan:
 
     def requests_of(self, label: str) -> int:
         """Estimated requests: one per report, 1 + `EXPORT_POLLS_ESTIMATE` per export."""
-        return sum(1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label))
+        return sum(
+            1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label)
+        )
 
     def least_seconds(self, label: str) -> float:
         """The least time the rate limit allows for the token's requests: N go at once,
@@ -527,7 +517,9 @@ class _ReportWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self._checkpoint.mark_done_many([(e.unit_id, e.size) for e in batch if e.error is None])
+        self._checkpoint.mark_done_many(
+            [(e.unit_id, e.size) for e in batch if e.error is None]
+        )
         for entry in batch:
             entry.committed = True
 
@@ -774,10 +766,9 @@ async def run_backfill(
         if on_event is not None:
             on_event(event)
 
-    with (
-        gc_tuned() if tune_gc else nullcontext(),
-        Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint,
-    ):
+    with gc_tuned() if tune_gc else nullcontext(), Checkpoint(
+        spec.output / CHECKPOINT_NAME
+    ) as checkpoint:
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
         writer = _ReportWriter(checkpoint)

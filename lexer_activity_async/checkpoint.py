@@ -90,7 +90,9 @@ class Checkpoint:
     ) -> None:
         # One statement in autocommit mode: its own transaction, committed on return.
         with self._lock:
-            self._db.execute(_UPSERT, (unit_id, state, report_token, error, size, time.time()))
+            self._db.execute(
+                _UPSERT, (unit_id, state, report_token, error, size, time.time())
+            )
 
     def record_job(self, unit_id: str, report_token: str) -> None:
         """An export job was started for ``unit_id``: remember its report token."""

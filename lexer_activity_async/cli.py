@@ -86,20 +86,10 @@ def _when(ctx: click.Context, param: click.Parameter, value: str) -> datetime:
 
 def _date_range(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--from`` and ``--to``, parsed into aware datetimes."""
-    func = click.option(
-        "--to",
-        "date_to",
-        required=True,
-        callback=_when,
-        help="End (ISO 8601 with offset, or a date).",
-    )(func)
-    return click.option(
-        "--from",
-        "date_from",
-        required=True,
-        callback=_when,
-        help="Start (ISO 8601 with offset, or a date).",
-    )(func)
+    func = click.option("--to", "date_to", required=True, callback=_when,
+                        help="End (ISO 8601 with offset, or a date).")(func)
+    return click.option("--from", "date_from", required=True, callback=_when,
+                        help="Start (ISO 8601 with offset, or a date).")(func)
 
 
 def _read_token(token_env: str, token_file: Path | None) -> str:
@@ -137,24 +127,14 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
         return func(*args, connect=connect, **kwargs)
 
     options = [
-        click.option(
-            "--token-env",
-            default="LEXER_API_TOKEN",
-            show_default=True,
-            help="Environment variable holding the API token.",
-        ),
-        click.option(
-            "--token-file",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="File holding the API token (instead of --token-env).",
-        ),
+        click.option("--token-env", default="LEXER_API_TOKEN", show_default=True,
+                     help="Environment variable holding the API token."),
+        click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False),
+                     help="File holding the API token (instead of --token-env)."),
         click.option("--api-url", envvar="LEXER_API_URL", help="API base URL."),
         click.option("--status-url", envvar="LEXER_STATUS_URL", help="Export status base URL."),
-        click.option(
-            "--redis-url",
-            envvar="LEXER_REDIS_URL",
-            help="Share the token's rate limit through this Redis.",
-        ),
+        click.option("--redis-url", envvar="LEXER_REDIS_URL",
+                     help="Share the token's rate limit through this Redis."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -190,13 +170,9 @@ def report(
     async def fetch() -> Any:
         async with connect() as client:
             return await client.report(
-                report_type,
-                date_from,
-                date_to,
-                form=form,
-                nps_category=nps_category,
-                users=list(users) or None,
-                groups=list(groups) or None,
+                report_type, date_from, date_to,
+                form=form, nps_category=nps_category,
+                users=list(users) or None, groups=list(groups) or None,
             )
 
     click.echo(json.dumps(converter.unstructure(_run(fetch())), indent=2))
@@ -208,13 +184,8 @@ def report(
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
 @click.option("--form", type=int, help="NPS form id (nps_submissions).")
 @click.option("--nps-category", help="all, promoters, passives or detractors.")
-@click.option(
-    "--window-months",
-    type=click.IntRange(1, 12),
-    default=1,
-    show_default=True,
-    help="Window size when the range is over 12 months.",
-)
+@click.option("--window-months", type=click.IntRange(1, 12), default=1, show_default=True,
+              help="Window size when the range is over 12 months.")
 @click.option("--split", is_flag=True, help="One file per window instead of one merged file.")
 @_with_client
 def export(
@@ -230,20 +201,15 @@ def export(
 ) -> None:
     """Run an export job and stream its CSV to a file."""
     with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=err, transient=True,
     ) as progress:
         task = progress.add_task(kind, total=None, info="starting")
 
         def show(event: Any) -> None:
             if isinstance(event, DownloadProgress):
-                progress.update(
-                    task, total=event.total, completed=event.received, info=_size(event.received)
-                )
+                progress.update(task, total=event.total, completed=event.received,
+                                info=_size(event.received))
             elif isinstance(event, RateLimitWait):
                 progress.update(task, info=f"rate limit: waiting {event.seconds:.1f}s")
             elif hasattr(event, "status"):
@@ -252,14 +218,9 @@ def export(
         async def go() -> Any:
             async with connect(on_event=show) as client:
                 return await client.export(
-                    kind,
-                    date_from,
-                    date_to,
-                    output,
-                    form=form,
-                    nps_category=nps_category,
-                    window_months=window_months,
-                    merge=not split,
+                    kind, date_from, date_to, output,
+                    form=form, nps_category=nps_category,
+                    window_months=window_months, merge=not split,
                 )
 
         result = _run(go())
@@ -288,17 +249,12 @@ class _ProgressView:
         self.waited = dict.fromkeys(self.totals, 0.0)
         self.waiting_until: dict[str, float] = {}
         self.progress = Progress(
-            TextColumn("{task.description:<16}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=err,
-            disable=as_json,
+            TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=err, disable=as_json,
         )
-        self.overall = self.progress.add_task(
-            "all tokens", total=sum(self.totals.values()), info=""
-        )
+        self.overall = self.progress.add_task("all tokens", total=sum(self.totals.values()),
+                                              info="")
         self.tasks: dict[str, TaskID] = {
             label: self.progress.add_task(label, total=total, info="")
             for label, total in self.totals.items()
@@ -352,39 +308,25 @@ def _summary_table(summary: BackfillSummary, spec: BackfillSpec) -> Table:
     for source in spec.tokens:
         failures = summary.failed[source.label]
         table.add_row(
-            source.label,
-            str(summary.done[source.label]),
-            str(summary.skipped[source.label]),
-            str(len(failures)),
-            failures[0][1][:80] if failures else "",
+            source.label, str(summary.done[source.label]), str(summary.skipped[source.label]),
+            str(len(failures)), failures[0][1][:80] if failures else "",
         )
     return table
 
 
-def _print_summary(
-    summary: BackfillSummary, spec: BackfillSpec, as_json: bool, extra: dict[str, Any] | None = None
-) -> None:
+def _print_summary(summary: BackfillSummary, spec: BackfillSpec, as_json: bool,
+                   extra: dict[str, Any] | None = None) -> None:
     totals = {
         "units_done": sum(summary.done.values()),
         "units_skipped": sum(summary.skipped.values()),
         "units_failed": sum(len(f) for f in summary.failed.values()),
-        "requests": summary.requests,
-        "rate_limited": summary.rate_limited,
-        "retries": summary.retries,
-        "bytes": summary.bytes,
-        "files": summary.files,
+        "requests": summary.requests, "rate_limited": summary.rate_limited,
+        "retries": summary.retries, "bytes": summary.bytes, "files": summary.files,
         **(extra or {}),
     }
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "event": "summary",
-                    **totals,
-                    "failed": {k: v for k, v in summary.failed.items() if v},
-                }
-            )
-        )
+        click.echo(json.dumps({"event": "summary", **totals,
+                               "failed": {k: v for k, v in summary.failed.items() if v}}))
         return
     console = Console()
     console.print(_summary_table(summary, spec))
@@ -400,39 +342,22 @@ def _print_plan(spec: BackfillSpec) -> None:
         table.add_column(column)
     for source in spec.tokens:
         seconds = the_plan.least_seconds(source.label)
-        table.add_row(
-            source.label,
-            str(len(the_plan.units_of(source.label))),
-            str(the_plan.requests_of(source.label)),
-            str(timedelta(seconds=seconds)),
-        )
+        table.add_row(source.label, str(len(the_plan.units_of(source.label))),
+                      str(the_plan.requests_of(source.label)), str(timedelta(seconds=seconds)))
     Console().print(table)
 
 
 @main.command()
 @click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--dry-run", is_flag=True, help="Print the plan (units, requests, least time).")
-@click.option(
-    "--retry-failed",
-    is_flag=True,
-    help="Rerun the units that failed before (done units are always skipped).",
-)
+@click.option("--retry-failed", is_flag=True,
+              help="Rerun the units that failed before (done units are always skipped).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
 @click.option("--redis-url", help="Share each token's rate limit through Redis.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Output directory (overrides the spec's).",
-)
-def backfill(
-    spec_path: Path,
-    dry_run: bool,
-    retry_failed: bool,
-    as_json: bool,
-    redis_url: str | None,
-    output: Path | None,
-) -> None:
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Output directory (overrides the spec's).")
+def backfill(spec_path: Path, dry_run: bool, retry_failed: bool, as_json: bool,
+             redis_url: str | None, output: Path | None) -> None:
     """Backfill every report and export of a spec (TOML), resumably."""
     overrides: dict[str, Any] = {}
     if redis_url:
@@ -454,36 +379,17 @@ def backfill(
 
 
 @main.command()
-@click.option(
-    "--port",
-    type=int,
-    default=8080,
-    show_default=True,
-    help="API port; the status host gets PORT+1 and the file host PORT+2.",
-)
+@click.option("--port", type=int, default=8080, show_default=True,
+              help="API port; the status host gets PORT+1 and the file host PORT+2.")
 @click.option("--max-requests", type=int, default=100, show_default=True)
 @click.option("--window", type=float, default=300.0, show_default=True, help="Seconds.")
-@click.option(
-    "--export-pending",
-    type=float,
-    default=2.0,
-    show_default=True,
-    help="Seconds an export job stays pending.",
-)
+@click.option("--export-pending", type=float, default=2.0, show_default=True,
+              help="Seconds an export job stays pending.")
 @click.option("--export-rows", type=int, default=1000, show_default=True)
-@click.option(
-    "--tokens-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Accept only the tokens in this file (one a line); default: any token.",
-)
-def sandbox(
-    port: int,
-    max_requests: int,
-    window: float,
-    export_pending: float,
-    export_rows: int,
-    tokens_file: Path | None,
-) -> None:
+@click.option("--tokens-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Accept only the tokens in this file (one a line); default: any token.")
+def sandbox(port: int, max_requests: int, window: float, export_pending: float,
+            export_rows: int, tokens_file: Path | None) -> None:
     """Serve the local API simulator until Ctrl-C."""
     from .sandbox import run
 
@@ -493,14 +399,8 @@ def sandbox(
             line.strip() for line in tokens_file.read_text().splitlines() if line.strip()
         )
     config = config_for_port(
-        port,
-        SandboxConfig(
-            max_requests=max_requests,
-            window=window,
-            tokens=tokens,
-            export_pending_seconds=export_pending,
-            export_rows=export_rows,
-        ),
+        port, SandboxConfig(max_requests=max_requests, window=window, tokens=tokens,
+                            export_pending_seconds=export_pending, export_rows=export_rows)
     )
     run(config)
 
@@ -511,27 +411,16 @@ DEMO_MARKER = ".lexer-demo"
 
 
 @main.command()
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=DEMO_OUTPUT,
-    show_default=True,
-)
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              default=DEMO_OUTPUT, show_default=True)
 @click.option("--tokens", "n_tokens", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--months", type=click.IntRange(1, 120), default=18, show_default=True)
-@click.option(
-    "--window",
-    type=float,
-    default=15.0,
-    show_default=True,
-    help="The sandbox's rate window in seconds (the real API: 300).",
-)
+@click.option("--window", type=float, default=15.0, show_default=True,
+              help="The sandbox's rate window in seconds (the real API: 300).")
 @click.option("--resume", is_flag=True, help="Keep an earlier demo's output and resume it.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
-def demo(
-    output: Path, n_tokens: int, months: int, window: float, resume: bool, as_json: bool
-) -> None:
+def demo(output: Path, n_tokens: int, months: int, window: float, resume: bool,
+         as_json: bool) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
     if output.exists() and not resume and any(output.iterdir()):
         # Only a directory an earlier demo marked may be deleted: a real backfill's output
@@ -550,43 +439,29 @@ def demo(
     date_from = add_months(date_to, -months)
 
     async def go() -> tuple[BackfillSummary, BackfillSpec, dict[str, Any]]:
-        config = SandboxConfig(
-            max_requests=100,
-            window=window,
-            tokens=frozenset(tokens.values()),
-            export_pending_seconds=0.5,
-            export_rows=300,
-        )
+        config = SandboxConfig(max_requests=100, window=window,
+                               tokens=frozenset(tokens.values()), export_pending_seconds=0.5,
+                               export_rows=300)
         async with Sandbox(config) as sb:
             spec = BackfillSpec(
                 tokens=tuple(
                     TokenSource(label, env=f"LEXER_DEMO_TOKEN_{label.upper().replace('-', '_')}")
                     for label in labels
                 ),
-                date_from=date_from,
-                date_to=date_to,
-                output=output,
-                reports=ALL_REPORTS,
-                nps_form=_DEMO_FORM,
-                exports=(
-                    ExportSpec(ExportKind.CASE_DETAILS),
-                    ExportSpec(ExportKind.NPS_SUBMISSIONS, _DEMO_FORM, "all"),
-                    ExportSpec(ExportKind.MENTION_SLA_EXPORT),
-                ),
-                api_url=sb.api_url,
-                status_url=sb.status_url,
-                max_requests=100,
-                window=window,
+                date_from=date_from, date_to=date_to, output=output,
+                reports=ALL_REPORTS, nps_form=_DEMO_FORM,
+                exports=(ExportSpec(ExportKind.CASE_DETAILS),
+                         ExportSpec(ExportKind.NPS_SUBMISSIONS, _DEMO_FORM, "all"),
+                         ExportSpec(ExportKind.MENTION_SLA_EXPORT)),
+                api_url=sb.api_url, status_url=sb.status_url,
+                max_requests=100, window=window,
                 poll=PollPolicy(first_delay=0.5, cap=2.0),
             )
             view = _ProgressView(spec, as_json)
             with view.progress:
                 summary = await run_backfill(spec, on_event=view)
-            return (
-                summary,
-                spec,
-                {"server_429s": sb.stats.rate_limited, "file_host_leaks": sb.stats.leaks},
-            )
+            return summary, spec, {"server_429s": sb.stats.rate_limited,
+                                   "file_host_leaks": sb.stats.leaks}
 
     started = time.monotonic()
     summary, spec, extra = _run(go())

@@ -336,6 +336,24 @@ class LexerClient:
         base = self.api_url if request.origin == "api" else self.status_url
         return base + request.path
 
+    @property
+    def max_retry_after(self) -> float:
+        """The longest pause a 429's Retry-After may impose (`RetryPolicy.max_retry_after`,
+        else the window)."""
+        limit = self.retry.max_retry_after
+        return self.window if limit is None else limit
+
+    def _check_retry_after(self, error: exc.RateLimitedError, headers: dict[str, str]) -> None:
+        """Warn, once per client, of a Retry-After that was sent but is unusable."""
+        unusable = error.retry_after is None and wire.retry_after_header(headers) is not None
+        if unusable and not self._warned_retry_after:
+            self._warned_retry_after = True
+            log.warning(
+                "429 for token %s came with an unusable Retry-After (not a delay in "
+                "seconds or an HTTP date); treating it as absent",
+                self.label,
+            )
+
     def _headers(self, request: wire.Request) -> dict[str, str]:
         headers = {wire.TOKEN_HEADER: self._token.reveal(), "Accept": "application/json"}
         if request.json is not None:
@@ -485,24 +503,6 @@ class LexerClient:
             )
             self._emit(Retrying(self.label, attempt, delay, type(error).__name__))
             await anyio.sleep(delay)
-
-    @property
-    def max_retry_after(self) -> float:
-        """The longest pause a 429's Retry-After may impose (`RetryPolicy.max_retry_after`,
-        else the window)."""
-        limit = self.retry.max_retry_after
-        return self.window if limit is None else limit
-
-    def _check_retry_after(self, error: exc.RateLimitedError, headers: dict[str, str]) -> None:
-        """Warn, once per client, of a Retry-After that was sent but is unusable."""
-        unusable = error.retry_after is None and wire.retry_after_header(headers) is not None
-        if unusable and not self._warned_retry_after:
-            self._warned_retry_after = True
-            log.warning(
-                "429 for token %s came with an unusable Retry-After (not a delay in "
-                "seconds or an HTTP date); treating it as absent",
-                self.label,
-            )
 
     # -- lists -------------------------------------------------------------------------
 

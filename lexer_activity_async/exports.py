@@ -564,10 +564,8 @@ async def export(
     start, end = validate_range(date_from, date_to, now=client._now(), max_months=None)
     params = _Params(form, nps_category, dict(filters))
     # Validate every window's body before anything is sent.
-    windows = (
-        [(start, end)]
-        if not range_too_long(start, end)
-        else split_range(start, end, months=window_months)
+    windows = [(start, end)] if not range_too_long(start, end) else split_range(
+        start, end, months=window_months
     )
     for lo, hi in windows:
         _export_body(client, which, lo, hi, form, nps_category, dict(filters))

@@ -43,7 +43,6 @@ __all__ = [
 Id = NewType("Id", int)
 """An entity id, normalised to int whether the server sent ``123`` or ``"123"``."""
 
-
 @attrs.frozen
 class User:
     id: Id

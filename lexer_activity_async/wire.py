@@ -79,7 +79,9 @@ def report_request(body: Mapping[str, object]) -> Request:
 
 def status_request(report_token: str) -> Request:
     """The export status poll, on the status host."""
-    return Request("status", "GET", "/activity/reports/status", params={"token": report_token})
+    return Request(
+        "status", "GET", "/activity/reports/status", params={"token": report_token}
+    )
 
 
 RESULT_TYPES: dict[ReportType, Any] = {

@@ -215,7 +215,9 @@ async def test_response_volume_granularity(make_client, end, hourly):
         cases = await client.case_volume(APR_FROM, end)
 
     assert result == expected(ReportType.RESPONSE_VOLUME, APR_FROM, end)
-    _assert_series(result.avg_response_time, APR_FROM, end, timedelta(hours=1 if hourly else 24))
+    _assert_series(
+        result.avg_response_time, APR_FROM, end, timedelta(hours=1 if hourly else 24)
+    )
     # case_volume is daily whatever the range.
     _assert_series(cases.open, APR_FROM, end, timedelta(days=1))
 
@@ -420,10 +422,8 @@ VALIDATION: list[tuple[str, Call]] = [
     ("groups-a-string", lambda c: c.report("summary", JAN, FEB, groups="456")),
     ("filter-clashes-with-type", lambda c: c.report("summary", JAN, FEB, type="nps_summary")),
     ("unknown-export-kind", lambda c: c.start_export("bogus", JAN, FEB)),
-    (
-        "export-over-12-months-start",
-        lambda c: c.start_export("case_details", datetime(2024, 1, 1, tzinfo=timezone.utc), FEB),
-    ),
+    ("export-over-12-months-start", lambda c: c.start_export(
+        "case_details", datetime(2024, 1, 1, tzinfo=timezone.utc), FEB)),
     ("export-naive", lambda c: c.start_export("case_details", datetime(2026, 1, 1), FEB)),
     ("export-nps-without-form", lambda c: c.start_export("nps_submissions", JAN, FEB)),
     ("empty-report-token", lambda c: c.export_status("")),
@@ -536,37 +536,16 @@ async def test_servers_own_400s(make_client, sandbox, name, body, error, message
 
 NOT_FOUND = [
     ("unknown-path", wire.Request("api", "GET", "/nope")),
-    (
-        "report-without-dates",
-        wire.Request(
-            "api", "POST", "/activity/reports", json={"type": "summary"}, report_type="summary"
-        ),
-    ),
+    ("report-without-dates", wire.Request("api", "POST", "/activity/reports",
+                                          json={"type": "summary"}, report_type="summary")),
     ("report-bad-date", wire.report_request(_body("summary", "yesterday", "today"))),
-    (
-        "from-after-to",
-        wire.report_request(
-            _body("summary", "2026-02-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00")
-        ),
-    ),
-    (
-        "nps-non-nps-form",
-        wire.report_request(
-            _body("nps_summary", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00", form=57)
-        ),
-    ),
-    (
-        "nps-bad-category",
-        wire.report_request(
-            _body(
-                "nps_volume",
-                "2026-01-01T00:00:00+00:00",
-                "2026-02-01T00:00:00+00:00",
-                form=55,
-                nps_category="fans",
-            )
-        ),
-    ),
+    ("from-after-to", wire.report_request(
+        _body("summary", "2026-02-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"))),
+    ("nps-non-nps-form", wire.report_request(_body(
+        "nps_summary", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00", form=57))),
+    ("nps-bad-category", wire.report_request(_body(
+        "nps_volume", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00",
+        form=55, nps_category="fans"))),
     ("unknown-report-token", wire.status_request("0" * 32)),
 ]
 
@@ -583,13 +562,8 @@ async def test_not_found(make_client, sandbox, name, request_):
 
 @pytest.mark.parametrize(
     ("status", "error_name"),
-    [
-        (500, "ServerError"),
-        (502, "ServerError"),
-        (503, "ServerError"),
-        (504, "ServerError"),
-        (408, "RequestTimeoutError"),
-    ],
+    [(500, "ServerError"), (502, "ServerError"), (503, "ServerError"), (504, "ServerError"),
+     (408, "RequestTimeoutError")],
 )
 async def test_injected_failures_are_retried_then_succeed(make_client, sandbox, status, error_name):
     events: list[Any] = []
@@ -804,14 +778,18 @@ async def test_a_passed_in_session_is_used_and_not_closed(make_client, sandbox):
     assert sent == ["/v1/users", "/v1/activity/reports", "/v1/groups"]
 
 
-async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(make_client, sandbox):
+async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(
+    make_client, sandbox
+):
     """`api_session()` is what a client makes for itself, and several clients can share
     it: one connection serves two tokens in turn, each request carrying only its own
     token, with no cookie jar to carry one token's state into another's requests."""
     async with api_session(connections=1) as session:
         assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
         assert getattr(session, "_retry_connection", False) is False
-        async with make_client(session=session) as a, make_client(TOKEN_B, session=session) as b:
+        async with make_client(session=session) as a, make_client(
+            TOKEN_B, session=session
+        ) as b:
             for _ in range(3):
                 await a.users()
                 await b.users()
@@ -1058,10 +1036,9 @@ async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(sandbox_factory
     its next call waits on the rate limit; token B must still get through meanwhile."""
     sb = await sandbox_factory(max_requests=1, window=300.0)
     shared = anyio.CapacityLimiter(1)
-    async with (
-        client_for(sb, TOKEN_A, max_in_flight=shared) as a,
-        client_for(sb, TOKEN_B, max_in_flight=shared) as b,
-    ):
+    async with client_for(sb, TOKEN_A, max_in_flight=shared) as a, client_for(
+        sb, TOKEN_B, max_in_flight=shared
+    ) as b:
         await a.groups()  # A's only request of the window
         waiting = anyio.Event()
 

@@ -178,10 +178,7 @@ async def test_polls_share_a_strict_limit(sandbox_factory, client_for, tmp_path)
     strict = await sandbox_factory(max_requests=4, window=1.0, export_pending_seconds=0.4)
     async with client_for(strict) as client:
         result = await client.export(
-            "case_details",
-            JAN,
-            FEB,
-            tmp_path / "c.csv",
+            "case_details", JAN, FEB, tmp_path / "c.csv",
             poll=PollPolicy(first_delay=0.01, factor=1.0, cap=0.01, timeout=30.0),
         )
         stats = client.stats
@@ -261,12 +258,8 @@ async def test_failed_window_of_a_long_export(make_client, sandbox, tmp_path):
         # Raised as itself (like a one-window export), not wrapped in an ExceptionGroup.
         with pytest.raises(ExportFailedError) as info:
             await client.export(
-                "case_details",
-                datetime(2024, 12, 1, tzinfo=timezone.utc),
-                datetime(2026, 6, 1, tzinfo=timezone.utc),
-                dest,
-                poll=POLL,
-                window_months=3,
+                "case_details", datetime(2024, 12, 1, tzinfo=timezone.utc), datetime(
+                    2026, 6, 1, tzinfo=timezone.utc), dest, poll=POLL, window_months=3,
             )
     assert info.value.status == "failed"
     assert list(tmp_path.iterdir()) == []  # no dest, no window files, no .part
@@ -309,10 +302,7 @@ async def test_undocumented_statuses_are_logged_once_each(mock_http, registry, c
     assert "'processing'" in warnings[0]
     assert "'queued'" in warnings[1]
     assert [e.status for e in events if isinstance(e, ExportState)] == [
-        "processing",
-        "PROCESSING",
-        "queued",
-        "complete",
+        "processing", "PROCESSING", "queued", "complete"
     ]
     calls = mock_http.requests[("GET", URL(url))]
     assert len(calls) == 6
@@ -374,10 +364,9 @@ async def test_sandbox_exports_never_leak(make_client, sandbox, tmp_path):
     assert sandbox.stats.leaks == 0
     # The counter works: a request with the token is refused and counted.
     job_url = await _any_file_url(sandbox, make_client)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(job_url, headers={"Auth-Api-Token": TOKEN_A}) as response,
-    ):
+    async with aiohttp.ClientSession() as session, session.get(
+        job_url, headers={"Auth-Api-Token": TOKEN_A}
+    ) as response:
         assert response.status == 403
     assert sandbox.stats.leaks == 1
 
@@ -477,11 +466,7 @@ async def test_an_existing_dest_is_replaced_only_on_success(make_client, sandbox
     async with make_client() as client:
         with pytest.raises(DownloadError):
             await client.export(
-                "case_details",
-                JAN,
-                FEB,
-                dest,
-                poll=POLL,
+                "case_details", JAN, FEB, dest, poll=POLL,
                 policy=DownloadPolicy(max_url_refreshes=0),
             )
         assert dest.read_bytes() == b"old contents"
@@ -616,11 +601,7 @@ async def test_more_expiries_than_refreshes(make_client, sandbox, tmp_path):
     async with make_client() as client:
         with pytest.raises(DownloadError, match="expired"):
             await client.export(
-                "case_details",
-                JAN,
-                FEB,
-                dest,
-                poll=POLL,
+                "case_details", JAN, FEB, dest, poll=POLL,
                 policy=DownloadPolicy(max_url_refreshes=2),
             )
     [polls] = sandbox.stats.status_polls.values()
@@ -662,14 +643,8 @@ async def test_cancellation_mid_download_leaves_nothing(sandbox_factory, client_
 class _BlockingFile:
     """A real file whose writes block (as on a slow, saturated disk) until released."""
 
-    def __init__(
-        self,
-        path: Any,
-        mode: str,
-        entered: threading.Event,
-        release: threading.Event,
-        outcomes: list[bool],
-    ) -> None:
+    def __init__(self, path: Any, mode: str, entered: threading.Event,
+                 release: threading.Event, outcomes: list[bool]) -> None:
         self._file = open(path, mode)  # noqa: SIM115 - closed through close()
         self._entered, self._release, self._outcomes = entered, release, outcomes
 
@@ -697,8 +672,7 @@ async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
     not happen until the write gave up waiting (5 s), and it would report False."""
     entered, release, outcomes = threading.Event(), threading.Event(), []
     monkeypatch.setattr(
-        exports,
-        "open",
+        exports, "open",
         lambda path, mode: _BlockingFile(path, mode, entered, release, outcomes),
         raising=False,
     )
@@ -722,9 +696,8 @@ async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
 
 
 @pytest.mark.parametrize(("kind", "options"), KINDS, ids=[k for k, _ in KINDS])
-async def test_export_rows_equal_dictreader_over_the_file(
-    make_client, sandbox, tmp_path, kind, options
-):
+async def test_export_rows_equal_dictreader_over_the_file(make_client, sandbox, tmp_path,
+                                                          kind, options):
     dest = tmp_path / "c.csv"
     async with make_client() as client:
         rows = [
@@ -753,8 +726,7 @@ async def test_export_rows_survive_a_dropped_connection(make_client, sandbox, tm
     dest = tmp_path / "c.csv"
     async with make_client() as client:
         rows = [
-            r
-            async for r in client.export_rows(
+            r async for r in client.export_rows(
                 "mention_sla_export", JAN, FEB, poll=POLL, policy=DownloadPolicy(chunk_size=500)
             )
         ]
@@ -764,14 +736,14 @@ async def test_export_rows_survive_a_dropped_connection(make_client, sandbox, tm
 
 
 TRICKY = (
-    "id,text,name\r\n"
+    'id,text,name\r\n'
     '1,"a, b","x ""y"" z"\r\n'
     '2,"line1\nline2\r\nline3",café 😀\r\n'
     '3,,"日本語"\r\n'
     '4,"ends with quote ""","Renée O\'Brien"\r\n'
     '5,"",\r\n'
     '6,"\r\n",""""\n'
-    "7,plain,no newline at the end"
+    '7,plain,no newline at the end'
 ).encode()
 
 
@@ -876,7 +848,7 @@ async def test_long_export_merged_with_default_monthly_windows(
     parts = [await fetch(job.url or "") for job in result.jobs]
     header = parts[0].split(b"\r\n", 1)[0] + b"\r\n"
     assert all(p.startswith(header) for p in parts)
-    assert dest.read_bytes() == parts[0] + b"".join(p[len(header) :] for p in parts[1:])
+    assert dest.read_bytes() == parts[0] + b"".join(p[len(header):] for p in parts[1:])
     assert dest.read_bytes().count(header) == 1
     assert len(read_rows(dest)) == 18 * 20
     assert result.bytes == dest.stat().st_size
@@ -885,7 +857,9 @@ async def test_long_export_merged_with_default_monthly_windows(
 
 
 @pytest.mark.parametrize("merge", [False, True])
-async def test_long_export_in_three_month_windows(sandbox_factory, client_for, tmp_path, merge):
+async def test_long_export_in_three_month_windows(
+    sandbox_factory, client_for, tmp_path, merge
+):
     sb = await sandbox_factory(export_rows=20)
     dest = tmp_path / "out" / "cases.csv"
     async with client_for(sb) as client:
@@ -909,9 +883,8 @@ async def test_long_export_in_three_month_windows(sandbox_factory, client_for, t
         assert sorted(p.name for p in dest.parent.iterdir()) == ["cases.csv"]
         rows = read_rows(dest)
         assert len(rows) == 6 * 20
-        assert rows == [
-            r for data in direct for r in csv.DictReader(io.StringIO(data.decode(), newline=""))
-        ]
+        assert rows == [r for data in direct for r in csv.DictReader(io.StringIO(
+            data.decode(), newline=""))]
     else:
         expected_paths = tuple(exports.window_path(dest, lo, hi) for lo, hi in windows)
         assert result.paths == expected_paths
@@ -931,11 +904,8 @@ async def test_exactly_twelve_months_is_one_job(make_client, sandbox, tmp_path):
             "case_details", start, add_months(start, 12), tmp_path / "y.csv", poll=POLL
         )
         longer = await client.export(
-            "case_details",
-            start,
-            add_months(start, 12) + timedelta(seconds=1),
-            tmp_path / "z.csv",
-            poll=POLL,
+            "case_details", start, add_months(start, 12) + timedelta(seconds=1),
+            tmp_path / "z.csv", poll=POLL,
         )
     assert len(result.jobs) == 1
     # One second more: split into monthly windows, the last one a second long.
@@ -953,10 +923,7 @@ async def test_fifty_exports_across_ten_tokens(sandbox_factory, registry, tmp_pa
     results: dict[tuple[int, int], exports.ExportResult] = {}
     clients = [
         LexerClient(
-            token,
-            api_url=sb.api_url,
-            status_url=sb.status_url,
-            registry=registry,
+            token, api_url=sb.api_url, status_url=sb.status_url, registry=registry,
             now=lambda: NOW,
         )
         for token in tokens

@@ -46,6 +46,8 @@ def now() -> float:
 # --------------------------------------------------------------------------- fixtures
 
 
+
+
 class Backend:
     """Makes limiters of one kind. ``make(key=...)`` with the same key gives limiters that
     share slots (separate Redis connections, as separate processes would have)."""
