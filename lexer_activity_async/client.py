@@ -361,22 +361,24 @@ class LexerClient:
         return headers
 
     async def _exchange(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP exchange inside a limiter slot. Redirects are not followed, so the
+        """One HTTP exchange inside a limiter slot (`_http` returns before the slot is
+        released, so a failing release never has the response in its frames)."""
+        async with self.limiter.slot(self._on_wait), self._in_flight:
+            return await self._http(request)
+
+    async def _http(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
+        """Send ``request`` and read the whole answer. Redirects are not followed, so the
         token is never carried to another host. Whatever the server echoes of the token
         (in the body or a header) is redacted here, before anything reads it."""
-        async with (
-            self.limiter.slot(self._on_wait),
-            self._in_flight,
-            self.session.request(
-                request.method,
-                self._url(request),
-                data=None if request.json is None else json.dumps(request.json).encode(),
-                params=request.params,
-                headers=self._headers(request),
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as response,
-        ):
+        async with self.session.request(
+            request.method,
+            self._url(request),
+            data=None if request.json is None else json.dumps(request.json).encode(),
+            params=request.params,
+            headers=self._headers(request),
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        ) as response:
             body = await response.read()
             headers = {
                 key: self._token.redact_text(value) for key, value in response.headers.items()
@@ -393,7 +395,10 @@ class LexerClient:
         origin = request.origin
         try:
             return await self._exchange(request)
-        except exc.LexerError:
+        except exc.LexerError as error:  # e.g. the limiter's backend failed meanwhile
+            if _cut_transport_context(error):
+                # The frames it passed (the slot's exit) hold the aiohttp error too.
+                raise error.with_traceback(None)  # noqa: B904 - the cause is cut on purpose
             raise
         except asyncio.TimeoutError:  # aiohttp's connect/read timeouts included
             failure = exc.LexerTimeoutError(
@@ -744,6 +749,22 @@ class LexerClient:
     ) -> AsyncIterator[dict[str, str]]:
         """``async for row in client.export_rows(...)``: rows parsed as the CSV streams."""
         return exports.export_rows(self, kind, date_from, date_to, **options)
+
+
+def _cut_transport_context(error: BaseException) -> bool:
+    """Detach any aiohttp error (it holds the request's headers) from ``error``'s chain;
+    True when there was one."""
+    cut = False
+    link: BaseException | None = error
+    seen: list[BaseException] = []
+    while link is not None and not any(link is s for s in seen):
+        seen.append(link)
+        for attr in ("__cause__", "__context__"):
+            if isinstance(getattr(link, attr), (aiohttp.ClientError, HttpProcessingError)):
+                setattr(link, attr, None)
+                cut = True
+        link = link.__cause__ or link.__context__
+    return cut
 
 
 def _parser_complaint(error: BaseException) -> str:

@@ -36,6 +36,7 @@ from lexer_activity_async import (
     LexerConnectionError,
     LexerError,
     LexerTimeoutError,
+    LimiterBackendError,
     LimiterRegistry,
     MalformedResponseError,
     NotFoundError,
@@ -48,6 +49,7 @@ from lexer_activity_async import (
 from lexer_activity_async import client as client_module
 from lexer_activity_async.client import _Secret
 from lexer_activity_async.exports import DownloadPolicy, export_status, stream_file
+from lexer_activity_async.limits import SlidingWindowLimiter
 
 TOKEN = "hostile-token-5f3c9a7e1b2d4c6f8a0e"
 ECHO = b"{TOKEN" + b"_" * (len(TOKEN) - 7) + b"}"
@@ -315,6 +317,23 @@ async def test_a_malformed_status_poll_is_typed_and_token_free() -> None:
         error = await failure(export_status(client, "job-1"))
     assert isinstance(error, MalformedResponseError)
     assert b"GET /activity/reports/status?token=job-1 " in server.requests[0]
+    assert_token_free(error)
+
+
+class _ReleaseFails(SlidingWindowLimiter):
+    async def release(self, lease: Any) -> None:
+        await super().release(lease)
+        raise LimiterBackendError("the limiter backend went away")
+
+
+async def test_a_limiter_failing_while_a_malformed_answer_propagates_keeps_it_out() -> None:
+    registry = LimiterRegistry(factory=lambda key, n, w: _ReleaseFails(n, w))
+    answer = b"HTTP/1.1 2x0 " + ECHO + b"\r\n\r\n"
+    async with raw_server(reply(answer)) as server:
+        client = LexerClient(TOKEN, api_url=server.url, registry=registry, retry=RetryPolicy(0))
+        async with client:
+            error = await failure(client.users())
+    assert type(error) is LimiterBackendError
     assert_token_free(error)
 
 
