@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -21,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import anyio
 import attrs
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import exceptions as exc
 from . import exports, wire
@@ -55,20 +58,37 @@ TOKEN_ENV = "LEXER_API_TOKEN"
 API_URL_ENV = "LEXER_API_URL"
 STATUS_URL_ENV = "LEXER_STATUS_URL"
 
+REDACTED_TEXT = "<redacted>"
+REDACTED = REDACTED_TEXT.encode()
+
 T = TypeVar("T")
 Decoder = Callable[[int, bytes], T]
 
 
 class _Secret:
-    """Holds the API token; its repr and str never show it."""
+    """Holds the API token; its repr and str never show it, and `redact` removes it from
+    whatever a server sends back (a body or header that echoes it)."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_forms", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        raw = value.encode()
+        escaped = json.dumps(value)[1:-1].encode()  # as it appears inside a JSON string
+        self._forms = (raw,) if escaped == raw else (raw, escaped)
 
     def reveal(self) -> str:
         return self._value
+
+    def redact(self, data: bytes) -> bytes:
+        """``data`` with every occurrence of the token replaced by ``<redacted>``."""
+        for form in self._forms:
+            if form in data:
+                data = data.replace(form, REDACTED)
+        return data
+
+    def redact_text(self, text: str) -> str:
+        return text.replace(self._value, REDACTED_TEXT) if self._value in text else text
 
     def __repr__(self) -> str:
         return "<redacted>"
@@ -92,6 +112,14 @@ def api_session(
     )
     _no_silent_resend(session)
     return session
+
+
+def files_session() -> aiohttp.ClientSession:
+    """The session for export files, which live on a storage host: no default headers, no
+    cookies (per-request deadlines come from `exports.DownloadPolicy`)."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+    )
 
 
 def _no_silent_resend(session: aiohttp.ClientSession) -> None:
@@ -157,9 +185,20 @@ class LexerClient:
             raise exc.ConfigurationError(
                 f"no API token: pass token=... to LexerClient or set ${TOKEN_ENV}"
             )
+        token = token.strip()
+        if any(unicodedata.category(char) == "Cc" for char in token):
+            # Never echo it: the message says what is wrong, not what the token is.
+            raise exc.ConfigurationError(
+                "the API token contains a control character (a line break, tab or similar): "
+                "check how it was pasted or stored"
+            )
         if not timeout > 0:
             raise exc.ConfigurationError("timeout must be positive")
-        self._token = _Secret(token.strip())
+        if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
+            raise exc.ConfigurationError("max_requests must be an integer of at least 1")
+        if not 0 < window < math.inf:
+            raise exc.ConfigurationError("window must be a positive number of seconds")
+        self._token = _Secret(token)
         self.label = label or f"token-{token_key(self._token.reveal())[:8]}"
         self.api_url = (api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
         self.status_url = (
@@ -190,6 +229,7 @@ class LexerClient:
         self._files_session: aiohttp.ClientSession | None = None
         self._limiter: Limiter | None = None
         self._closed = False
+        self._warned_retry_after = False
 
     def __repr__(self) -> str:
         return (
@@ -217,23 +257,33 @@ class LexerClient:
             raise exc.ClientClosedError("this LexerClient is closed; create a new one")
         if self._limiter is not None:
             return
-        if self._session is None:
-            self._session = api_session(timeout=self.timeout)
-        _no_silent_resend(self._session)  # a caller's session too
-        if self._files_session is None:
-            # Export files live on a storage host: a bare session, no headers, no cookies.
-            self._files_session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
-            )
-        if self.redis_url is not None:
-            from .limits_redis import check_redis, shared_registry
+        opened: list[aiohttp.ClientSession] = []
+        try:
+            if self._session is None:
+                self._session = api_session(timeout=self.timeout)
+                opened.append(self._session)
+            _no_silent_resend(self._session)  # a caller's session too
+            if self._files_session is None:
+                self._files_session = files_session()
+                opened.append(self._files_session)
+            if self.redis_url is not None:
+                from .limits_redis import check_redis, shared_registry
 
-            await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
-            # A slot's lease must outlive the longest attempt, or it could free too early.
-            self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
-        self._limiter = self._registry.get(
-            self._token.reveal(), max_requests=self.max_requests, window=self.window
-        )
+                await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
+                # A slot's lease must outlive the longest attempt, or it could free too early.
+                self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
+            self._limiter = self._registry.get(
+                self._token.reveal(), max_requests=self.max_requests, window=self.window
+            )
+        except BaseException:
+            # Nothing half-open is left behind (a failed `async with` never calls aexit).
+            for session in opened:
+                await session.close()
+            if self._session in opened:
+                self._session = None
+            if self._files_session in opened:
+                self._files_session = None
+            raise
 
     async def aclose(self) -> None:
         """Close the owned session. A closed client cannot be used again."""
@@ -286,47 +336,94 @@ class LexerClient:
         base = self.api_url if request.origin == "api" else self.status_url
         return base + request.path
 
-    async def _attempt(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP exchange inside a limiter slot. Redirects are not followed, so the
-        token is never carried to another host."""
-        headers = {
-            wire.TOKEN_HEADER: self._token.reveal(),
-            "Accept": "application/json",
-        }
+    @property
+    def max_retry_after(self) -> float:
+        """The longest pause a 429's Retry-After may impose (`RetryPolicy.max_retry_after`,
+        else the window)."""
+        limit = self.retry.max_retry_after
+        return self.window if limit is None else limit
+
+    def _check_retry_after(self, error: exc.RateLimitedError, headers: dict[str, str]) -> None:
+        """Warn, once per client, of a Retry-After that was sent but is unusable."""
+        unusable = error.retry_after is None and wire.retry_after_header(headers) is not None
+        if unusable and not self._warned_retry_after:
+            self._warned_retry_after = True
+            log.warning(
+                "429 for token %s came with an unusable Retry-After (not a delay in "
+                "seconds or an HTTP date); treating it as absent",
+                self.label,
+            )
+
+    def _headers(self, request: wire.Request) -> dict[str, str]:
+        headers = {wire.TOKEN_HEADER: self._token.reveal(), "Accept": "application/json"}
         if request.json is not None:
             headers["Content-Type"] = "application/json"
+        return headers
+
+    async def _exchange(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP exchange inside a limiter slot (`_http` returns before the slot is
+        released, so a failing release never has the response in its frames)."""
+        async with self.limiter.slot(self._on_wait), self._in_flight:
+            return await self._http(request)
+
+    async def _http(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
+        """Send ``request`` and read the whole answer. Redirects are not followed, so the
+        token is never carried to another host. Whatever the server echoes of the token
+        (in the body or a header) is redacted here, before anything reads it."""
+        async with self.session.request(
+            request.method,
+            self._url(request),
+            data=None if request.json is None else json.dumps(request.json).encode(),
+            params=request.params,
+            headers=self._headers(request),
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        ) as response:
+            body = await response.read()
+            headers = {
+                key: self._token.redact_text(value) for key, value in response.headers.items()
+            }
+            return response.status, headers, self._token.redact(body)
+
+    async def _attempt(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
+        """`_exchange`, with every aiohttp and OS error mapped to a `TransportError`.
+
+        aiohttp's errors hold the request's headers, token included (``request_info``),
+        so none is kept as a cause or context: the typed error is raised outside the
+        handler, and no frame in its traceback holds the request or the response."""
+        failure: exc.LexerError
+        origin = request.origin
         try:
-            async with (
-                self.limiter.slot(self._on_wait),
-                self._in_flight,
-                self.session.request(
-                    request.method,
-                    self._url(request),
-                    data=None if request.json is None else json.dumps(request.json).encode(),
-                    params=request.params,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=self.timeout),
-                ) as response,
-            ):
-                body = await response.read()
-                return response.status, dict(response.headers), body
+            return await self._exchange(request)
+        except exc.LexerError as error:  # e.g. the limiter's backend failed meanwhile
+            if _cut_transport_context(error):
+                # The frames it passed (the slot's exit) hold the aiohttp error too.
+                raise error.with_traceback(None)  # noqa: B904 - the cause is cut on purpose
+            raise
+        except asyncio.TimeoutError:  # aiohttp's connect/read timeouts included
+            failure = exc.LexerTimeoutError(
+                f"no complete answer from the {origin} host within {self.timeout:g}s",
+                report_type=request.report_type,
+            )
         except aiohttp.ClientConnectorError as error:
-            raise exc.LexerConnectionError(
-                f"cannot connect to {request.origin} host: {error.os_error or error}",
+            failure = exc.LexerConnectionError(
+                f"cannot connect to {origin} host: "
+                + self._token.redact_text(str(error.os_error or error)),
                 report_type=request.report_type,
                 request_sent=False,
-            ) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
-            raise exc.LexerConnectionError(
-                f"connection to the {request.origin} host failed: {type(error).__name__}",
+            )
+        except (aiohttp.ClientResponseError, HttpProcessingError) as error:
+            failure = exc.MalformedResponseError(
+                f"malformed HTTP response from the {origin} host: "
+                + self._token.redact_text(_parser_complaint(error)),
                 report_type=request.report_type,
-            ) from None
-        except asyncio.TimeoutError:
-            raise exc.LexerTimeoutError(
-                f"no complete answer from the {request.origin} host within {self.timeout:g}s",
+            )
+        except (aiohttp.ClientError, OSError) as error:
+            failure = exc.LexerConnectionError(
+                f"connection to the {origin} host failed: {type(error).__name__}",
                 report_type=request.report_type,
-            ) from None
+            )
+        raise failure
 
     async def send(
         self,
@@ -353,9 +450,11 @@ class LexerClient:
             with anyio.fail_after(limit):
                 return await self._send_with_retries(request, decode, idempotent, retries)
         except TimeoutError:
-            raise exc.LexerTimeoutError(
-                f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
-            ) from None
+            pass
+        # Raised outside the handler: the cancelled attempt is no part of its context.
+        raise exc.LexerTimeoutError(
+            f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
+        )
 
     async def _send_with_retries(
         self, request: wire.Request, decode: Decoder[T], idempotent: bool, retries: int
@@ -371,9 +470,15 @@ class LexerClient:
                 if 200 <= status < 300:
                     return decode(status, body)
                 error = wire.map_error(
-                    status, body, headers, report_type=request.report_type, now=self._now
+                    status,
+                    body,
+                    headers,
+                    report_type=request.report_type,
+                    now=self._now,
+                    max_retry_after=self.max_retry_after,
                 )
             if isinstance(error, exc.RateLimitedError):
+                self._check_retry_after(error, headers)
                 await self.limiter.penalize(error.retry_after)
                 self.limiter.stats.rate_limited += 1
                 log.warning(
@@ -644,6 +749,30 @@ class LexerClient:
     ) -> AsyncIterator[dict[str, str]]:
         """``async for row in client.export_rows(...)``: rows parsed as the CSV streams."""
         return exports.export_rows(self, kind, date_from, date_to, **options)
+
+
+def _cut_transport_context(error: BaseException) -> bool:
+    """Detach any aiohttp error (it holds the request's headers) from ``error``'s chain;
+    True when there was one."""
+    cut = False
+    link: BaseException | None = error
+    seen: list[BaseException] = []
+    while link is not None and not any(link is s for s in seen):
+        seen.append(link)
+        for attr in ("__cause__", "__context__"):
+            if isinstance(getattr(link, attr), (aiohttp.ClientError, HttpProcessingError)):
+                setattr(link, attr, None)
+                cut = True
+        link = link.__cause__ or link.__context__
+    return cut
+
+
+def _parser_complaint(error: BaseException) -> str:
+    """What aiohttp's parser objected to ("Bad status line", "Invalid character in
+    Content-Length", ...): the text before its quote of the offending bytes."""
+    message = getattr(error, "message", None)
+    text = message if isinstance(message, str) and message else type(error).__name__
+    return text.splitlines()[0].partition(":")[0].strip()[:100] or type(error).__name__
 
 
 def _list_decoder(cls: type[T]) -> Decoder[list[T]]:

@@ -25,12 +25,14 @@ __all__ = [
     "RequestTimeoutError",
     "TransportError",
     "LexerConnectionError",
+    "MalformedResponseError",
     "LexerTimeoutError",
     "UnexpectedResponseError",
     "ExportError",
     "ExportFailedError",
     "ExportTimeoutError",
     "DownloadError",
+    "DownloadTimeoutError",
     "LimiterBackendError",
     "OutputError",
 ]
@@ -166,6 +168,12 @@ class LexerConnectionError(TransportError):
         self.request_sent = request_sent
 
 
+class MalformedResponseError(LexerConnectionError):
+    """The server's answer was not valid HTTP: a bad status line, an invalid or over-long
+    header, a non-numeric ``Content-Length``, broken chunked framing. Retried like a
+    dropped connection (for idempotent requests)."""
+
+
 class LexerTimeoutError(TransportError):
     """The request, or the call's overall deadline, timed out."""
 
@@ -237,6 +245,11 @@ class ExportTimeoutError(ExportError, LexerTimeoutError):
 
 class DownloadError(ExportError):
     """The export file could not be downloaded completely and verified."""
+
+
+class DownloadTimeoutError(DownloadError, LexerTimeoutError):
+    """The file host did not connect, answer or finish within `DownloadPolicy`'s
+    deadlines (``connect_timeout``, ``read_timeout``, ``timeout``)."""
 
 
 class LimiterBackendError(LexerError):

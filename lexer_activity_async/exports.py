@@ -11,13 +11,14 @@ import codecs
 import csv
 import io
 import logging
+import math
 import os
 import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -87,16 +88,31 @@ class PollPolicy:
         return base * (rng or random).uniform(self.jitter_low, 1.0)
 
 
+def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None and attribute.name == "timeout":  # the one deadline that may be off
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise exc.ConfigurationError(f"DownloadPolicy.{attribute.name} must be a positive number")
+
+
 @attrs.frozen
 class DownloadPolicy:
     """How the file is fetched: ``chunk_size`` bytes per write; up to ``max_resumes``
-    resumptions after a dropped connection; up to ``max_url_refreshes`` fresh URLs after
-    the file host says the URL expired (403/404/410); ``read_timeout`` s of silence."""
+    resumptions after a dropped connection, a timeout or a 5xx; up to
+    ``max_url_refreshes`` fresh URLs after the file host says the URL expired
+    (403/404/410).
+
+    Deadlines, in seconds: ``connect_timeout`` for each connection to the file host
+    (TCP and TLS handshakes), ``read_timeout`` of silence while reading, ``timeout`` for
+    the whole download, resumptions included (None: no bound). Past one of them the
+    download raises `DownloadTimeoutError`."""
 
     chunk_size: int = 1 << 20
     max_resumes: int = 5
     max_url_refreshes: int = 3
-    read_timeout: float = 60.0
+    read_timeout: float = attrs.field(default=60.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=30.0, validator=_positive)
+    timeout: float | None = attrs.field(default=3600.0, validator=_positive)
 
 
 @attrs.frozen
@@ -214,10 +230,12 @@ async def wait_for_export(
                         job.status,
                     )
     except TimeoutError:
-        raise exc.ExportTimeoutError(
-            f"export job not complete after {policy.timeout:g}s (last status {status!r})",
-            report_type=kind,
-        ) from None
+        pass
+    # Raised outside the handler: the cancelled poll is no part of its context.
+    raise exc.ExportTimeoutError(
+        f"export job not complete after {policy.timeout:g}s (last status {status!r})",
+        report_type=kind,
+    )
 
 
 def _check_file_url(client: LexerClient, url: str) -> None:
@@ -236,8 +254,16 @@ class _Expired(Exception):
     """The file host says the URL is no longer valid."""
 
 
+class _Transient(Exception):
+    """The file host answered 5xx or 408: worth resuming."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 async def _open_file(
-    client: LexerClient, url: str, offset: int, policy: DownloadPolicy
+    client: LexerClient, url: str, offset: int, policy: DownloadPolicy, remaining: float
 ) -> aiohttp.ClientResponse:
     """GET the file with no credentials, following redirects by hand (checked each hop)."""
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -247,7 +273,11 @@ async def _open_file(
             url,
             headers=headers,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=policy.read_timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=None if remaining == math.inf else remaining,
+                sock_connect=policy.connect_timeout,
+                sock_read=policy.read_timeout,
+            ),
         )
         if response.status in _REDIRECTS and "Location" in response.headers:
             url = urljoin(url, response.headers["Location"])
@@ -258,9 +288,7 @@ async def _open_file(
             raise _Expired(response.status)
         if response.status >= 500 or response.status == 408:
             response.release()
-            raise aiohttp.ClientResponseError(
-                response.request_info, (), status=response.status, message="transient"
-            )
+            raise _Transient(response.status)
         if response.status not in (200, 206) or (response.status == 206 and not offset):
             response.release()
             raise exc.DownloadError(f"file host answered HTTP {response.status}")
@@ -297,22 +325,39 @@ async def stream_file(
     policy = policy or DownloadPolicy()
     received = resumes = refreshes = 0
     total: int | None = None
+    deadline = math.inf if policy.timeout is None else anyio.current_time() + policy.timeout
+    # Failures are summarised, never kept: nothing of aiohttp's (request info, URL) rides
+    # along as the context of the error finally raised.
+    problem = ""
+    timed_out = expired = False
     while True:
-        try:
-            response = await _open_file(client, url, received, policy)
-        except _Expired:
+        if problem:
+            resumes += 1
+            if resumes > policy.max_resumes:
+                break
+            await anyio.sleep(
+                min(0.25 * 2**resumes, 5.0, max(0.0, deadline - anyio.current_time()))
+            )
+            problem = ""
+        if expired:
             if refresh_url is None or refreshes >= policy.max_url_refreshes:
                 raise exc.DownloadError(
                     f"export file URL expired and {refreshes} fresh URLs did not help"
-                ) from None
+                )
             refreshes += 1
+            expired = False
             url = await refresh_url()
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            timed_out, problem = True, "the whole-download deadline passed"
+            break
+        try:
+            response = await _open_file(client, url, received, policy, remaining)
+        except _Expired:
+            expired = True
             continue
-        except (aiohttp.ClientError, TimeoutError) as e:  # 5xx from the host included
-            resumes += 1
-            if resumes > policy.max_resumes:
-                raise exc.DownloadError(f"file download failed: {_brief(e)}") from None
-            await anyio.sleep(min(0.25 * 2**resumes, 5.0))
+        except (aiohttp.ClientError, OSError, TimeoutError, _Transient) as e:
+            timed_out, problem = isinstance(e, TimeoutError), _brief(e)
             continue
         try:
             size = _total_size(response, received)
@@ -330,23 +375,32 @@ async def stream_file(
                 yield chunk
                 client._emit(DownloadProgress(client.label, kind, received, total))
             if skip or (total is not None and received < total):
-                raise aiohttp.ClientPayloadError("body ended early")
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
-            resumes += 1
-            if resumes > policy.max_resumes:
-                raise exc.DownloadError(f"file download failed: {_brief(e)}") from None
-            await anyio.sleep(min(0.25 * 2**resumes, 5.0))
+                timed_out, problem = False, "body ended early"
+                continue
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            timed_out, problem = isinstance(e, TimeoutError), _brief(e)
             continue
         finally:
             response.release()
         if total is not None and received != total:
             raise exc.DownloadError(f"got {received} bytes, Content-Length said {total}")
         return
+    if timed_out:
+        raise exc.DownloadTimeoutError(
+            f"file download timed out ({problem}; connect {policy.connect_timeout:g}s, "
+            f"read {policy.read_timeout:g}s, whole download "
+            + ("unbounded" if policy.timeout is None else f"{policy.timeout:g}s")
+            + ")",
+            report_type=kind,
+        )
+    raise exc.DownloadError(f"file download failed: {problem}")
 
 
 def _brief(error: BaseException) -> str:
     """An error's class, and its status when it has one (never the URL: it may be signed)."""
     status = getattr(error, "status", None)
+    if isinstance(error, _Transient):
+        return f"file host answered HTTP {status}"
     return f"{type(error).__name__}" + (f" (HTTP {status})" if status else "")
 
 

@@ -28,6 +28,8 @@ from typing import Protocol, runtime_checkable
 import anyio
 import attrs
 
+from .exceptions import ConfigurationError
+
 __all__ = [
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_WINDOW",
@@ -289,7 +291,7 @@ class LimiterRegistry:
         if limiter is None:
             limiter = table[key] = self._factory(key, max_requests, window)
         elif (limiter.max_requests, limiter.window) != (max_requests, float(window)):
-            raise ValueError(
+            raise ConfigurationError(
                 "this token already has a limiter with a different limit "
                 f"({limiter.max_requests} per {limiter.window:g}s); one token, one limit"
             )

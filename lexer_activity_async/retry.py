@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import attrs
@@ -20,6 +21,11 @@ class RetryPolicy:
     None means no overall bound (a backfill may queue behind the rate limit for hours).
     429s are retried after the limiter's penalty, up to ``max_rate_limited`` times, and
     do not use up ``max_retries``.
+
+    ``max_retry_after`` bounds the pause a 429's ``Retry-After`` may impose on the token, in
+    seconds; None (the default) means the client's rate-limit window. A longer value is
+    cut to it; an unusable one (garbage, negative, absurdly long) counts as absent, which
+    pauses the token for one window.
     """
 
     max_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
@@ -28,6 +34,12 @@ class RetryPolicy:
     cap: float = 30.0
     jitter_low: float = 0.75
     max_rate_limited: int = attrs.field(default=10, validator=attrs.validators.ge(0))
+    max_retry_after: float | None = attrs.field(default=None)
+
+    @max_retry_after.validator
+    def _check_max_retry_after(self, _: object, value: float | None) -> None:
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+            raise exc.ConfigurationError("max_retry_after must be a finite number >= 0, or None")
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone, tzinfo
 from email.utils import parsedate_to_datetime
@@ -36,6 +37,7 @@ __all__ = [
     "decode_export_job",
     "map_error",
     "parse_retry_after",
+    "retry_after_header",
     "RESULT_TYPES",
     "is_loopback_url",
 ]
@@ -105,17 +107,31 @@ def _unexpected(
     return exc.UnexpectedResponseError(reason, status=status, report_type=report_type, body=body)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} (not JSON)")
+
+
+def _loads(body: bytes | str) -> Any:
+    """`json.loads`, strict: ``NaN``/``Infinity`` (which Python accepts but JSON does not)
+    raise ValueError, so no non-finite number ever reaches a result or an output file."""
+    return json.loads(body, parse_constant=_reject_constant)
+
+
 def decode_json(status: int, body: bytes, report_type: str | None = None) -> Any:
-    """Parse a JSON body, or raise `UnexpectedResponseError`."""
+    """Parse a JSON body, or raise `UnexpectedResponseError` (also for non-finite numbers
+    and nesting too deep for the parser)."""
+    reason: str
     try:
-        return json.loads(body)
+        return _loads(body)
     except (ValueError, UnicodeDecodeError) as error:
-        raise _unexpected(f"body is not JSON ({error})", status, body, report_type) from None
+        reason = f"body is not JSON ({error})"
+    except RecursionError:
+        reason = "body is JSON nested too deeply to parse"
+    raise _unexpected(reason, status, body, report_type)
 
 
-def _structure(
-    payload: Any, cls: Any, status: int, body: bytes, report_type: str | None
-) -> Any:
+def _structure(payload: Any, cls: Any, status: int, body: bytes, report_type: str | None) -> Any:
+    detail: str
     try:
         return m.converter.structure(payload, cls)
     except (cattrs.BaseValidationError, KeyError, TypeError, ValueError, AttributeError) as e:
@@ -124,7 +140,9 @@ def _structure(
             detail = "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
         else:
             detail = repr(e)
-        raise _unexpected(f"wrong shape: {detail}", status, body, report_type) from None
+    except RecursionError:
+        detail = "nested too deeply"
+    raise _unexpected(f"wrong shape: {detail}", status, body, report_type)
 
 
 def decode_list(cls: type[T], status: int, body: bytes) -> list[T]:
@@ -180,9 +198,7 @@ def _prepare(kind: ReportType, payload: Any, tz: tzinfo) -> Any:
     if kind is ReportType.STATES_VOLUME:
         if not isinstance(payload, dict):
             raise TypeError("expected an object keyed by workflow state")
-        return {
-            "states": {k: _points(v, tz, ("state", "value"), seen) for k, v in payload.items()}
-        }
+        return {"states": {k: _points(v, tz, ("state", "value"), seen) for k, v in payload.items()}}
     if kind is ReportType.RESPONSE_VOLUME:
         return {"avg_response_time": _points(payload["avg_response_time"], tz, ("value",), seen)}
     if kind is ReportType.CASE_VOLUME:
@@ -206,11 +222,16 @@ def decode_report(
     """
     name = report_type or kind.value
     payload = decode_json(status, body, name)
+    detail: str
     try:
         prepared = _prepare(kind, payload, tz)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise _unexpected(f"wrong shape: {error!r}", status, body, name) from None
-    return _structure(prepared, RESULT_TYPES[kind], status, body, name)
+        detail = repr(error)
+    except RecursionError:
+        detail = "nested too deeply"
+    else:
+        return _structure(prepared, RESULT_TYPES[kind], status, body, name)
+    raise _unexpected(f"wrong shape: {detail}", status, body, name)
 
 
 def decode_export_job(status: int, body: bytes, report_type: str | None = None) -> m.ExportJob:
@@ -220,12 +241,15 @@ def decode_export_job(status: int, body: bytes, report_type: str | None = None) 
     return job
 
 
-def _message(body: bytes) -> str:
+def _message(body: bytes) -> str | None:
+    """The server's message in an error body; None for JSON nested too deeply to read."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        payload = json.loads(text)
+        payload = _loads(text)
     except ValueError:
         return text[:500]
+    except RecursionError:
+        return None
     if isinstance(payload, dict):
         for key in ("error", "message", "errors", "detail"):
             if isinstance(payload.get(key), str):
@@ -235,25 +259,44 @@ def _message(body: bytes) -> str:
     return text[:500]
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+_DELTA_SECONDS = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,9})?")
+"""Delta-seconds as sent in practice (an integer, leniently a decimal); longer digit runs
+are nonsense, not delays (and would overflow the clock's arithmetic)."""
+
+
+def parse_retry_after(
+    value: str | None, now: datetime | None = None, *, maximum: float | None = None
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), at
+    most ``maximum`` when given. None when absent or unusable: garbage, negative,
+    non-finite or absurdly long numbers, unparseable dates."""
     if value is None or not value.strip():
         return None
     value = value.strip()
-    try:
+    seconds: float
+    if _DELTA_SECONDS.fullmatch(value):
         seconds = float(value)
-    except ValueError:
-        pass
-    else:  # "inf" would hold the token's requests forever, "nan" compares as 0
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    else:  # an HTTP date; "-3", "1e400", "nan" or a 5000-digit run fail here too
+        try:
+            when = parsedate_to_datetime(value)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            current = now if now is not None else datetime.now(timezone.utc)
+            seconds = max(0.0, (when - current).total_seconds())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = now if now is not None else datetime.now(timezone.utc)
-    return max(0.0, (when - current).total_seconds())
+    return seconds if maximum is None else min(seconds, maximum)
+
+
+def retry_after_header(headers: Mapping[str, str] | None) -> str | None:
+    """The ``Retry-After`` header's value (any case), or None."""
+    found = None
+    for key, value in (headers or {}).items():
+        if key.lower() == "retry-after":
+            found = value
+    return found
 
 
 _BAD_REQUESTS: tuple[tuple[str, type[exc.BadRequestError]], ...] = (
@@ -270,9 +313,16 @@ def map_error(
     *,
     report_type: str | None = None,
     now: Callable[[], datetime] | None = None,
+    max_retry_after: float | None = None,
 ) -> exc.LexerError:
-    """The typed exception for an error response (status >= 400)."""
-    message = _message(body)
+    """The typed exception for an error response (status >= 400); a 429's ``retry_after``
+    is at most ``max_retry_after`` seconds when given."""
+    found = _message(body)
+    if found is None and status != 429:  # a 429 is a rate limit whatever its body
+        return _unexpected(
+            "error body is JSON nested too deeply to parse", status, body, report_type
+        )
+    message = found or ""
     lowered = message.lower()
     if status == 400:
         for needle, cls in _BAD_REQUESTS:
@@ -287,14 +337,12 @@ def map_error(
     if status == 408:
         return exc.RequestTimeoutError(message, status=status, report_type=report_type)
     if status == 429:
-        header = None
-        for key, value in (headers or {}).items():
-            if key.lower() == "retry-after":
-                header = value
         return exc.RateLimitedError(
             message or "Rate limited exceeded",
             report_type=report_type,
-            retry_after=parse_retry_after(header, now() if now else None),
+            retry_after=parse_retry_after(
+                retry_after_header(headers), now() if now else None, maximum=max_retry_after
+            ),
         )
     if 500 <= status <= 599:
         return exc.ServerError(message, status=status, report_type=report_type)

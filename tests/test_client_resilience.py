@@ -959,3 +959,43 @@ async def test_the_token_never_appears_in_errors_logs_or_events(audit):
     assert any(r.levelno == logging.INFO for r in audit.caplog.records)
     assert any(r.levelno == logging.WARNING for r in audit.caplog.records)
     assert audit.check() > 20
+
+
+# -- absurd Retry-After values never poison the token --------------------------------------
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize(
+    ("value", "unusable"),
+    [
+        ("9" * 5000, True),  # int() of it exceeds the digit limit; float() is inf
+        ("99999999999999999999", True),  # too many digits for a delay
+        ("-5", True),
+        ("soon", True),
+        ("99999999999999", False),  # a valid delay, cut to the window
+        ("Fri, 31 Dec 9999 23:59:59 GMT", False),  # a valid date, cut to the window
+    ],
+    ids=["5000-digits", "20-digits", "negative", "garbage", "huge", "year-9999"],
+)
+async def test_an_absurd_retry_after_holds_the_token_one_window_at_most(audit, value, unusable):
+    bad = fail(429, 0.5, **{"Retry-After": value})
+    server = FakeLexer.scripted(bad, bad, bad)
+    async with audit.client(server) as client:
+        assert await client.summary(DATE_FROM, DATE_TO) == expected_summary()
+        assert await client.summary(DATE_FROM, DATE_TO) == expected_summary()  # not poisoned
+    first, second, third, retried, after = server.arrivals
+    for a, b in pairwise([first, second, third, retried]):
+        assert b.at - a.done == at(W)
+    assert after.at == at(retried.done)
+    warned = [r for r in audit.caplog.records if "unusable Retry-After" in r.getMessage()]
+    assert len(warned) == (1 if unusable else 0)  # once, for three of them
+
+
+@pytest.mark.looptime
+async def test_max_retry_after_caps_what_the_server_asks(audit):
+    server = FakeLexer.scripted(fail(429, 0.5, **{"Retry-After": "3600"}))
+    async with audit.client(server, retry=RetryPolicy(max_retry_after=30.0)) as client:
+        await client.summary(DATE_FROM, DATE_TO)
+    rejected, retried = server.arrivals
+    assert retried.at - rejected.done == at(30.0)
+    assert audit.of(RateLimited) == [RateLimited(LABEL, 30.0)]

@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 import aiolimiter
 import pytest
 
-from lexer_activity_async import LexerClient
+from lexer_activity_async import ConfigurationError, LexerClient
 from lexer_activity_async.limits import Lease, LimiterRegistry, SlidingWindowLimiter, token_key
 
 N = 100  # requests ...
@@ -393,7 +393,7 @@ async def test_registry_shares_one_limiter_per_token_across_clients():
 
         for different in ({"max_requests": 50}, {"window": 600.0}):
             other = LexerClient(token_a, api_url=url, registry=registry, **different)
-            with pytest.raises(ValueError, match="different limit") as info:
+            with pytest.raises(ConfigurationError, match="different limit") as info:
                 await other.open()
             assert token_a not in str(info.value)
             await other.aclose()
