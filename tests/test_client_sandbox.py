@@ -220,9 +220,7 @@ async def test_response_volume_granularity(make_client, end, hourly):
         cases = await client.case_volume(APR_FROM, end)
 
     assert result == expected(ReportType.RESPONSE_VOLUME, APR_FROM, end)
-    _assert_series(
-        result.avg_response_time, APR_FROM, end, timedelta(hours=1 if hourly else 24)
-    )
+    _assert_series(result.avg_response_time, APR_FROM, end, timedelta(hours=1 if hourly else 24))
     # case_volume is daily whatever the range.
     _assert_series(cases.open, APR_FROM, end, timedelta(days=1))
 
@@ -305,7 +303,11 @@ async def test_users_groups_and_extra_filters_reach_the_server(make_client, sand
         )
         plain = await client.report("summary", APR_FROM, APR_TO)
         nps = await client.report(
-            "nps_summary", APR_FROM, APR_TO, form=55, users=[123],
+            "nps_summary",
+            APR_FROM,
+            APR_TO,
+            form=55,
+            users=[123],
             extra_filters={"region": "apac"},
         )
 
@@ -324,7 +326,12 @@ async def test_report_body_on_the_wire(mock_http, registry):
     mock_http.post(MOCK_API + "/activity/reports", payload=payload)
     async with LexerClient(TOKEN_A, api_url=MOCK_API, registry=registry, now=lambda: NOW) as c:
         result = await c.report(
-            "summary", APR_FROM, APR_TO, users=(123, 789), groups=[456], forms=[55],
+            "summary",
+            APR_FROM,
+            APR_TO,
+            users=(123, 789),
+            groups=[456],
+            forms=[55],
             extra_filters={"channel": "twitter"},
         )
 
@@ -431,22 +438,36 @@ VALIDATION: list[tuple[str, Call]] = [
     ("export-kind-mention_sla_export", lambda c: c.report("mention_sla_export", JAN, FEB)),
     ("users-not-ints", lambda c: c.report("summary", JAN, FEB, users=["123"])),
     ("groups-a-string", lambda c: c.report("summary", JAN, FEB, groups="456")),
-    ("filter-clashes-with-type", lambda c: c.report(
-        "summary", JAN, FEB, extra_filters={"type": "nps_summary"})),
+    (
+        "filter-clashes-with-type",
+        lambda c: c.report("summary", JAN, FEB, extra_filters={"type": "nps_summary"}),
+    ),
     ("filter-clashes-with-users", lambda c: c.summary(JAN, FEB, extra_filters={"users": [1]})),
     ("filter-nan", lambda c: c.summary(JAN, FEB, extra_filters={"score": float("nan")})),
-    ("filter-infinity", lambda c: c.nps_summary(
-        JAN, FEB, form=55, extra_filters={"min": float("-inf")})),
+    (
+        "filter-infinity",
+        lambda c: c.nps_summary(JAN, FEB, form=55, extra_filters={"min": float("-inf")}),
+    ),
     ("filter-not-json", lambda c: c.user_volume(JAN, FEB, extra_filters={"since": NOW})),
-    ("export-filter-nan", lambda c: c.start_export(
-        "case_details", JAN, FEB, extra_filters={"score": float("nan")})),
-    ("export-filter-set", lambda c: c.export(
-        "mention_sla_export", JAN, FEB, UNWRITTEN, extra_filters={"ids": {1, 2}})),
-    ("export-forms-on-nps", lambda c: c.start_export(
-        "nps_submissions", JAN, FEB, form=55, forms=[55])),
+    (
+        "export-filter-nan",
+        lambda c: c.start_export("case_details", JAN, FEB, extra_filters={"score": float("nan")}),
+    ),
+    (
+        "export-filter-set",
+        lambda c: c.export(
+            "mention_sla_export", JAN, FEB, UNWRITTEN, extra_filters={"ids": {1, 2}}
+        ),
+    ),
+    (
+        "export-forms-on-nps",
+        lambda c: c.start_export("nps_submissions", JAN, FEB, form=55, forms=[55]),
+    ),
     ("unknown-export-kind", lambda c: c.start_export("bogus", JAN, FEB)),
-    ("export-over-12-months-start", lambda c: c.start_export(
-        "case_details", datetime(2024, 1, 1, tzinfo=timezone.utc), FEB)),
+    (
+        "export-over-12-months-start",
+        lambda c: c.start_export("case_details", datetime(2024, 1, 1, tzinfo=timezone.utc), FEB),
+    ),
     ("export-naive", lambda c: c.start_export("case_details", datetime(2026, 1, 1), FEB)),
     ("export-nps-without-form", lambda c: c.start_export("nps_submissions", JAN, FEB)),
     ("empty-report-token", lambda c: c.export_status("")),
@@ -763,16 +784,37 @@ async def test_servers_own_400s(make_client, sandbox, name, body, error, message
 
 NOT_FOUND = [
     ("unknown-path", wire.Request("api", "GET", "/nope")),
-    ("report-without-dates", wire.Request("api", "POST", "/activity/reports",
-                                          json={"type": "summary"}, report_type="summary")),
+    (
+        "report-without-dates",
+        wire.Request(
+            "api", "POST", "/activity/reports", json={"type": "summary"}, report_type="summary"
+        ),
+    ),
     ("report-bad-date", wire.report_request(_body("summary", "yesterday", "today"))),
-    ("from-after-to", wire.report_request(
-        _body("summary", "2026-02-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"))),
-    ("nps-non-nps-form", wire.report_request(_body(
-        "nps_summary", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00", form=57))),
-    ("nps-bad-category", wire.report_request(_body(
-        "nps_volume", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00",
-        form=55, nps_category="fans"))),
+    (
+        "from-after-to",
+        wire.report_request(
+            _body("summary", "2026-02-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00")
+        ),
+    ),
+    (
+        "nps-non-nps-form",
+        wire.report_request(
+            _body("nps_summary", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00", form=57)
+        ),
+    ),
+    (
+        "nps-bad-category",
+        wire.report_request(
+            _body(
+                "nps_volume",
+                "2026-01-01T00:00:00+00:00",
+                "2026-02-01T00:00:00+00:00",
+                form=55,
+                nps_category="fans",
+            )
+        ),
+    ),
     ("unknown-report-token", wire.status_request("0" * 32)),
 ]
 
@@ -789,8 +831,13 @@ async def test_not_found(make_client, sandbox, name, request_):
 
 @pytest.mark.parametrize(
     ("status", "error_name"),
-    [(500, "ServerError"), (502, "ServerError"), (503, "ServerError"), (504, "ServerError"),
-     (408, "RequestTimeoutError")],
+    [
+        (500, "ServerError"),
+        (502, "ServerError"),
+        (503, "ServerError"),
+        (504, "ServerError"),
+        (408, "RequestTimeoutError"),
+    ],
 )
 async def test_injected_failures_are_retried_then_succeed(make_client, sandbox, status, error_name):
     events: list[Any] = []
@@ -1005,18 +1052,14 @@ async def test_a_passed_in_session_is_used_and_not_closed(make_client, sandbox):
     assert sent == ["/v1/users", "/v1/activity/reports", "/v1/groups"]
 
 
-async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(
-    make_client, sandbox
-):
+async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(make_client, sandbox):
     """`api_session()` is what a client makes for itself, and several clients can share
     it: one connection serves two tokens in turn, each request carrying only its own
     token, with no cookie jar to carry one token's state into another's requests."""
     async with api_session(connections=1) as session:
         assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
         assert getattr(session, "_retry_connection", False) is False
-        async with make_client(session=session) as a, make_client(
-            TOKEN_B, session=session
-        ) as b:
+        async with make_client(session=session) as a, make_client(TOKEN_B, session=session) as b:
             for _ in range(3):
                 await a.users()
                 await b.users()
@@ -1263,9 +1306,10 @@ async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(sandbox_factory
     its next call waits on the rate limit; token B must still get through meanwhile."""
     sb = await sandbox_factory(max_requests=1, window=300.0)
     shared = anyio.CapacityLimiter(1)
-    async with client_for(sb, TOKEN_A, max_in_flight=shared) as a, client_for(
-        sb, TOKEN_B, max_in_flight=shared
-    ) as b:
+    async with (
+        client_for(sb, TOKEN_A, max_in_flight=shared) as a,
+        client_for(sb, TOKEN_B, max_in_flight=shared) as b,
+    ):
         await a.groups()  # A's only request of the window
         waiting = anyio.Event()
 

@@ -15,6 +15,7 @@ from lexer_activity_async import exceptions as exc
 from lexer_activity_async.limits import LimiterRegistry
 from lexer_activity_async.reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
+    RESERVED_KEYS,
     ExportKind,
     NpsCategory,
     ReportType,
@@ -28,7 +29,6 @@ from lexer_activity_async.reports import (
     validate_nps,
     validate_range,
 )
-from lexer_activity_async.reports import RESERVED_KEYS
 
 UTC = timezone.utc
 PLUS_11 = timezone(timedelta(hours=11))
