@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, TypeVar
@@ -42,6 +42,7 @@ from .limits import (
 from .reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
     ExportKind,
+    NpsCategory,
     ReportType,
     build_report_body,
 )
@@ -511,17 +512,39 @@ class LexerClient:
 
     # -- lists -------------------------------------------------------------------------
 
-    async def users(self, **call: Any) -> list[m.User]:
-        """``GET /v1/users``."""
-        return await self.send(wire.users_request(), _list_decoder(m.User), **call)
+    async def users(
+        self, *, max_retries: int | None = None, deadline: float | None = None
+    ) -> list[m.User]:
+        """``GET /v1/users``: the account's users (their ids filter reports: ``users=``)."""
+        return await self.send(
+            wire.users_request(),
+            _list_decoder(m.User),
+            max_retries=max_retries,
+            deadline=deadline,
+        )
 
-    async def groups(self, **call: Any) -> list[m.Group]:
-        """``GET /v1/groups``."""
-        return await self.send(wire.groups_request(), _list_decoder(m.Group), **call)
+    async def groups(
+        self, *, max_retries: int | None = None, deadline: float | None = None
+    ) -> list[m.Group]:
+        """``GET /v1/groups``: the account's groups (their ids filter reports: ``groups=``)."""
+        return await self.send(
+            wire.groups_request(),
+            _list_decoder(m.Group),
+            max_retries=max_retries,
+            deadline=deadline,
+        )
 
-    async def forms(self, **call: Any) -> list[m.Form]:
-        """``GET /v1/forms``."""
-        return await self.send(wire.forms_request(), _list_decoder(m.Form), **call)
+    async def forms(
+        self, *, max_retries: int | None = None, deadline: float | None = None
+    ) -> list[m.Form]:
+        """``GET /v1/forms``: the account's forms; those with ``nps`` set are the NPS
+        surveys that NPS reports and exports take as ``form=``."""
+        return await self.send(
+            wire.forms_request(),
+            _list_decoder(m.Form),
+            max_retries=max_retries,
+            deadline=deadline,
+        )
 
     # -- reports -----------------------------------------------------------------------
 
@@ -560,18 +583,30 @@ class LexerClient:
         date_from: datetime,
         date_to: datetime,
         *,
-        form: int | None = None,
-        nps_category: str | None = None,
         users: Sequence[int] | None = None,
         groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
-        **filters: object,
     ) -> Any:
         """Fetch any report; the typed methods below all come through here.
 
-        Input is validated before anything is sent. ``users``/``groups`` filter by id;
-        other keyword ``filters`` are passed through in the body as given.
+        Input is validated before anything is sent or any rate-limit slot is taken.
+
+        Args:
+            report_type: a `ReportType` or its name (``summary``, ``nps_volume``, ...).
+            date_from, date_to: timezone-aware; at most 12 months apart.
+            users, groups: only these user / group ids (from `users` / `groups`).
+            forms: only these form ids (from `forms`); not for NPS reports.
+            form: NPS reports only, and required there: the NPS survey's id.
+            nps_category: NPS reports only: all (default), promoters, passives or
+                detractors.
+            extra_filters: further body fields, sent verbatim (strict JSON values). The
+                names above, and type/date_from/date_to, are refused here.
+            max_retries, deadline: override the client's `RetryPolicy` for this call.
         """
         kind, name = self.resolve_report_type(report_type)
         body = build_report_body(
@@ -583,7 +618,8 @@ class LexerClient:
             nps_category=nps_category,
             users=users,
             groups=groups,
-            extra=filters,
+            forms=forms,
+            extra_filters=extra_filters,
             now=self._now(),
         )
         tz = date_from.tzinfo or timezone.utc
@@ -595,83 +631,272 @@ class LexerClient:
             wire.report_request(body), decode, max_retries=max_retries, deadline=deadline
         )
 
-    async def summary(self, date_from: datetime, date_to: datetime, **kw: Any) -> m.Summary:
-        """``summary``: team-wide handling metrics."""
-        result: m.Summary = await self.report(ReportType.SUMMARY, date_from, date_to, **kw)
+    # The typed methods share one keyword-only signature (NPS ones add form and
+    # nps_category) so a misspelt filter is a TypeError, never an unfiltered answer.
+
+    async def summary(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> m.Summary:
+        """``summary``: team-wide handling metrics. Filters as in `report`."""
+        result: m.Summary = await self.report(
+            ReportType.SUMMARY,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
+        )
         return result
 
     async def states_volume(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> m.StatesVolume:
-        """``states_volume``: messages per workflow state per day (hourly under 4 days)."""
+        """``states_volume``: messages per workflow state per day (hourly under 4 days).
+        Filters as in `report`."""
         result: m.StatesVolume = await self.report(
-            ReportType.STATES_VOLUME, date_from, date_to, **kw
+            ReportType.STATES_VOLUME,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     async def workflow_states(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> list[m.WorkflowState]:
-        """Workflow-state totals (type name: ``workflow_states_type``, default ``states``)."""
+        """Workflow-state totals (type name: ``workflow_states_type``, default ``states``).
+        Filters as in `report`."""
         result: list[m.WorkflowState] = await self.report(
-            ReportType.WORKFLOW_STATES, date_from, date_to, **kw
+            ReportType.WORKFLOW_STATES,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     async def classifications(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> list[m.Classification]:
-        """``classifications``: messages per classification and workflow state."""
+        """``classifications``: messages per classification and workflow state. Filters as
+        in `report`."""
         result: list[m.Classification] = await self.report(
-            ReportType.CLASSIFICATIONS, date_from, date_to, **kw
+            ReportType.CLASSIFICATIONS,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     async def response_volume(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> m.ResponseVolume:
-        """``response_volume``: average response time per day (hourly for 3 days or less)."""
+        """``response_volume``: average response time per day (hourly for 3 days or less).
+        Filters as in `report`."""
         result: m.ResponseVolume = await self.report(
-            ReportType.RESPONSE_VOLUME, date_from, date_to, **kw
+            ReportType.RESPONSE_VOLUME,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     async def user_summary(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> list[m.UserSummary]:
-        """``user_summary`` (Team Summary): each agent's metrics."""
+        """``user_summary`` (Team Summary): each agent's metrics. Filters as in `report`."""
         result: list[m.UserSummary] = await self.report(
-            ReportType.USER_SUMMARY, date_from, date_to, **kw
+            ReportType.USER_SUMMARY,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     async def user_volume(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> list[m.UserVolume]:
-        """``user_volume`` (Team Volume): each agent's messages by workflow state."""
+        """``user_volume`` (Team Volume): each agent's messages by workflow state. Filters
+        as in `report`."""
         result: list[m.UserVolume] = await self.report(
-            ReportType.USER_VOLUME, date_from, date_to, **kw
+            ReportType.USER_VOLUME,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     async def case_summary(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> m.CaseSummary:
-        """``case_summary``: case handling metrics."""
-        result: m.CaseSummary = await self.report(ReportType.CASE_SUMMARY, date_from, date_to, **kw)
+        """``case_summary``: case handling metrics. Filters as in `report`."""
+        result: m.CaseSummary = await self.report(
+            ReportType.CASE_SUMMARY,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
+        )
         return result
 
-    async def case_volume(self, date_from: datetime, date_to: datetime, **kw: Any) -> m.CaseVolume:
-        """``case_volume``: open cases per day."""
-        result: m.CaseVolume = await self.report(ReportType.CASE_VOLUME, date_from, date_to, **kw)
+    async def case_volume(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> m.CaseVolume:
+        """``case_volume``: open cases per day. Filters as in `report`."""
+        result: m.CaseVolume = await self.report(
+            ReportType.CASE_VOLUME,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
+        )
         return result
 
     async def case_classifications(
-        self, date_from: datetime, date_to: datetime, **kw: Any
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> list[m.CaseClassification]:
-        """``case_classifications``: classifications counted once per case."""
+        """``case_classifications``: classifications counted once per case. Filters as in
+        `report`."""
         result: list[m.CaseClassification] = await self.report(
-            ReportType.CASE_CLASSIFICATIONS, date_from, date_to, **kw
+            ReportType.CASE_CLASSIFICATIONS,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
@@ -681,12 +906,26 @@ class LexerClient:
         date_to: datetime,
         *,
         form: int,
-        nps_category: str = "all",
-        **kw: Any,
+        nps_category: NpsCategory | str = NpsCategory.ALL,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> m.NpsSummary:
-        """``nps_summary`` for NPS survey ``form``."""
+        """``nps_summary`` for the NPS survey ``form`` (an id from `forms`). Filters as in
+        `report`."""
         result: m.NpsSummary = await self.report(
-            ReportType.NPS_SUMMARY, date_from, date_to, form=form, nps_category=nps_category, **kw
+            ReportType.NPS_SUMMARY,
+            date_from,
+            date_to,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
@@ -696,22 +935,58 @@ class LexerClient:
         date_to: datetime,
         *,
         form: int,
-        nps_category: str = "all",
-        **kw: Any,
+        nps_category: NpsCategory | str = NpsCategory.ALL,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
     ) -> list[m.NpsDay]:
-        """``nps_volume``: NPS counts per local day for survey ``form``."""
+        """``nps_volume``: NPS counts per local day for the NPS survey ``form`` (an id
+        from `forms`). Filters as in `report`."""
         result: list[m.NpsDay] = await self.report(
-            ReportType.NPS_VOLUME, date_from, date_to, form=form, nps_category=nps_category, **kw
+            ReportType.NPS_VOLUME,
+            date_from,
+            date_to,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
         return result
 
     # -- exports (see `exports` for the pipeline) ------------------------------------------
 
     async def start_export(
-        self, kind: ExportKind | str, date_from: datetime, date_to: datetime, **params: Any
+        self,
+        kind: ExportKind | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
     ) -> m.ExportJob:
-        """Start an export job; returns it with its report token."""
-        return await exports.start_export(self, kind, date_from, date_to, **params)
+        """Start an export job (at most 12 months); returns it with its report token.
+        ``form`` (required for nps_submissions) and the filters are as in `report`."""
+        return await exports.start_export(
+            self,
+            kind,
+            date_from,
+            date_to,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+        )
 
     async def export_status(self, report_token: str) -> m.ExportJob:
         """Poll an export job once (status host)."""
@@ -739,16 +1014,70 @@ class LexerClient:
         date_from: datetime,
         date_to: datetime,
         dest: str | os.PathLike[str],
-        **options: Any,
+        *,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        window_months: int = 1,
+        merge: bool = True,
+        poll: exports.PollPolicy | None = None,
+        policy: exports.DownloadPolicy | None = None,
     ) -> exports.ExportResult:
-        """Start, wait for and download an export (split into windows past 12 months)."""
-        return await exports.export(self, kind, date_from, date_to, dest, **options)
+        """Start, wait for and download an export to ``dest``; past 12 months the range is
+        split into windows of ``window_months``, merged into ``dest`` (``merge=True``) or
+        written one file per window. ``form`` and the filters are as in `report`."""
+        return await exports.export(
+            self,
+            kind,
+            date_from,
+            date_to,
+            dest,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            window_months=window_months,
+            merge=merge,
+            poll=poll,
+            policy=policy,
+        )
 
     def export_rows(
-        self, kind: ExportKind | str, date_from: datetime, date_to: datetime, **options: Any
+        self,
+        kind: ExportKind | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        poll: exports.PollPolicy | None = None,
+        policy: exports.DownloadPolicy | None = None,
     ) -> AsyncIterator[dict[str, str]]:
-        """``async for row in client.export_rows(...)``: rows parsed as the CSV streams."""
-        return exports.export_rows(self, kind, date_from, date_to, **options)
+        """``async for row in client.export_rows(...)``: an export (at most 12 months)
+        parsed as its CSV streams, nothing written to disk. Arguments as in `export`."""
+        return exports.export_rows(
+            self,
+            kind,
+            date_from,
+            date_to,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            poll=poll,
+            policy=policy,
+        )
 
 
 def _cut_transport_context(error: BaseException) -> bool:

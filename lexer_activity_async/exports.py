@@ -15,7 +15,7 @@ import math
 import os
 import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,7 +64,7 @@ __all__ = [
 log = logging.getLogger("lexer_activity_async")
 
 FAILED_STATUSES = frozenset({"failed", "failure", "error", "errored", "expired", "cancelled"})
-"""Terminal failure statuses (undocumented by the reference: API-NOTES item 11)."""
+"""Terminal failure statuses (the reference documents only pending and complete)."""
 
 _EXPIRED = frozenset({403, 404, 410})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -134,23 +134,36 @@ def _kind(kind: ExportKind | str) -> ExportKind:
         raise exc.ValidationError(f"unknown export kind {kind!r}; known: {known}") from None
 
 
+@attrs.frozen
+class _Params:
+    """An export's body fields besides its kind and range (see `build_report_body`)."""
+
+    form: int | None = None
+    nps_category: str | None = None
+    users: Sequence[int] | None = None
+    groups: Sequence[int] | None = None
+    forms: Sequence[int] | None = None
+    extra_filters: Mapping[str, object] | None = None
+
+
 def _export_body(
     client: LexerClient,
     kind: ExportKind,
     date_from: datetime,
     date_to: datetime,
-    form: int | None,
-    nps_category: str | None,
-    filters: dict[str, object],
+    params: _Params,
 ) -> dict[str, object]:
     return build_report_body(
         kind.value,
         date_from,
         date_to,
         needs_form=kind.needs_form,
-        form=form,
-        nps_category=nps_category,
-        extra=filters,
+        form=params.form,
+        nps_category=params.nps_category,
+        users=params.users,
+        groups=params.groups,
+        forms=params.forms,
+        extra_filters=params.extra_filters,
         now=client._now(),
     )
 
@@ -163,12 +176,20 @@ async def start_export(
     *,
     form: int | None = None,
     nps_category: str | None = None,
-    **filters: object,
+    users: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+    forms: Sequence[int] | None = None,
+    extra_filters: Mapping[str, object] | None = None,
 ) -> m.ExportJob:
     """Start an export job (one request). Not retried on 5xx or after a dropped
-    connection, since the job may already exist; retried on 429 and failed connects."""
+    connection, since the job may already exist; retried on 429 and failed connects.
+
+    ``form`` (required for nps_submissions, refused otherwise) and ``nps_category``
+    name the NPS survey; ``users``, ``groups`` and ``forms`` filter by id, and
+    ``extra_filters`` adds body fields verbatim, as for reports (`build_report_body`)."""
     which = _kind(kind)
-    body = _export_body(client, which, date_from, date_to, form, nps_category, filters)
+    params = _Params(form, nps_category, users, groups, forms, extra_filters)
+    body = _export_body(client, which, date_from, date_to, params)
 
     def decode(status: int, raw: bytes) -> m.ExportJob:
         return wire.decode_export_job(status, raw, which.value)
@@ -176,6 +197,27 @@ async def start_export(
     job = await client.send(wire.report_request(body), decode, idempotent=False)
     client._emit(ExportState(client.label, which.value, job.token, job.status))
     return job
+
+
+async def _start(
+    client: LexerClient,
+    kind: ExportKind | str,
+    date_from: datetime,
+    date_to: datetime,
+    params: _Params,
+) -> m.ExportJob:
+    return await start_export(
+        client,
+        kind,
+        date_from,
+        date_to,
+        form=params.form,
+        nps_category=params.nps_category,
+        users=params.users,
+        groups=params.groups,
+        forms=params.forms,
+        extra_filters=params.extra_filters,
+    )
 
 
 async def export_status(client: LexerClient, report_token: str) -> m.ExportJob:
@@ -512,25 +554,10 @@ async def _run_one(
         nonlocal polls
         polls += 1
 
-    job = await start_export(
-        client,
-        kind,
-        date_from,
-        date_to,
-        form=params.form,
-        nps_category=params.nps_category,
-        **params.filters,
-    )
+    job = await _start(client, kind, date_from, date_to, params)
     done = await wait_for_export(client, job, kind=kind.value, poll=poll, on_poll=count)
     size = await download(client, done, dest, kind=kind.value, policy=policy, poll=poll)
     return done, size, polls
-
-
-@attrs.frozen
-class _Params:
-    form: int | None
-    nps_category: str | None
-    filters: dict[str, object]
 
 
 def window_path(dest: Path, start: datetime, end: datetime) -> Path:
@@ -547,28 +574,35 @@ async def export(
     *,
     form: int | None = None,
     nps_category: str | None = None,
+    users: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+    forms: Sequence[int] | None = None,
+    extra_filters: Mapping[str, object] | None = None,
     window_months: int = 1,
     merge: bool = True,
     poll: PollPolicy | None = None,
     policy: DownloadPolicy | None = None,
-    **filters: object,
 ) -> ExportResult:
     """Export ``kind`` over ``[date_from, date_to)`` to ``dest``.
 
     Ranges within 12 months run as one job. Longer ranges are split into half-open,
     gap-free windows of ``window_months`` (default one calendar month), run concurrently
     under the token's limiter, and written either merged into ``dest`` with a single
-    header (``merge=True``) or as one file per window beside it (`window_path`).
+    header (``merge=True``) or as one file per window beside it (`window_path`). Every
+    window's job gets the same ``form``, ``nps_category`` and filters (as in
+    `start_export`).
     """
     which = _kind(kind)
     start, end = validate_range(date_from, date_to, now=client._now(), max_months=None)
-    params = _Params(form, nps_category, dict(filters))
+    params = _Params(form, nps_category, users, groups, forms, extra_filters)
     # Validate every window's body before anything is sent.
-    windows = [(start, end)] if not range_too_long(start, end) else split_range(
-        start, end, months=window_months
+    windows = (
+        [(start, end)]
+        if not range_too_long(start, end)
+        else split_range(start, end, months=window_months)
     )
     for lo, hi in windows:
-        _export_body(client, which, lo, hi, form, nps_category, dict(filters))
+        _export_body(client, which, lo, hi, params)
     target = Path(dest)
     if len(windows) == 1:
         job, size, polls = await _run_one(client, which, start, end, target, params, poll, policy)
@@ -677,15 +711,18 @@ async def export_rows(
     *,
     form: int | None = None,
     nps_category: str | None = None,
+    users: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+    forms: Sequence[int] | None = None,
+    extra_filters: Mapping[str, object] | None = None,
     poll: PollPolicy | None = None,
     policy: DownloadPolicy | None = None,
-    **filters: object,
 ) -> AsyncIterator[dict[str, str]]:
     """Start an export (at most 12 months), wait for it, and yield its rows as dicts keyed
-    by the header, parsed while the file streams (nothing is written to disk)."""
-    job = await start_export(
-        client, kind, date_from, date_to, form=form, nps_category=nps_category, **filters
-    )
+    by the header, parsed while the file streams (nothing is written to disk). ``form``
+    and the filters are as in `start_export`."""
+    params = _Params(form, nps_category, users, groups, forms, extra_filters)
+    job = await _start(client, kind, date_from, date_to, params)
     name = _kind(kind).value
     done = await wait_for_export(client, job, kind=name, poll=poll)
     assert done.url is not None

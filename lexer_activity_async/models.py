@@ -1,8 +1,8 @@
 """Typed results: frozen, slotted attrs classes, structured by one cattrs converter.
 
 Every documented field is present with its documented type. Extra fields the server may
-add are ignored. Ids are normalised to ``int`` (API-NOTES item 2: ``user_id`` is a string
-in user_summary and a number in user_volume). Time-series points carry parsed, aware
+add are ignored. Ids are normalised to ``int`` (the reference shows ``user_id`` as a
+string in user_summary and a number in user_volume). Time-series points carry parsed, aware
 timestamps.
 """
 
@@ -42,6 +42,7 @@ __all__ = [
 
 Id = NewType("Id", int)
 """An entity id, normalised to int whether the server sent ``123`` or ``"123"``."""
+
 
 @attrs.frozen
 class User:
@@ -143,7 +144,7 @@ class ValuePoint:
 class ResponseVolume:
     """``response_volume``: average response time per day (per hour for 3 days or less).
 
-    The unit of ``value`` is ambiguous (API-NOTES item 4): documented as minutes, the
+    The unit of ``value`` is ambiguous: the reference documents minutes, but its
     examples look like seconds. Values are returned as the server sends them.
     """
 
@@ -214,7 +215,8 @@ class CaseClassification:
 
 @attrs.frozen
 class NpsSummary:
-    """``nps_summary``. ``nps_score`` is the Net Promoter Score (API-NOTES item 6)."""
+    """``nps_summary``. ``nps_score`` is the Net Promoter Score (documented as an average
+    score, but the reference's example is the NPS: 9 promoters, 2 detractors of 12)."""
 
     total_sent: int
     total_received: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import enum
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 
@@ -27,6 +28,9 @@ __all__ = [
     "hourly_response_volume",
     "validate_range",
     "validate_nps",
+    "FORMS_HINT",
+    "RESERVED_KEYS",
+    "ID_FILTERS",
     "build_report_body",
     "split_range",
     "window_stamp",
@@ -34,8 +38,8 @@ __all__ = [
 
 MAX_RANGE_MONTHS = 12
 
-# API-NOTES item 1: the reference names the workflow-state totals "user_volume", which is
-# Team Volume's type. Its real name is unpublished; "states" is the natural sibling of
+# The reference's Workflow States example uses the type "user_volume", which is Team
+# Volume's. Its real name is unpublished; "states" is the natural sibling of
 # "states_volume" the way "classifications" is of "case_classifications". Overridable.
 DEFAULT_WORKFLOW_STATES_TYPE = "states"
 
@@ -166,11 +170,21 @@ def validate_range(
     return start, end
 
 
+FORMS_HINT = "list them with `lexer-activity forms` or `await client.forms()`"
+"""Where to find NPS survey ids, for error messages."""
+
+
 def validate_nps(form: object, nps_category: object) -> tuple[int, str]:
-    """NPS reports and exports need a form id (from ``/v1/forms``) and a valid category."""
+    """NPS reports and exports need a form id (an NPS survey from ``/v1/forms``) and a
+    valid category."""
+    if form is None:
+        raise ValidationError(
+            "NPS reports need `form`, the id of an NPS survey (a form with nps=true): " + FORMS_HINT
+        )
     if isinstance(form, bool) or not isinstance(form, int) or form <= 0:
         raise ValidationError(
-            f"NPS reports need `form`, a positive integer form id from /v1/forms; got {form!r}"
+            f"NPS reports need `form` to be a positive integer NPS survey id, got {form!r}: "
+            + FORMS_HINT
         )
     try:
         category = NpsCategory(nps_category)
@@ -180,6 +194,15 @@ def validate_nps(form: object, nps_category: object) -> tuple[int, str]:
             f"nps_category must be one of {allowed}; got {nps_category!r}"
         ) from None
     return form, category.value
+
+
+RESERVED_KEYS = frozenset(
+    {"type", "date_from", "date_to", "form", "nps_category", "users", "groups", "forms"}
+)
+"""Body keys the client sets itself; ``extra_filters`` may not set them."""
+
+ID_FILTERS = ("users", "groups", "forms")
+"""The id-list filters a report takes as keyword arguments (sent under these names)."""
 
 
 def _validate_ids(name: str, ids: Sequence[int] | None) -> list[int] | None:
@@ -195,6 +218,41 @@ def _validate_ids(name: str, ids: Sequence[int] | None) -> list[int] | None:
     return out
 
 
+def _check_json(name: str, value: object) -> None:
+    """`ValidationError` unless ``value`` encodes as strict JSON (no NaN or Infinity), so a
+    bad filter is refused before it takes a rate-limit slot."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as error:
+        reason = "too deeply nested" if isinstance(error, RecursionError) else str(error)
+        raise ValidationError(f"{name} cannot be sent as JSON: {reason}") from None
+
+
+def _validate_extra(extra_filters: Mapping[str, object] | None) -> dict[str, object]:
+    if extra_filters is None:
+        return {}
+    if not isinstance(extra_filters, Mapping):
+        raise ValidationError(
+            f"extra_filters must be a mapping of body field to value; got {extra_filters!r}"
+        )
+    out: dict[str, object] = {}
+    for key, value in extra_filters.items():
+        if not isinstance(key, str) or not key:
+            raise ValidationError(f"extra_filters keys must be non-empty strings; got {key!r}")
+        if key in ID_FILTERS or key in ("form", "nps_category"):
+            raise ValidationError(
+                f"extra_filters cannot set {key!r}: pass {key}=... to the method instead"
+            )
+        if key in RESERVED_KEYS:
+            raise ValidationError(
+                f"extra_filters cannot set {key!r}: the client sets it from the method's "
+                "report type and date range"
+            )
+        _check_json(f"extra_filters[{key!r}]", value)
+        out[key] = value
+    return out
+
+
 def build_report_body(
     type_name: str,
     date_from: object,
@@ -205,13 +263,17 @@ def build_report_body(
     nps_category: str | None = None,
     users: Sequence[int] | None = None,
     groups: Sequence[int] | None = None,
-    extra: Mapping[str, object] | None = None,
+    forms: Sequence[int] | None = None,
+    extra_filters: Mapping[str, object] | None = None,
     now: datetime | None = None,
 ) -> dict[str, object]:
     """Validate a report request and build its JSON body (pure: no I/O).
 
-    ``users`` and ``groups`` are passed through as lists of ids (API-NOTES item 10: their
-    names are unpublished); ``extra`` adds further fields verbatim.
+    ``users``, ``groups`` and ``forms`` are sent as lists of ids under those names (the
+    reference says reports may be filtered by them, but publishes no field names);
+    ``extra_filters`` adds further fields verbatim, and may not set any of
+    `RESERVED_KEYS`. Every value must encode as strict JSON (no NaN or Infinity).
+    NPS types (``needs_form``) take one ``form`` instead of ``forms``.
     """
     if not isinstance(type_name, str) or not type_name:
         raise ValidationError(f"report type must be a non-empty string; got {type_name!r}")
@@ -222,19 +284,21 @@ def build_report_body(
         "date_to": format_datetime(end),
     }
     if needs_form:
+        if forms is not None:
+            raise ValidationError(
+                f"report type {type_name!r} takes one NPS survey as `form`, not `forms`"
+            )
         body["form"], body["nps_category"] = validate_nps(
             form, NpsCategory.ALL.value if nps_category is None else nps_category
         )
     elif form is not None or nps_category is not None:
         raise ValidationError(f"report type {type_name!r} takes no form or nps_category")
-    for name, ids in (("users", users), ("groups", groups)):
+    for name, ids in (("users", users), ("groups", groups), ("forms", forms)):
         checked = _validate_ids(name, ids)
         if checked is not None:
+            _check_json(name, checked)
             body[name] = checked
-    for key, value in (extra or {}).items():
-        if key in body:
-            raise ValidationError(f"filter {key!r} clashes with a field the client sets")
-        body[key] = value
+    body.update(_validate_extra(extra_filters))
     return body
 
 

@@ -13,10 +13,12 @@ few responses that must be byte-exact: the reference's invalid users example, an
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
 import logging
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -46,6 +48,7 @@ from lexer_activity_async import (
     TokenMismatchError,
     UnexpectedResponseError,
     ValidationError,
+    exports,
     wire,
 )
 from lexer_activity_async import models as m
@@ -65,6 +68,8 @@ WRONG_TOKEN = "not-a-valid-token-5f1e2d3c4b"
 FAST = RetryPolicy(max_retries=3, base=0.01, cap=0.02)
 MOCK_API = "https://api.lexer.test/v1"
 MOCK_STATUS = "https://clients.lexer.test/api/public/v1"
+UNWRITTEN = f"{tempfile.gettempdir()}/lexer-activity-never-written.csv"
+"""An export destination for calls that must fail before anything is written."""
 
 NPS_KINDS = (ReportType.NPS_SUMMARY, ReportType.NPS_VOLUME)
 
@@ -108,7 +113,7 @@ async def test_users_groups_forms(make_client, sandbox):
     assert users[0].groups == (123, 456, 789)
     assert groups == m.converter.structure(list(_data.GROUPS), list[m.Group])
     assert groups[2].comment is None
-    assert {f.id for f in forms if f.nps} == {55, 56}
+    assert {f.id for f in forms if f.nps} == {55, 56, 123}  # 55 and 123: the reference's
     assert forms[0].created_at == datetime(2018, 5, 26, 21, 54, 19, tzinfo=timezone.utc)
     assert sandbox.stats.requests == {KEY_A: 3}
 
@@ -215,9 +220,7 @@ async def test_response_volume_granularity(make_client, end, hourly):
         cases = await client.case_volume(APR_FROM, end)
 
     assert result == expected(ReportType.RESPONSE_VOLUME, APR_FROM, end)
-    _assert_series(
-        result.avg_response_time, APR_FROM, end, timedelta(hours=1 if hourly else 24)
-    )
+    _assert_series(result.avg_response_time, APR_FROM, end, timedelta(hours=1 if hourly else 24))
     # case_volume is daily whatever the range.
     _assert_series(cases.open, APR_FROM, end, timedelta(days=1))
 
@@ -292,12 +295,20 @@ async def test_workflow_states_type_mismatch_is_the_servers_invalid_type(
 
 
 async def test_users_groups_and_extra_filters_reach_the_server(make_client, sandbox):
-    filters = {"users": [123, 789], "groups": [456], "channel": "twitter", "archived": False}
+    extra = {"channel": "twitter", "archived": False}
+    filters = {"users": [123, 789], "groups": [456], **extra}
     async with make_client() as client:
-        filtered = await client.report("summary", APR_FROM, APR_TO, **filters)
+        filtered = await client.report(
+            "summary", APR_FROM, APR_TO, users=[123, 789], groups=[456], extra_filters=extra
+        )
         plain = await client.report("summary", APR_FROM, APR_TO)
         nps = await client.report(
-            "nps_summary", APR_FROM, APR_TO, form=55, users=[123], region="apac"
+            "nps_summary",
+            APR_FROM,
+            APR_TO,
+            form=55,
+            users=[123],
+            extra_filters={"region": "apac"},
         )
 
     # The sandbox seeds each answer with the body's other fields: the filtered answer is the
@@ -315,7 +326,13 @@ async def test_report_body_on_the_wire(mock_http, registry):
     mock_http.post(MOCK_API + "/activity/reports", payload=payload)
     async with LexerClient(TOKEN_A, api_url=MOCK_API, registry=registry, now=lambda: NOW) as c:
         result = await c.report(
-            "summary", APR_FROM, APR_TO, users=(123, 789), groups=[456], channel="twitter"
+            "summary",
+            APR_FROM,
+            APR_TO,
+            users=(123, 789),
+            groups=[456],
+            forms=[55],
+            extra_filters={"channel": "twitter"},
         )
 
     assert result == m.converter.structure(payload, m.Summary)
@@ -326,6 +343,7 @@ async def test_report_body_on_the_wire(mock_http, registry):
         "date_to": "2026-04-30T23:59:59+11:00",
         "users": [123, 789],
         "groups": [456],
+        "forms": [55],
         "channel": "twitter",
     }
     headers = call.kwargs["headers"]
@@ -362,7 +380,7 @@ async def test_many_reports_concurrently_on_one_client(make_client, sandbox):
     for i, (kind, lo, hi, kw) in enumerate(calls):
         assert results[i] == expected(kind, lo, hi, kw), (kind, lo, hi)
     assert len(users) == 4
-    assert len(forms) == 3
+    assert len(forms) == len(_data.FORMS)
     assert sandbox.stats.requests == {KEY_A: len(calls) + 2} == {KEY_A: stats.requests}
 
 
@@ -420,10 +438,36 @@ VALIDATION: list[tuple[str, Call]] = [
     ("export-kind-mention_sla_export", lambda c: c.report("mention_sla_export", JAN, FEB)),
     ("users-not-ints", lambda c: c.report("summary", JAN, FEB, users=["123"])),
     ("groups-a-string", lambda c: c.report("summary", JAN, FEB, groups="456")),
-    ("filter-clashes-with-type", lambda c: c.report("summary", JAN, FEB, type="nps_summary")),
+    (
+        "filter-clashes-with-type",
+        lambda c: c.report("summary", JAN, FEB, extra_filters={"type": "nps_summary"}),
+    ),
+    ("filter-clashes-with-users", lambda c: c.summary(JAN, FEB, extra_filters={"users": [1]})),
+    ("filter-nan", lambda c: c.summary(JAN, FEB, extra_filters={"score": float("nan")})),
+    (
+        "filter-infinity",
+        lambda c: c.nps_summary(JAN, FEB, form=55, extra_filters={"min": float("-inf")}),
+    ),
+    ("filter-not-json", lambda c: c.user_volume(JAN, FEB, extra_filters={"since": NOW})),
+    (
+        "export-filter-nan",
+        lambda c: c.start_export("case_details", JAN, FEB, extra_filters={"score": float("nan")}),
+    ),
+    (
+        "export-filter-set",
+        lambda c: c.export(
+            "mention_sla_export", JAN, FEB, UNWRITTEN, extra_filters={"ids": {1, 2}}
+        ),
+    ),
+    (
+        "export-forms-on-nps",
+        lambda c: c.start_export("nps_submissions", JAN, FEB, form=55, forms=[55]),
+    ),
     ("unknown-export-kind", lambda c: c.start_export("bogus", JAN, FEB)),
-    ("export-over-12-months-start", lambda c: c.start_export(
-        "case_details", datetime(2024, 1, 1, tzinfo=timezone.utc), FEB)),
+    (
+        "export-over-12-months-start",
+        lambda c: c.start_export("case_details", datetime(2024, 1, 1, tzinfo=timezone.utc), FEB),
+    ),
     ("export-naive", lambda c: c.start_export("case_details", datetime(2026, 1, 1), FEB)),
     ("export-nps-without-form", lambda c: c.start_export("nps_submissions", JAN, FEB)),
     ("empty-report-token", lambda c: c.export_status("")),
@@ -442,6 +486,210 @@ async def test_validation_spends_no_budget(make_client, sandbox, name, call):
     assert sandbox.stats.arrivals == {}
     assert sandbox.stats.unauthorized == 0
     assert stats.requests == 0
+
+
+# -- an explicit API surface: typos are TypeErrors, filters are named -----------------------
+
+PLAIN_REPORT_METHODS = [c for c in TYPED_CALLS if not c[2]]
+PUBLIC_CALLS: list[tuple[str, Callable[..., Any]]] = [
+    *[
+        (name, lambda c, name=name: getattr(c, name)(APR_FROM, APR_TO, group=[123]))
+        for name, *_ in PLAIN_REPORT_METHODS
+    ],
+    ("nps_summary", lambda c: c.nps_summary(APR_FROM, APR_TO, form=55, group=[123])),
+    ("nps_volume", lambda c: c.nps_volume(APR_FROM, APR_TO, form=55, user=[1])),
+    ("report", lambda c: c.report("summary", APR_FROM, APR_TO, group=[123])),
+    ("report-filters", lambda c: c.report("summary", APR_FROM, APR_TO, filters={"a": 1})),
+    ("users", lambda c: c.users(group=[123])),
+    ("groups", lambda c: c.groups(retries=1)),
+    ("forms", lambda c: c.forms(nps=True)),
+    ("start_export", lambda c: c.start_export("case_details", JAN, FEB, group=[123])),
+    ("export", lambda c: c.export("case_details", JAN, FEB, UNWRITTEN, group=[123])),
+    ("export-windows", lambda c: c.export("case_details", JAN, FEB, UNWRITTEN, window=2)),
+    ("export_rows", lambda c: c.export_rows("case_details", JAN, FEB, group=[123])),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), PUBLIC_CALLS, ids=[c[0] for c in PUBLIC_CALLS])
+async def test_a_misspelt_keyword_is_a_type_error_before_any_request(
+    make_client, sandbox, name, call
+):
+    async with make_client() as client:
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            await call(client)
+        stats = client.stats
+
+    assert stats.requests == 0
+    assert sandbox.stats.arrivals == {}
+
+
+def _public_callables() -> list[tuple[str, Callable[..., Any]]]:
+    found = [
+        (f"LexerClient.{name}", member)
+        for name, member in inspect.getmembers(LexerClient, inspect.isfunction)
+        if not name.startswith("_")
+    ]
+    found += [(f"exports.{name}", getattr(exports, name)) for name in exports.__all__]
+    return [(name, f) for name, f in found if inspect.isfunction(f)]
+
+
+def test_no_public_client_or_export_call_takes_a_keyword_catch_all():
+    offenders = [
+        name
+        for name, function in _public_callables()
+        if any(
+            p.kind is inspect.Parameter.VAR_KEYWORD
+            for p in inspect.signature(function).parameters.values()
+        )
+    ]
+    assert offenders == []
+
+
+FILTER_PARAMS = {"users", "groups", "extra_filters"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "report",
+        *[c[0] for c in TYPED_CALLS[:12]],
+        "start_export",
+        "export",
+        "export_rows",
+    ],
+)
+def test_report_and_export_methods_show_their_filters(name):
+    """``help()`` shows the filters: keyword-only, defaulting to None."""
+    parameters = inspect.signature(getattr(LexerClient, name)).parameters
+    for filter_name in FILTER_PARAMS | ({"form"} if name.startswith("nps_") else {"forms"}):
+        parameter = parameters[filter_name]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, filter_name
+        if filter_name != "form":
+            assert parameter.default is None, filter_name
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "kwargs"),
+    [c[:3] for c in TYPED_CALLS[:12]],
+    ids=[c[0] for c in TYPED_CALLS[:12]],
+)
+async def test_every_typed_report_sends_its_filters(make_client, sandbox, method, kind, kwargs):
+    """Each method passes every filter on: the answer is the one the sandbox computes for
+    exactly this body, and differs from the unfiltered answer."""
+    filters: dict[str, Any] = {"users": [123, 789], "groups": [456]}
+    if not kind.needs_form:
+        filters["forms"] = [57]
+    extra = {"channel": "twitter", "score": 9.5, "flags": [True, None]}
+    async with make_client() as client:
+        filtered = await getattr(client, method)(
+            APR_FROM, APR_TO, **kwargs, **filters, extra_filters=extra
+        )
+        plain = await getattr(client, method)(APR_FROM, APR_TO, **kwargs)
+
+    assert filtered == expected(kind, APR_FROM, APR_TO, {**kwargs, **filters, **extra})
+    assert plain == expected(kind, APR_FROM, APR_TO, kwargs)
+    assert sandbox.stats.requests == {KEY_A: 2}
+
+
+EXPORT_CALLS: list[tuple[str, Callable[..., Any]]] = [
+    ("start_export", lambda c, **kw: c.start_export("case_details", JAN, FEB, **kw)),
+    ("export", lambda c, dest, **kw: c.export("case_details", JAN, FEB, dest, **kw)),
+    (
+        "export-windows",
+        lambda c, dest, **kw: c.export(
+            "case_details", datetime(2025, 1, 1, tzinfo=timezone.utc), FEB, dest, **kw
+        ),
+    ),
+    ("export_rows", lambda c, **kw: c.export_rows("mention_sla_export", JAN, FEB, **kw)),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), EXPORT_CALLS, ids=[c[0] for c in EXPORT_CALLS])
+async def test_export_methods_send_their_filters(
+    make_client, sandbox, monkeypatch, tmp_path, name, call
+):
+    """What the server received for every job started, window by window."""
+    received: list[dict[str, Any]] = []
+    original = sandbox._store.start
+
+    def spy(owner, kind, start, end, params, *rest):
+        received.append(dict(params))
+        return original(owner, kind, start, end, params, *rest)
+
+    monkeypatch.setattr(sandbox._store, "start", spy)
+    filters = {"users": [123], "groups": [456, 789], "forms": [55]}
+    extra = {"channel": "twitter"}
+    async with make_client() as client:
+        if name == "export_rows":
+            rows = [row async for row in call(client, **filters, extra_filters=extra)]
+            assert rows
+        elif name == "start_export":
+            await call(client, **filters, extra_filters=extra)
+        else:
+            await call(client, tmp_path / "out.csv", **filters, extra_filters=extra)
+
+    assert received
+    assert received == [{**filters, **extra}] * len(received)
+    assert len(received) == (13 if name == "export-windows" else 1)  # 13 monthly windows
+
+
+async def test_nps_submissions_export_sends_form_category_and_filters(make_client, sandbox):
+    async with make_client() as client:
+        rows = [
+            row
+            async for row in client.export_rows(
+                "nps_submissions", JAN, FEB, form=123, nps_category="promoters", users=[789]
+            )
+        ]
+    assert rows
+    assert {row["form_id"] for row in rows} == {"123"}
+    assert {row["category"] for row in rows} == {"promoter"}
+
+
+async def test_a_non_json_filter_takes_no_slot_and_the_next_request_does_not_wait(
+    sandbox_factory, client_for
+):
+    """With one slot per window, a NaN filter that burnt the slot would hold the valid
+    request behind it for a whole window; it takes none, so the valid one goes at once."""
+    strict = await sandbox_factory(max_requests=1, window=300.0)
+    async with client_for(strict) as client:
+        for bad in (float("nan"), float("inf"), {"a", "b"}, NOW):
+            with pytest.raises(ValidationError, match="cannot be sent as JSON"):
+                await client.summary(APR_FROM, APR_TO, extra_filters={"x": bad})
+            assert client.limiter.in_use == 0
+            assert client.stats.requests == 0
+        result = await client.summary(APR_FROM, APR_TO, extra_filters={"x": 1.5})
+        stats = client.stats
+        in_use = client.limiter.in_use
+
+    assert result == expected(ReportType.SUMMARY, APR_FROM, APR_TO, {"x": 1.5})
+    assert (stats.requests, stats.waits, stats.rate_limited) == (1, 0, 0)
+    assert in_use == 1
+    assert strict.stats.requests == {KEY_A: 1}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.report("nps_summary", JAN, FEB),
+        lambda c: c.report("nps_volume", JAN, FEB, form=None),
+        lambda c: c.start_export("nps_submissions", JAN, FEB),
+        lambda c: c.export("nps_submissions", JAN, FEB, UNWRITTEN),
+    ],
+    ids=["report-nps_summary", "report-nps_volume", "start_export", "export"],
+)
+async def test_a_missing_form_points_at_the_forms_listing(make_client, sandbox, call):
+    async with make_client() as client:
+        with pytest.raises(ValidationError) as info:
+            await call(client)
+        # The hint works: the listing names the NPS surveys the server accepts.
+        surveys = {form.id for form in await client.forms() if form.nps}
+
+    assert "NPS reports need `form`" in str(info.value)
+    assert "`lexer-activity forms`" in str(info.value)
+    assert "`await client.forms()`" in str(info.value)
+    assert surveys == Sandbox.nps_form_ids()
+    assert sandbox.stats.requests == {KEY_A: 1}  # the listing only
 
 
 # -- errors from the real server -------------------------------------------------------
@@ -536,16 +784,37 @@ async def test_servers_own_400s(make_client, sandbox, name, body, error, message
 
 NOT_FOUND = [
     ("unknown-path", wire.Request("api", "GET", "/nope")),
-    ("report-without-dates", wire.Request("api", "POST", "/activity/reports",
-                                          json={"type": "summary"}, report_type="summary")),
+    (
+        "report-without-dates",
+        wire.Request(
+            "api", "POST", "/activity/reports", json={"type": "summary"}, report_type="summary"
+        ),
+    ),
     ("report-bad-date", wire.report_request(_body("summary", "yesterday", "today"))),
-    ("from-after-to", wire.report_request(
-        _body("summary", "2026-02-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"))),
-    ("nps-non-nps-form", wire.report_request(_body(
-        "nps_summary", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00", form=57))),
-    ("nps-bad-category", wire.report_request(_body(
-        "nps_volume", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00",
-        form=55, nps_category="fans"))),
+    (
+        "from-after-to",
+        wire.report_request(
+            _body("summary", "2026-02-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00")
+        ),
+    ),
+    (
+        "nps-non-nps-form",
+        wire.report_request(
+            _body("nps_summary", "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00", form=57)
+        ),
+    ),
+    (
+        "nps-bad-category",
+        wire.report_request(
+            _body(
+                "nps_volume",
+                "2026-01-01T00:00:00+00:00",
+                "2026-02-01T00:00:00+00:00",
+                form=55,
+                nps_category="fans",
+            )
+        ),
+    ),
     ("unknown-report-token", wire.status_request("0" * 32)),
 ]
 
@@ -562,8 +831,13 @@ async def test_not_found(make_client, sandbox, name, request_):
 
 @pytest.mark.parametrize(
     ("status", "error_name"),
-    [(500, "ServerError"), (502, "ServerError"), (503, "ServerError"), (504, "ServerError"),
-     (408, "RequestTimeoutError")],
+    [
+        (500, "ServerError"),
+        (502, "ServerError"),
+        (503, "ServerError"),
+        (504, "ServerError"),
+        (408, "RequestTimeoutError"),
+    ],
 )
 async def test_injected_failures_are_retried_then_succeed(make_client, sandbox, status, error_name):
     events: list[Any] = []
@@ -778,18 +1052,14 @@ async def test_a_passed_in_session_is_used_and_not_closed(make_client, sandbox):
     assert sent == ["/v1/users", "/v1/activity/reports", "/v1/groups"]
 
 
-async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(
-    make_client, sandbox
-):
+async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(make_client, sandbox):
     """`api_session()` is what a client makes for itself, and several clients can share
     it: one connection serves two tokens in turn, each request carrying only its own
     token, with no cookie jar to carry one token's state into another's requests."""
     async with api_session(connections=1) as session:
         assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
         assert getattr(session, "_retry_connection", False) is False
-        async with make_client(session=session) as a, make_client(
-            TOKEN_B, session=session
-        ) as b:
+        async with make_client(session=session) as a, make_client(TOKEN_B, session=session) as b:
             for _ in range(3):
                 await a.users()
                 await b.users()
@@ -1036,9 +1306,10 @@ async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(sandbox_factory
     its next call waits on the rate limit; token B must still get through meanwhile."""
     sb = await sandbox_factory(max_requests=1, window=300.0)
     shared = anyio.CapacityLimiter(1)
-    async with client_for(sb, TOKEN_A, max_in_flight=shared) as a, client_for(
-        sb, TOKEN_B, max_in_flight=shared
-    ) as b:
+    async with (
+        client_for(sb, TOKEN_A, max_in_flight=shared) as a,
+        client_for(sb, TOKEN_B, max_in_flight=shared) as b,
+    ):
         await a.groups()  # A's only request of the window
         waiting = anyio.Event()
 

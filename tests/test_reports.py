@@ -15,6 +15,7 @@ from lexer_activity_async import exceptions as exc
 from lexer_activity_async.limits import LimiterRegistry
 from lexer_activity_async.reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
+    RESERVED_KEYS,
     ExportKind,
     NpsCategory,
     ReportType,
@@ -337,6 +338,18 @@ def test_validate_nps_rejects_bad_forms(form: object) -> None:
         validate_nps(form, "all")
 
 
+@pytest.mark.parametrize("form", [None, 0, "123"], ids=repr)
+def test_missing_or_bad_form_says_what_is_needed_and_where_to_find_it(form: object) -> None:
+    with pytest.raises(exc.ValidationError) as caught:
+        validate_nps(form, "all")
+    message = str(caught.value)
+    assert message.startswith("NPS reports need `form`")
+    assert "NPS survey" in message
+    assert "`lexer-activity forms`" in message
+    assert "`await client.forms()`" in message
+    assert "got None" not in message
+
+
 @pytest.mark.parametrize("category", ["ALL", "promoter", "", None, 9, "neutral"])
 def test_validate_nps_rejects_bad_categories(category: object) -> None:
     with pytest.raises(exc.ValidationError, match="nps_category") as caught:
@@ -427,23 +440,110 @@ def test_build_report_body_rejects_bad_ids(users: Any) -> None:
 
 def test_build_report_body_extra_filters_pass_through() -> None:
     extra = {"channel": "twitter", "classifications": [1, 2], "nested": {"a": None}}
-    body = build_report_body("summary", REF_FROM, REF_TO, extra=extra, now=NOW)
+    body = build_report_body("summary", REF_FROM, REF_TO, extra_filters=extra, now=NOW)
     assert body == {**REF_SUMMARY_BODY, **extra}
 
 
-@pytest.mark.parametrize("key", ["type", "date_from", "date_to", "form", "nps_category", "users"])
-def test_build_report_body_rejects_filters_that_clash(key: str) -> None:
-    with pytest.raises(exc.ValidationError, match=key):
+def test_build_report_body_forms_filter_becomes_a_list() -> None:
+    body = build_report_body("summary", REF_FROM, REF_TO, forms=(55, 123), now=NOW)
+    assert body == {**REF_SUMMARY_BODY, "forms": [55, 123]}
+    assert type(body["forms"]) is list
+
+
+def test_build_report_body_nps_takes_form_not_forms() -> None:
+    with pytest.raises(exc.ValidationError, match="`form`, not `forms`"):
         build_report_body(
-            "nps_summary",
+            "nps_summary", REF_FROM, REF_TO, needs_form=True, form=123, forms=[55], now=NOW
+        )
+
+
+@pytest.mark.parametrize("key", sorted(RESERVED_KEYS))
+@pytest.mark.parametrize("needs_form", [True, False], ids=["nps", "plain"])
+def test_build_report_body_rejects_extra_filters_on_reserved_keys(
+    key: str, needs_form: bool
+) -> None:
+    """Reserved keys are refused whether or not this body would set them."""
+    with pytest.raises(exc.ValidationError, match=f"extra_filters cannot set '{key}'"):
+        build_report_body(
+            "nps_summary" if needs_form else "summary",
             REF_FROM,
             REF_TO,
-            needs_form=True,
-            form=1,
-            users=[1],
-            extra={key: "x"},
+            needs_form=needs_form,
+            form=1 if needs_form else None,
+            extra_filters={key: "x"},
             now=NOW,
         )
+
+
+@pytest.mark.parametrize("key", ["users", "groups", "forms", "form", "nps_category"])
+def test_extra_filters_point_at_the_keyword_for_known_filters(key: str) -> None:
+    with pytest.raises(exc.ValidationError, match=f"pass {key}=\\.\\.\\. to the method"):
+        build_report_body("summary", REF_FROM, REF_TO, extra_filters={key: [1]}, now=NOW)
+
+
+@pytest.mark.parametrize("extra", [["channel"], "channel=x", {1: "x"}, {"": "x"}], ids=repr)
+def test_build_report_body_rejects_malformed_extra_filters(extra: Any) -> None:
+    with pytest.raises(exc.ValidationError, match="extra_filters"):
+        build_report_body("summary", REF_FROM, REF_TO, extra_filters=extra, now=NOW)
+
+
+def _deep(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _circular() -> object:
+    loop: list[object] = []
+    loop.append(loop)
+    return loop
+
+
+NOT_JSON: list[tuple[str, object, str]] = [
+    ("nan", float("nan"), "Out of range float values are not JSON compliant"),
+    ("infinity", float("inf"), "Out of range float values are not JSON compliant"),
+    ("minus-infinity", float("-inf"), "Out of range float values are not JSON compliant"),
+    ("nested-nan", {"score": [1.0, float("nan")]}, "Out of range float"),
+    ("set", {1, 2}, "set is not JSON serializable"),
+    ("datetime", NOW, "datetime is not JSON serializable"),
+    ("bytes", b"x", "bytes is not JSON serializable"),
+    ("object", object(), "object is not JSON serializable"),
+    ("tuple-key", {(1, 2): "x"}, "keys must be str"),
+    ("circular", _circular(), "Circular reference"),
+    ("too-deep", _deep(100_000), "too deeply nested"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"), [(v, r) for _, v, r in NOT_JSON], ids=[n for n, _, _ in NOT_JSON]
+)
+def test_build_report_body_refuses_values_that_are_not_strict_json(
+    value: object, reason: str
+) -> None:
+    with pytest.raises(exc.ValidationError) as caught:
+        build_report_body("summary", REF_FROM, REF_TO, extra_filters={"score": value}, now=NOW)
+    message = str(caught.value)
+    assert message.startswith("extra_filters['score'] cannot be sent as JSON: ")
+    assert reason in message
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+
+
+def test_build_report_body_is_strict_json() -> None:
+    """What it returns always encodes with allow_nan=False: the body sent is the body built."""
+    extra = {"score": 9.5, "flags": [True, None], "nested": {"k": [1, "two"]}}
+    body = build_report_body(
+        "summary",
+        REF_FROM,
+        REF_TO,
+        users=[1],
+        groups=[2],
+        forms=[3],
+        extra_filters=extra,
+        now=NOW,
+    )
+    assert json.loads(json.dumps(body, allow_nan=False)) == body
 
 
 @pytest.mark.parametrize("type_name", ["", None, 5])
@@ -634,7 +734,10 @@ INVALID_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("nps-bad-category", ("nps_summary", JAN, FEB), {"form": 1, "nps_category": "fans"}),
     ("form-on-summary", ("summary", JAN, FEB), {"form": 1}),
     ("users-string", ("user_summary", JAN, FEB), {"users": "123"}),
-    ("clashing-filter", ("summary", JAN, FEB), {"type": "user_volume"}),
+    ("clashing-filter", ("summary", JAN, FEB), {"extra_filters": {"type": "user_volume"}}),
+    ("nan-filter", ("summary", JAN, FEB), {"extra_filters": {"score": float("nan")}}),
+    ("set-filter", ("summary", JAN, FEB), {"extra_filters": {"channels": {"a", "b"}}}),
+    ("forms-on-nps", ("nps_summary", JAN, FEB), {"form": 55, "forms": [55]}),
 ]
 
 

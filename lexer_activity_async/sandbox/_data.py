@@ -2,21 +2,26 @@
 
 Every report is a pure function of (token key, report type, range, other body fields):
 a `random.Random` is seeded from a sha256 of those, so the same request always gets the
-same bytes. The account (users, groups, forms) is the same for every token, so tests and
-benchmarks can use the reference's ids (form 55 is an NPS survey) without a lookup.
+same bytes. The account (users, groups, forms) is the same for every token and holds every
+id the reference's examples use (users 12345, 123 and 789; groups 123, 456 and 789; NPS
+surveys 55 and 123), so its curl examples work as written and tests and benchmarks need no
+lookup. Classification ids keep the reference's names too.
 
 Consistency rules kept (asserted by ``tests/test_sandbox.py``):
 - times in seconds, ``*_min`` = seconds / 60, min <= median <= max, min <= avg <= max;
 - responded_to <= volume, broke_sla and broke_action_sla <= responded_to;
 - user_summary fractions divide by responded_to, except fraction_responded_to
-  (by mentions_assigned); 0.0 when dividing by zero (API-NOTES item 7);
+  (by mentions_assigned); 0.0 when dividing by zero (the reference's prose divides
+  fraction_responded_to_in_private by mentions_assigned, its examples by responded_to);
 - user_volume ``all_states`` = sum of the states, ``all_closed_states`` = the sum of
   `CLOSED_STATES` (closed, irrelevant, duplicate, no_response_required: the states that
   end a message's handling);
 - classifications' ``all_states`` = sum of that classification's per-state volumes;
 - the workflow-state totals equal the sums of states_volume's series for the same range;
 - NPS: promoters + passives + detractors = received <= sent; nps_score is the Net Promoter
-  Score (API-NOTES item 6); nps_summary equals the sum of nps_volume's days.
+  Score (the reference calls it "average nps score", but its example is the NPS:
+  9 promoters and 2 detractors of 12 give 58.33); nps_summary equals the sum of
+  nps_volume's days.
 
 Series periods are labelled on the wall clock of the request's ``date_from`` offset and cover
 the range exactly (first period contains date_from, last contains date_to). nps_volume has
@@ -151,6 +156,16 @@ FORMS: tuple[dict[str, Any], ...] = (
         "nps": False,
         "form_url": "https://forms.example.invalid/57/1/form",
     },
+    {
+        "id": 123,
+        "name": "Customer NPS",
+        "title": "How likely are you to recommend us?",
+        "archived": False,
+        "created_at": "2018-03-01T00:00:00Z",
+        "groups": [123, 456, 789],
+        "nps": True,
+        "form_url": "https://forms.example.invalid/123/1/form",
+    },
 )
 
 NPS_FORM_IDS = frozenset(form["id"] for form in FORMS if form["nps"])
@@ -161,7 +176,7 @@ CLASSIFICATIONS: tuple[tuple[int, str], ...] = (
     (466, "positive"),
     (526, "social nps"),
     (528, "feedback"),
-    (1246, "complaint"),
+    (1246, "amusing"),
     (1465, "image"),
     (1467, "loyalty"),
     (1472, "bot"),
