@@ -21,6 +21,7 @@ from .exceptions import (
     MissingTokenError,
     NotFoundError,
     OutputError,
+    PortUnavailableError,
     RateLimitedError,
     RequestTimeoutError,
     ServerError,
@@ -70,4 +71,5 @@ __all__ = [
     "DownloadError",
     "LimiterBackendError",
     "OutputError",
+    "PortUnavailableError",
 ]

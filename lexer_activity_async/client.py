@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ from . import exceptions as exc
 from . import exports, wire
 from . import models as m
 from ._version import __version__
-from .events import Event, EventHook, RateLimited, RateLimitWait, Retrying
+from .events import Event, EventHook, RateLimited, RateLimitWait, RequestSent, Retrying
 from .limits import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_WINDOW,
@@ -282,6 +282,13 @@ class LexerClient:
         until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
         self._emit(RateLimitWait(self.label, seconds, until))
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A rate-limit slot; a `RequestSent` event once it is taken."""
+        async with self.limiter.slot(self._on_wait):
+            self._emit(RequestSent(self.label))
+            yield
+
     def _url(self, request: wire.Request) -> str:
         base = self.api_url if request.origin == "api" else self.status_url
         return base + request.path
@@ -297,7 +304,7 @@ class LexerClient:
             headers["Content-Type"] = "application/json"
         try:
             async with (
-                self.limiter.slot(self._on_wait),
+                self._slot(),
                 self._in_flight,
                 self.session.request(
                     request.method,
@@ -461,6 +468,7 @@ class LexerClient:
         groups: Sequence[int] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        extra_filters: Mapping[str, object] | None = None,
         **filters: object,
     ) -> Any:
         """Fetch any report; the typed methods below all come through here.
@@ -478,7 +486,7 @@ class LexerClient:
             nps_category=nps_category,
             users=users,
             groups=groups,
-            extra=filters,
+            extra={**filters, **(extra_filters or {})},
             now=self._now(),
         )
         tz = date_from.tzinfo or timezone.utc
