@@ -28,19 +28,24 @@ def check_directory(path: str | os.PathLike[str]) -> Path:
     folder, which is what the write will need (permission bits alone mislead: root
     ignores them, and a read-only mount honours none)."""
     folder = Path(path)
+    _check_folder(folder, folder)
+    return folder
+
+
+def _check_folder(folder: Path, named: Path) -> None:
+    """Check ``folder``; errors name ``named`` (the path the caller gave)."""
     existing = folder
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
-    where = "" if existing == folder else f" ({existing})"
+    where = "" if existing == named else f" ({existing})"
     if not existing.is_dir():
-        raise OutputError(folder, f"not a directory{where}")
+        raise OutputError(named, f"not a directory{where}")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".lexer-write-check-")
     except OSError as error:
-        raise OutputError(folder, f"{error.strerror or type(error).__name__}{where}") from None
+        raise OutputError(named, f"{error.strerror or type(error).__name__}{where}") from None
     os.close(fd)
     os.unlink(probe)
-    return folder
 
 
 def check_file_destination(path: str | os.PathLike[str]) -> Path:
@@ -51,5 +56,5 @@ def check_file_destination(path: str | os.PathLike[str]) -> Path:
         raise OutputError(dest, "is a directory; give a file name")
     if dest.exists() and not dest.is_file():
         raise OutputError(dest, "exists and is not a regular file")
-    check_directory(dest.parent)
+    _check_folder(dest.parent, dest)
     return dest

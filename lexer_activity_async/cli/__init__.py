@@ -412,10 +412,7 @@ def export(
     """Run an export job and stream its CSV to a file."""
     if ExportKind(kind).needs_form:
         _need_form(kind, form)
-    try:
-        check_file_destination(output)  # before the job: a bad path spends no rate budget
-    except exc.OutputError as error:
-        raise BadUsage(describe(error)) from None
+    _writable(check_file_destination, output)  # before the job: no rate budget spent
     view = WaitView(kind, err, live=err.is_terminal)
 
     async def go() -> Any:
@@ -446,11 +443,14 @@ def export(
 # -- backfill and demo --------------------------------------------------------------------------
 
 
-def _check_output_dir(path: Path) -> None:
-    """A backfill's output folder must be writable before anything starts (exit 2)."""
+def _writable(check: Callable[[Path], object], path: Path) -> None:
+    """Run a destination ``check`` before anything starts: an `OutputError` is bad usage
+    (status 2), shown as one line (or raised, with ``--debug``)."""
     try:
-        check_directory(path)
+        check(path)
     except exc.OutputError as error:
+        if click.get_current_context().find_root().params.get("debug"):
+            raise
         raise BadUsage(describe(error)) from None
 
 
@@ -561,7 +561,7 @@ def backfill(
     if dry_run:
         _print_plan(spec)
         return
-    _check_output_dir(spec.output)
+    _writable(check_directory, spec.output)
     with _view(spec, as_json) as view:
         summary = _run(run_backfill(spec, retry_failed=retry_failed, on_event=view))
     _print_summary(summary, spec, as_json)
@@ -651,7 +651,7 @@ def demo(
     output: Path, n_tokens: int, months: int, window: float, resume: bool, as_json: bool
 ) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
-    _check_output_dir(output)
+    _writable(check_directory, output)
     if output.exists() and not resume and any(output.iterdir()):
         # Only a directory an earlier demo marked may be deleted: a real backfill's output
         # has a checkpoint too.

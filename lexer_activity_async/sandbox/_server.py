@@ -69,7 +69,8 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as error:
-        reason = error.strerror or str(error)
+        # asyncio's message repeats the address; the errno's own text says why.
+        reason = os.strerror(error.errno) if error.errno else str(error)
         raise PortUnavailableError(host, port, reason) from None
 
 
