@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -97,9 +98,21 @@ class TokenProgress:
     requests: int = 0
     bytes: int = 0
     held_by_429: bool = False
+    history: int = 1
+    """How many send times to keep: the rate limit's N."""
+    _sent: deque[float] = attrs.field(init=False)
     _waited: float = 0.0
     _wait_start: float | None = None
     _wait_until: float = 0.0
+
+    @_sent.default
+    def _history(self) -> deque[float]:
+        return deque(maxlen=max(1, self.history))
+
+    def sent(self, now: float) -> None:
+        """A request of the token went out at ``now``."""
+        self.requests += 1
+        self._sent.append(now)
 
     def wait(self, now: float, seconds: float) -> None:
         """A request expects to wait ``seconds`` from ``now``."""
@@ -128,12 +141,20 @@ class TokenProgress:
         return max(0.0, self._wait_until - now)
 
     def eta(self, now: float, max_requests: int, window: float) -> float:
-        """Least seconds left: the current wait, then the rate-limit floor of the plan's
-        remaining requests (N go at once, each further N a window later)."""
+        """Least seconds left for the plan's remaining requests under N per W.
+
+        Each of the N slots frees a window after its last request went out (now, for a
+        slot unused lately); the j-th remaining request takes slot ``j mod N`` in round
+        ``j // N``. A held token (a 429) first waits out its hold, then the floor
+        ``(ceil(R / N) - 1) * W`` applies."""
         if self.done >= self.units:
             return 0.0
         remaining = max(1, self.planned_requests - self.requests)
-        return self.wait_left(now) + _floor(remaining, max_requests, window)
+        n = max(1, max_requests)
+        recent = sorted(self._sent)[-n:]
+        free = sorted([t + window for t in recent] + [now] * (n - len(recent)))
+        last = max(now, free[(remaining - 1) % n]) + (remaining - 1) // n * window
+        return max(last - now, self.wait_left(now) + _floor(remaining, n, window))
 
 
 class _Info(ProgressColumn):
@@ -174,7 +195,11 @@ class BackfillView:
         self.echo = echo or (lambda line: click.echo(line, err=True))
         the_plan = plan(spec)
         self.tokens = {
-            s.label: TokenProgress(len(the_plan.units_of(s.label)), the_plan.requests_of(s.label))
+            s.label: TokenProgress(
+                len(the_plan.units_of(s.label)),
+                the_plan.requests_of(s.label),
+                history=spec.max_requests,
+            )
             for s in spec.tokens
         }
         self.overall = TokenProgress(
@@ -272,7 +297,7 @@ class BackfillView:
             self.progress.advance(self._tasks[label])
             self.progress.advance(self._tasks[self.OVERALL])
         elif isinstance(event, RequestSent) and label in self.tokens:
-            self.tokens[label].requests += 1
+            self.tokens[label].sent(now)
             self.overall.requests += 1
         elif isinstance(event, RateLimitWait) and label in self.tokens:
             token = self.tokens[label]
