@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from lexer_activity_async import LexerClient
 from lexer_activity_async.backfill import BackfillSpec, TokenSource, Unit, UnitFinished
 from lexer_activity_async.cli._progress import (
     PLAIN_INTERVAL,
@@ -31,6 +33,7 @@ from lexer_activity_async.events import (
     RateLimitWait,
     RequestSent,
 )
+from lexer_activity_async.sandbox import Sandbox
 
 UTC = timezone.utc
 T0 = 1000.0
@@ -292,3 +295,15 @@ def test_fit_lines_breaks_between_items_only() -> None:
     assert all(len(line) <= 40 for line in lines)
     assert "  ".join(lines).split("  ") == items
     assert fit_lines(["x" * 90, "y"]) == ["x" * 90, "y"]  # too long alone: kept whole
+
+
+async def test_the_client_tells_each_request_that_takes_a_slot(
+    sandbox: Sandbox, make_client: Callable[..., LexerClient]
+) -> None:
+    events: list[object] = []
+    async with make_client(on_event=events.append) as client:
+        await client.users()
+        await client.summary(datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 2, 1, tzinfo=UTC))
+    sent = [e for e in events if isinstance(e, RequestSent)]
+    assert sent == [RequestSent(client.label)] * 2
+    assert sum(sandbox.stats.requests.values()) == 2
