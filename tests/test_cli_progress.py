@@ -307,3 +307,25 @@ async def test_the_client_tells_each_request_that_takes_a_slot(
     sent = [e for e in events if isinstance(e, RequestSent)]
     assert sent == [RequestSent(client.label)] * 2
     assert sum(sandbox.stats.requests.values()) == 2
+
+
+def test_tables_fit_80_columns_without_breaking_words_or_hiding_figures() -> None:
+    from lexer_activity_async.cli import _table
+
+    error = "HTTP 401: Unauthorized - api token not matching (report type 'summary')"
+    table = _table(
+        "Backfill summary",
+        ("token", "done", "skipped", "failed", "first error"),
+        free=("first error",),
+    )
+    table.add_row("a-very-long-token-label-for-the-marketing-team", "3", "0", "2", error)
+    console = Console(file=io.StringIO(), width=PLAIN_WIDTH)
+    console.print(table)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert all(len(line) <= PLAIN_WIDTH for line in lines)
+    cells = [c.strip() for c in lines[4].strip("│").split("│")]
+    assert cells[:4] == ["a-very-long-token-label…", "3", "0", "2"]
+    wrapped = " ".join(
+        line.strip("│").split("│")[4].strip() for line in lines[4:] if line.startswith("│")
+    )
+    assert wrapped == error  # wrapped between words only

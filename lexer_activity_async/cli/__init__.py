@@ -271,6 +271,21 @@ def main(debug: bool) -> None:
     """Pull reports and exports from Lexer's Activity API, or run its local sandbox."""
 
 
+def _table(title: str | None, columns: Sequence[str], free: Sequence[str] = ()) -> Table:
+    """A table that fits the console without breaking a word: the first column (a label)
+    is cut at 24 columns, columns in ``free`` (long text) wrap between words in what is
+    left, the rest (figures) keep their header's width."""
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        if column in free:
+            table.add_column(column, overflow="ellipsis")
+        elif i == 0:
+            table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=24)
+        else:
+            table.add_column(column, no_wrap=True, min_width=len(column))
+    return table
+
+
 # -- lists ------------------------------------------------------------------------------------
 
 _LIST_COLUMNS = {
@@ -294,9 +309,7 @@ def _list_command(name: str, doc: str) -> None:
         if not as_table:
             click.echo(json.dumps(records, indent=2, default=str))
             return
-        table = Table()
-        for column in _LIST_COLUMNS[name]:
-            table.add_column(column, overflow="ellipsis")
+        table = _table(None, _LIST_COLUMNS[name], free=_LIST_COLUMNS[name][1:])
         for record in records:
             table.add_row(
                 *("" if record.get(c) is None else str(record.get(c)) for c in _LIST_COLUMNS[name])
@@ -460,9 +473,11 @@ def _view(spec: BackfillSpec, as_json: bool) -> BackfillView:
 
 
 def _summary_table(summary: BackfillSummary, spec: BackfillSpec) -> Table:
-    table = Table(title="Backfill summary")
-    for column in ("token", "done", "skipped", "failed", "first error"):
-        table.add_column(column, overflow="ellipsis")
+    table = _table(
+        "Backfill summary",
+        ("token", "done", "skipped", "failed", "first error"),
+        free=("first error",),
+    )
     for source in spec.tokens:
         failures = summary.failed[source.label]
         table.add_row(
@@ -510,9 +525,10 @@ def _print_summary(
 
 def _print_plan(spec: BackfillSpec) -> None:
     the_plan = plan(spec)
-    table = Table(title=f"Plan: {len(the_plan.units)} units in {len(the_plan.windows)} windows")
-    for column in ("token", "units", "requests (est.)", "least time (rate limit)"):
-        table.add_column(column, overflow="ellipsis")
+    table = _table(
+        f"Plan: {len(the_plan.units)} units in {len(the_plan.windows)} windows",
+        ("token", "units", "requests (est.)", "least time (rate limit)"),
+    )
     for source in spec.tokens:
         seconds = the_plan.least_seconds(source.label)
         table.add_row(
