@@ -328,3 +328,31 @@ def test_ctrl_c_during_an_export_leaves_no_file(
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines() == ["interrupted"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 KiB tmpfs: a real full disk (needs root; skipped where it cannot be mounted,
+    the export test above covers a full disk everywhere with a fault-injecting writer)."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_backfill_onto_a_full_disk_ends_in_one_line(tiny_disk: Path) -> None:
+    done = cli(
+        "demo", "-o", str(tiny_disk / "out"), "--tokens", "1", "--months", "3", "--window", "3"
+    )
+    line = one_error_line(done, 1)
+    assert "disk is full" in line or "No space left on device" in line
+    assert not list(tiny_disk.rglob("*.part"))

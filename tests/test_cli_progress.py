@@ -329,3 +329,11 @@ def test_tables_fit_80_columns_without_breaking_words_or_hiding_figures() -> Non
         line.strip("│").split("│")[4].strip() for line in lines[4:] if line.startswith("│")
     )
     assert wrapped == error  # wrapped between words only
+
+
+def test_eta_within_one_window_is_under_a_second_not_zero(tmp_path: Path) -> None:
+    progress, _, _ = view(tmp_path, "a", months=3, max_requests=100)
+    assert "eta <1s" in progress.info("a")  # the floor is 0, but work is pending
+    for month in (1, 2, 3):
+        progress(finished("a", month))
+    assert "eta 0s" in progress.info("a")

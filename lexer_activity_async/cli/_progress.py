@@ -257,7 +257,8 @@ class BackfillView:
             )
         else:
             eta = p.eta(now, self.max_requests, self.window)
-        parts.append(f"eta {duration(eta)}")
+        pending = p.done < p.units
+        parts.append(f"eta {duration(eta)}" if eta >= 1 or not pending else "eta <1s")
         if p.failed:
             parts.append(f"{p.failed} failed")
         return parts
