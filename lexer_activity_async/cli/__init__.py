@@ -321,8 +321,8 @@ _list_command("users", "List the account's users (GET /v1/users) as JSON.")
 _list_command("groups", "List the account's groups (GET /v1/groups) as JSON.")
 _list_command(
     "forms",
-    "List the account's forms (GET /v1/forms) as JSON; NPS reports "
-    "take one of their ids as --form.",
+    "List the account's forms (GET /v1/forms) as JSON.\n\n"
+    "NPS reports and exports take one of their ids as --form.",
 )
 
 
