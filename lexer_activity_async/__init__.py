@@ -23,6 +23,7 @@ from .exceptions import (
     MissingTokenError,
     NotFoundError,
     OutputError,
+    PortUnavailableError,
     RateLimitedError,
     RequestTimeoutError,
     ServerError,
@@ -74,4 +75,5 @@ __all__ = [
     "DownloadTimeoutError",
     "LimiterBackendError",
     "OutputError",
+    "PortUnavailableError",
 ]

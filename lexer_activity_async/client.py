@@ -29,7 +29,7 @@ from . import exceptions as exc
 from . import exports, wire
 from . import models as m
 from ._version import __version__
-from .events import Event, EventHook, RateLimited, RateLimitWait, Retrying
+from .events import Event, EventHook, RateLimited, RateLimitWait, RequestSent, Retrying
 from .limits import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_WINDOW,
@@ -333,6 +333,13 @@ class LexerClient:
         until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
         self._emit(RateLimitWait(self.label, seconds, until))
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A rate-limit slot; a `RequestSent` event once it is taken."""
+        async with self.limiter.slot(self._on_wait):
+            self._emit(RequestSent(self.label))
+            yield
+
     def _url(self, request: wire.Request) -> str:
         base = self.api_url if request.origin == "api" else self.status_url
         return base + request.path
@@ -364,7 +371,7 @@ class LexerClient:
     async def _exchange(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
         """One HTTP exchange inside a limiter slot (`_http` returns before the slot is
         released, so a failing release never has the response in its frames)."""
-        async with self.limiter.slot(self._on_wait), self._in_flight:
+        async with self._slot(), self._in_flight:
             return await self._http(request)
 
     async def _http(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:

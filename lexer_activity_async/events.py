@@ -15,6 +15,7 @@ __all__ = [
     "EventHook",
     "RateLimitWait",
     "RateLimited",
+    "RequestSent",
     "Retrying",
     "ExportState",
     "DownloadProgress",
@@ -23,11 +24,21 @@ __all__ = [
 
 @attrs.frozen
 class RateLimitWait:
-    """A request of token ``label`` waits on the rate limit for ``seconds``, until ``until``."""
+    """A request of token ``label`` is expected to wait on the rate limit for ``seconds``,
+    until ``until`` (wall clock): a display counts down from it, and counts the time as
+    waited only as it passes."""
 
     label: str
     seconds: float
     until: datetime
+
+
+@attrs.frozen
+class RequestSent:
+    """A request of token ``label`` took a rate-limit slot and is going out: one request
+    of the token's budget is spent (whatever its answer)."""
+
+    label: str
 
 
 @attrs.frozen
@@ -68,5 +79,5 @@ class DownloadProgress:
     total: int | None
 
 
-Event = RateLimitWait | RateLimited | Retrying | ExportState | DownloadProgress
+Event = RateLimitWait | RequestSent | RateLimited | Retrying | ExportState | DownloadProgress
 EventHook = Callable[[Event], None]

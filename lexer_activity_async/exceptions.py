@@ -35,6 +35,7 @@ __all__ = [
     "DownloadTimeoutError",
     "LimiterBackendError",
     "OutputError",
+    "PortUnavailableError",
 ]
 
 BODY_EXCERPT_BYTES = 200
@@ -271,3 +272,22 @@ class OutputError(LexerError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.path, self.reason))
+
+
+class PortUnavailableError(LexerError):
+    """A local port could not be listened on (in use, not permitted, out of range).
+
+    Attributes:
+        host: the address that was to be bound.
+        port: the port that failed.
+        reason: the operating system's reason, e.g. ``"Address already in use"``.
+    """
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.host, self.port, self.reason))

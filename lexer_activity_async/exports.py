@@ -8,6 +8,7 @@ and redirects followed by hand so plain-http hops are refused too.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import logging
@@ -28,6 +29,7 @@ import attrs
 from . import exceptions as exc
 from . import models as m
 from . import wire
+from .destinations import check_file_destination, output_error
 from .events import DownloadProgress, ExportState
 from .reports import (
     ExportKind,
@@ -465,7 +467,10 @@ async def _fsync_and_replace(handle: io.BufferedWriter, part: Path, dest: Path) 
         finally:
             os.close(fd)
 
-    await anyio.to_thread.run_sync(finish)
+    try:
+        await anyio.to_thread.run_sync(finish)
+    except OSError as error:
+        raise output_error(dest, error) from None
 
 
 _WRITE_BATCH = 1 << 20
@@ -480,29 +485,41 @@ async def _write_atomically(dest: Path, chunks: AsyncIterator[bytes]) -> int:
     write blocks while the kernel flushes dirty pages to a slow disk, and on the event
     loop that would stall every other task. A cancelled write finishes before the file
     is closed and removed."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = _part_path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(part, "wb")  # noqa: SIM115, ASYNC230 - closed in finish() or below
+    except OSError as error:
+        raise output_error(dest, error) from None
     written = 0
     batch: list[bytes] = []
     batched = 0
-    handle = open(part, "wb")  # noqa: SIM115, ASYNC230 - closed in finish() or below
     try:
         async for chunk in chunks:
             batch.append(chunk)
             batched += len(chunk)
             if batched >= _WRITE_BATCH:
-                await anyio.to_thread.run_sync(handle.writelines, batch)
+                await _on_disk(dest, handle.writelines, batch)
                 written += batched
                 batch, batched = [], 0
         if batch:
-            await anyio.to_thread.run_sync(handle.writelines, batch)
+            await _on_disk(dest, handle.writelines, batch)
             written += batched
         await _fsync_and_replace(handle, part, dest)
     except BaseException:
-        handle.close()
+        with contextlib.suppress(OSError):  # a full disk fails the final flush too
+            handle.close()
         part.unlink(missing_ok=True)
         raise
     return written
+
+
+async def _on_disk(dest: Path, write: Callable[[list[bytes]], None], batch: list[bytes]) -> None:
+    """``write(batch)`` in a worker thread; an OS error (full disk, ...) is an `OutputError`."""
+    try:
+        await anyio.to_thread.run_sync(write, batch)
+    except OSError as error:
+        raise output_error(dest, error) from None
 
 
 def _url_refresher(
@@ -591,6 +608,9 @@ async def export(
     header (``merge=True``) or as one file per window beside it (`window_path`). Every
     window's job gets the same ``form``, ``nps_category`` and filters (as in
     `start_export`).
+
+    ``dest`` is checked first (`OutputError` if it is a folder or its folder cannot be
+    written), so a bad path never starts a job or spends rate budget.
     """
     which = _kind(kind)
     start, end = validate_range(date_from, date_to, now=client._now(), max_months=None)
@@ -603,7 +623,7 @@ async def export(
     )
     for lo, hi in windows:
         _export_body(client, which, lo, hi, params)
-    target = Path(dest)
+    target = check_file_destination(dest)
     if len(windows) == 1:
         job, size, polls = await _run_one(client, which, start, end, target, params, poll, policy)
         return ExportResult(which.value, (target,), size, (job,), polls)

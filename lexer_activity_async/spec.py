@@ -70,24 +70,28 @@ class TokenSource:
 
     def read(self) -> str:
         if self.env is not None:
-            value = os.environ.get(self.env, "").strip()
+            raw = os.environ.get(self.env)
+            value = (raw or "").strip()
             if not value:
                 # Name the variable only if it looks like one: a token pasted into `env`
                 # by mistake must not be echoed.
                 shown = self.env if _ENV_NAME.fullmatch(self.env) else "named in `env`"
-                raise SpecError(f"token {self.label!r}: environment variable {shown} is unset")
+                state = "unset" if raw is None else "empty" if not raw else "only whitespace"
+                raise SpecError(f"token {self.label!r}: environment variable {shown} is {state}")
             return value
         assert self.file is not None
         try:
-            value = self.file.read_text(encoding="utf-8").strip()
+            raw = self.file.read_text(encoding="utf-8")
         except OSError as error:
             raise SpecError(
                 f"token {self.label!r}: cannot read {self.file}: {error.strerror}"
             ) from None
         except (ValueError, UnicodeError):
             raise SpecError(f"token {self.label!r}: {self.file} is not UTF-8 text") from None
+        value = raw.strip()
         if not value:
-            raise SpecError(f"token {self.label!r}: {self.file} is empty")
+            state = "is empty" if not raw else "is empty but for whitespace"
+            raise SpecError(f"token {self.label!r}: token file {self.file} {state}")
         return value
 
 

@@ -509,7 +509,7 @@ def test_the_cli_reports_a_corrupt_checkpoint_in_one_line_without_a_traceback(
     )
     assert result.exit_code == 1
     text = " ".join(result.output.split())  # the console wraps long lines
-    assert "error: " in text
+    assert "Error: checkpoint " in text
     assert "the checkpoint is corrupt (file is not a database)" in text
     assert "move it and any -wal and -shm files beside it aside and rerun" in text
     assert "Traceback" not in result.output

@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -104,22 +104,53 @@ def test_version() -> None:
     [
         # 3 monthly windows x (2 reports + 1 export) = 9 units per token;
         # 3 x 2 reports + 3 x (start + 2 polls) = 15 requests; 4 per 10 s: 3 waits = 30 s.
-        ({"date_to": "2024-04-01", "reports": ["summary", "user_volume"],
-          "rate_limit": {"max_requests": 4, "window": 10}}, 9, 3, 15, "0:00:30"),
+        (
+            {
+                "date_to": "2024-04-01",
+                "reports": ["summary", "user_volume"],
+                "rate_limit": {"max_requests": 4, "window": 10},
+            },
+            9,
+            3,
+            15,
+            "0:00:30",
+        ),
         # The API's limit, 18 months of every report and three exports (the demo's shape):
         # 18 x 15 = 270 units; 18 x 12 + 54 x 3 = 378 requests: ceil(3.78) - 1 = 3 x 300 s.
-        ({"date_to": "2025-07-01", "reports": "all", "exports": [
-            "case_details", "mention_sla_export", {"kind": "nps_submissions", "form": 55}]},
-         270, 18, 378, "0:15:00"),
+        (
+            {
+                "date_to": "2025-07-01",
+                "reports": "all",
+                "exports": [
+                    "case_details",
+                    "mention_sla_export",
+                    {"kind": "nps_submissions", "form": 55},
+                ],
+            },
+            270,
+            18,
+            378,
+            "0:15:00",
+        ),
         # Quarterly windows over 18 months: 6 windows x 2 units = 12 units; 6 + 18 = 24
         # requests; at 100 per 300 s no wait at all.
-        ({"date_to": "2025-07-01", "window_months": 3, "reports": ["summary"]},
-         12, 6, 24, "0:00:00"),
+        (
+            {"date_to": "2025-07-01", "window_months": 3, "reports": ["summary"]},
+            12,
+            6,
+            24,
+            "0:00:00",
+        ),
     ],
 )
 def test_dry_run_prints_units_requests_and_least_time(
-    tmp_path: Path, write_spec: Callable[..., Path], extra: dict[str, Any], units: int,
-    windows: int, requests: int, least: str,
+    tmp_path: Path,
+    write_spec: Callable[..., Path],
+    extra: dict[str, Any],
+    units: int,
+    windows: int,
+    requests: int,
+    least: str,
 ) -> None:
     spec = write_spec(tmp_path / "spec.toml", base_spec(**extra))
     result = invoke("backfill", str(spec), "--dry-run")  # no token env: none is read
@@ -148,7 +179,10 @@ BAD_SPECS = [
 @pytest.mark.parametrize(("change", "message"), BAD_SPECS, ids=[m for _, m in BAD_SPECS])
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
 def test_bad_specs_exit_2_with_a_clear_message(
-    tmp_path: Path, write_spec: Callable[..., Path], change: dict[str, Any], message: str,
+    tmp_path: Path,
+    write_spec: Callable[..., Path],
+    change: dict[str, Any],
+    message: str,
     dry_run: bool,
 ) -> None:
     spec = write_spec(tmp_path / "spec.toml", base_spec(**change))
@@ -169,30 +203,109 @@ def test_missing_spec_file_exits_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["report", "summary", "--from", "2024-02-30", "--to", "2024-03-01"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "'2024-02-30' is not an ISO 8601"),
-        (["report", "summary", "--from", "2024-01-01T00:00:00", "--to", "2024-03-01"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "has no UTC offset"),
-        (["report", "sumary", "--from", "2024-01-01", "--to", "2024-02-01"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "unknown report type 'sumary'"),
-        (["report", "summary", "--from", "2024-03-01", "--to", "2024-01-01"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "must be before date_to"),
-        (["report", "summary", "--from", "2099-01-01", "--to", "2099-02-01"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "is in the future"),
-        (["report", "nps_summary", "--from", "2024-01-01", "--to", "2024-02-01"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "NPS reports need `form`"),
-        (["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01"],
-         {"LEXER_API_TOKEN": ""}, "LEXER_API_TOKEN is unset"),
-        (["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01",
-          "--token-env", "LEXER_TEST_CLI_UNSET"], {}, "LEXER_TEST_CLI_UNSET is unset"),
-        (["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01",
-          "--token-file", "/nonexistent/token"], {}, "cannot read /nonexistent/token"),
-        (["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01",
-          "--token", TOKEN_A], {}, "No such option '--token'"),
-        (["export", "cases", "--from", "2024-01-01", "--to", "2024-02-01", "-o", "x.csv"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "'cases' is not one of 'case_details'"),
-        (["export", "case_details", "--from", "yesterday", "--to", "2024-02-01", "-o", "x.csv"],
-         {"LEXER_API_TOKEN": TOKEN_A}, "'yesterday' is not an ISO 8601"),
+        (
+            ["report", "summary", "--from", "2024-02-30", "--to", "2024-03-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "'2024-02-30' is not an ISO 8601",
+        ),
+        (
+            ["report", "summary", "--from", "2024-01-01T00:00:00", "--to", "2024-03-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "has no UTC offset",
+        ),
+        (
+            ["report", "sumary", "--from", "2024-01-01", "--to", "2024-02-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "unknown report type 'sumary'",
+        ),
+        (
+            ["report", "summary", "--from", "2024-03-01", "--to", "2024-01-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "must be before date_to",
+        ),
+        (
+            ["report", "summary", "--from", "2099-01-01", "--to", "2099-02-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "is in the future",
+        ),
+        (
+            ["report", "nps_summary", "--from", "2024-01-01", "--to", "2024-02-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "needs --form ID, the id of an NPS form; list the "
+            "account's forms with `lexer-activity forms`",
+        ),
+        (
+            [
+                "export",
+                "nps_submissions",
+                "--from",
+                "2024-01-01",
+                "--to",
+                "2024-02-01",
+                "-o",
+                "x.csv",
+            ],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "`lexer-activity forms`",
+        ),
+        (
+            ["report", "case_details", "--from", "2024-01-01", "--to", "2024-02-01"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "use `lexer-activity export case_details",
+        ),
+        (
+            ["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01"],
+            {"LEXER_API_TOKEN": ""},
+            "LEXER_API_TOKEN is empty",
+        ),
+        (
+            ["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01"],
+            {"LEXER_API_TOKEN": " \t"},
+            "LEXER_API_TOKEN is only whitespace",
+        ),
+        (
+            [
+                "report",
+                "summary",
+                "--from",
+                "2024-01-01",
+                "--to",
+                "2024-02-01",
+                "--token-env",
+                "LEXER_TEST_CLI_UNSET",
+            ],
+            {},
+            "LEXER_TEST_CLI_UNSET is unset",
+        ),
+        (
+            [
+                "report",
+                "summary",
+                "--from",
+                "2024-01-01",
+                "--to",
+                "2024-02-01",
+                "--token-file",
+                "/nonexistent/token",
+            ],
+            {},
+            "cannot read /nonexistent/token",
+        ),
+        (
+            ["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01", "--token", TOKEN_A],
+            {},
+            "No such option '--token'",
+        ),
+        (
+            ["export", "cases", "--from", "2024-01-01", "--to", "2024-02-01", "-o", "x.csv"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "'cases' is not one of 'case_details'",
+        ),
+        (
+            ["export", "case_details", "--from", "yesterday", "--to", "2024-02-01", "-o", "x.csv"],
+            {"LEXER_API_TOKEN": TOKEN_A},
+            "'yesterday' is not an ISO 8601",
+        ),
     ],
 )
 def test_bad_arguments_exit_2(args: list[str], env: dict[str, str], message: str) -> None:
@@ -208,11 +321,17 @@ def test_bad_arguments_exit_2(args: list[str], env: dict[str, str], message: str
 
 def fetch_report(sb: Sandbox, token: str, name: str, **options: Any) -> Any:
     async def go() -> Any:
-        async with LexerClient(token, api_url=sb.api_url, status_url=sb.status_url,
-                               registry=LimiterRegistry()) as client:
-            return converter.unstructure(await client.report(
-                name, datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 2, 1, tzinfo=UTC),
-                **options))
+        async with LexerClient(
+            token, api_url=sb.api_url, status_url=sb.status_url, registry=LimiterRegistry()
+        ) as client:
+            return converter.unstructure(
+                await client.report(
+                    name,
+                    datetime(2024, 1, 1, tzinfo=UTC),
+                    datetime(2024, 2, 1, tzinfo=UTC),
+                    **options,
+                )
+            )
 
     return json.loads(json.dumps(asyncio.run(go())))
 
@@ -227,16 +346,23 @@ def test_report_prints_json_with_the_token_from_env_or_file(
     assert json.loads(result.stdout) == fetch_report(sb, TOKEN_A, "summary")
 
     (tmp_path / "b.token").write_text(TOKEN_B + "\n")
-    by_file = invoke("report", "nps_summary", *window, "--form", "55", "--nps-category",
-                     "promoters", "--token-file", str(tmp_path / "b.token"))
+    by_file = invoke(
+        "report",
+        "nps_summary",
+        *window,
+        "--form",
+        "55",
+        "--nps-category",
+        "promoters",
+        "--token-file",
+        str(tmp_path / "b.token"),
+    )
     assert by_file.exit_code == 0, by_file.output
     expected = fetch_report(sb, TOKEN_B, "nps_summary", form=55, nps_category="promoters")
     assert json.loads(by_file.stdout) == expected
-    assert expected != fetch_report(sb, TOKEN_A, "nps_summary", form=55,
-                                     nps_category="promoters")
+    assert expected != fetch_report(sb, TOKEN_A, "nps_summary", form=55, nps_category="promoters")
 
-    by_env = invoke("report", "user_volume", *window, "--token-env", ENV_B,
-                    env={ENV_B: TOKEN_B})
+    by_env = invoke("report", "user_volume", *window, "--token-env", ENV_B, env={ENV_B: TOKEN_B})
     assert by_env.exit_code == 0, by_env.output
     assert json.loads(by_env.stdout) == fetch_report(sb, TOKEN_B, "user_volume")
     assert_no_tokens(result.output, by_file.output, by_env.output)
@@ -251,8 +377,18 @@ def test_export_writes_the_csv(tmp_path: Path, sandbox_in_thread: Callable[..., 
     sb = sandbox_in_thread(export_rows=25)
     dest = tmp_path / "cases.csv"
     result = invoke(
-        "export", "case_details", "--from", "2024-01-01", "--to", "2024-02-01", "-o", str(dest),
-        "--api-url", sb.api_url, "--status-url", sb.status_url,
+        "export",
+        "case_details",
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-02-01",
+        "-o",
+        str(dest),
+        "--api-url",
+        sb.api_url,
+        "--status-url",
+        sb.status_url,
         env={"LEXER_API_TOKEN": TOKEN_A},
     )
     assert result.exit_code == 0, result.output
@@ -282,6 +418,12 @@ def test_backfill_progress_and_summary_in_a_non_tty(
     assert "6/6" in result.stderr
     assert "KiB" in result.stderr  # bytes per token
     assert "waited 0s" in result.stderr  # time spent waiting on the rate limit
+    assert "eta " in result.stderr
+    # Piped output is plain lines that never wrap at 80 columns.
+    assert all(len(line) <= 80 for line in result.stderr.splitlines())
+    totals = [line for line in result.stdout.splitlines() if "=" in line]
+    assert totals
+    assert all(len(line) <= 80 for line in totals)
     assert len(files_of(tmp_path / "out")) == 12
     assert_no_tokens(result.output, *files_of(tmp_path / "out").values())
 
@@ -297,8 +439,10 @@ def test_backfill_json_lines(
     tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
 ) -> None:
     sb = sandbox_in_thread(max_requests=4, window=0.25)
-    spec = write_spec(tmp_path / "spec.toml", base_spec(
-        sb, rate_limit={"max_requests": 4, "window": 0.25}, output="out"))
+    spec = write_spec(
+        tmp_path / "spec.toml",
+        base_spec(sb, rate_limit={"max_requests": 4, "window": 0.25}, output="out"),
+    )
     result = invoke("backfill", str(spec), "--json", env={ENV_A: TOKEN_A, ENV_B: TOKEN_B})
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -425,7 +569,10 @@ def run_cli(
     with log.open("w+") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lexer_activity_async", *args],
-            stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            text=True,
         )
         assert proc.stdout is not None
         lines: list[dict[str, Any]] = []
@@ -449,8 +596,11 @@ def kill_after(k: int, in_flight: bool) -> Callable[[list[dict[str, Any]]], bool
 
     def ready(lines: list[dict[str, Any]]) -> bool:
         done = sum(1 for r in lines if r["event"] == "UnitFinished" and r["state"] == "done")
-        started = [i for i, r in enumerate(lines)
-                   if r["event"] == "ExportState" and r["status"] == "pending"]
+        started = [
+            i
+            for i, r in enumerate(lines)
+            if r["event"] == "ExportState" and r["status"] == "pending"
+        ]
         return done >= k and (not in_flight or (bool(started) and started[0] < len(lines) - 1))
 
     return ready
@@ -468,13 +618,16 @@ def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
 ) -> None:
     sb = sandbox_in_thread(export_pending_seconds=0.4, export_rows=40, latency=0.005)
-    spec_path = write_spec(tmp_path / "spec.toml", base_spec(
-        sb,
-        date_to="2024-04-01",
-        reports=["summary", "user_volume", "nps_volume"],
-        exports=["case_details", {"kind": "nps_submissions", "form": 55}],
-        concurrency={"per_token": 2, "total": 3},
-    ))
+    spec_path = write_spec(
+        tmp_path / "spec.toml",
+        base_spec(
+            sb,
+            date_to="2024-04-01",
+            reports=["summary", "user_volume", "nps_volume"],
+            exports=["case_details", {"kind": "nps_submissions", "form": 55}],
+            concurrency={"per_token": 2, "total": 3},
+        ),
+    )
     the_plan = plan(BackfillSpec.from_toml(spec_path))
     export_ids = {u.id for u in the_plan.units if u.is_export}
     assert (len(the_plan.units), len(export_ids)) == (30, 12)
@@ -482,8 +635,9 @@ def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(
     logs: list[str] = []
 
     reference = tmp_path / "reference"
-    status, lines, err = run_cli(["backfill", str(spec_path), "--json", "-o", str(reference)],
-                                 env, tmp_path / "ref.log")
+    status, lines, err = run_cli(
+        ["backfill", str(spec_path), "--json", "-o", str(reference)], env, tmp_path / "ref.log"
+    )
     assert status == 0, err
     assert lines[-1]["units_done"] == 30
     logs += [json.dumps(lines), err]
@@ -530,8 +684,11 @@ def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(
     assert summary["units_skipped"] == sum(1 for s, _ in before.values() if s == DONE)
     assert summary["units_done"] + summary["units_skipped"] == 30
     # Pending jobs were polled again rather than started again.
-    never_started = {u for u in export_ids if before.get(u, (None, None))[0] != DONE
-                     and before.get(u, (None, None))[1] is None}
+    never_started = {
+        u
+        for u in export_ids
+        if before.get(u, (None, None))[0] != DONE and before.get(u, (None, None))[1] is None
+    }
     assert sb.stats.exports_started - started == len(never_started)
     for token in in_flight_jobs.values():
         assert token is not None
@@ -541,8 +698,10 @@ def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(
     assert not list(crashed.rglob("*.part"))
     assert {s for s, _ in checkpoint_of(crashed).values()} == {DONE}
     for root in (crashed, reference):
-        assert_no_tokens(*(str(p) for p in root.rglob("*")),
-                         *(p.read_bytes() for p in root.rglob("*") if p.is_file()))
+        assert_no_tokens(
+            *(str(p) for p in root.rglob("*")),
+            *(p.read_bytes() for p in root.rglob("*") if p.is_file()),
+        )
     assert_no_tokens(*logs)
 
 
@@ -581,24 +740,48 @@ def test_sandbox_command_serves_on_a_free_port(tmp_path: Path) -> None:
     port = free_port_triple()
     (tmp_path / "tokens").write_text(f"{TOKEN_A}\n\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lexer_activity_async", "sandbox", "--port", str(port),
-         "--max-requests", "3", "--window", "60", "--tokens-file", str(tmp_path / "tokens")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), text=True,
+        [
+            sys.executable,
+            "-m",
+            "lexer_activity_async",
+            "sandbox",
+            "--port",
+            str(port),
+            "--max-requests",
+            "3",
+            "--window",
+            "60",
+            "--tokens-file",
+            str(tmp_path / "tokens"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        text=True,
     )
     try:
         assert proc.stdout is not None
         urls = [proc.stdout.readline().split()[-1] for _ in range(3)]
-        assert urls == [f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port + 1}/api/public/v1",
-                        f"http://127.0.0.1:{port + 2}"]
+        assert urls == [
+            f"http://127.0.0.1:{port}/v1",
+            f"http://127.0.0.1:{port + 1}/api/public/v1",
+            f"http://127.0.0.1:{port + 2}",
+        ]
         api = urls[0]
         status, users = http(api + "/users", TOKEN_A)
         assert status == 200
         assert users[0]["id"] == 12345
         mismatch = {"error": "Unauthorized - api token not matching"}
         assert http(api + "/users", TOKEN_B) == (401, mismatch)
-        status, summary = http(api + "/activity/reports", TOKEN_A, {
-            "type": "summary", "date_from": "2024-01-01T00:00:00+00:00",
-            "date_to": "2024-02-01T00:00:00+00:00"})
+        status, summary = http(
+            api + "/activity/reports",
+            TOKEN_A,
+            {
+                "type": "summary",
+                "date_from": "2024-01-01T00:00:00+00:00",
+                "date_to": "2024-02-01T00:00:00+00:00",
+            },
+        )
         assert status == 200
         assert "total_volume" in summary
         assert http(api + "/groups", TOKEN_A)[0] == 200
@@ -612,7 +795,186 @@ def test_sandbox_command_serves_on_a_free_port(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_runs_the_cli() -> None:
-    done = subprocess.run([sys.executable, "-m", "lexer_activity_async", "--version"],
-                          capture_output=True, text=True, env=cli_env(), timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "lexer_activity_async", "--version"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0
     assert done.stdout.strip() == f"lexer-activity, version {__version__}"
+
+
+# -- users, groups, forms; report help; filters; rate-limit countdown ------------------------
+
+
+def fetch_list(sb: Sandbox, name: str) -> Any:
+    async def go() -> Any:
+        async with LexerClient(TOKEN_A, api_url=sb.api_url, registry=LimiterRegistry()) as client:
+            return converter.unstructure(await getattr(client, name)())
+
+    return json.loads(json.dumps(asyncio.run(go()), default=str))
+
+
+@pytest.mark.parametrize("name", ["users", "groups", "forms"])
+def test_list_commands_print_json_or_a_table(
+    name: str, sandbox_in_thread: Callable[..., Sandbox]
+) -> None:
+    sb = sandbox_in_thread()
+    result = invoke(name, "--api-url", sb.api_url, env={"LEXER_API_TOKEN": TOKEN_A})
+    assert result.exit_code == 0, result.output
+    expected = fetch_list(sb, name)
+    assert expected
+    assert json.loads(result.stdout) == expected
+    table = invoke(name, "--table", "--api-url", sb.api_url, env={"LEXER_API_TOKEN": TOKEN_A})
+    assert table.exit_code == 0, table.output
+    rows = table_rows(table.stdout)
+    assert set(rows) >= {str(item["id"]) for item in expected}
+    assert_no_tokens(result.output, table.output)
+
+
+def test_report_help_lists_the_report_types_and_points_exports_elsewhere() -> None:
+    result = invoke("report", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for name in ("summary", "states_volume", "states", "case_classifications", "nps_volume"):
+        assert name in text
+    assert "use `lexer-activity export`" in text
+    assert "--filter KEY=VALUE" in text
+    assert "--max-requests" in text
+
+
+class _Recorder:
+    """Stands in for `LexerClient`: records how the CLI builds and calls it."""
+
+    calls: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def __init__(self, token: str, **options: Any) -> None:
+        self.calls.append(("client", options))
+
+    async def __aenter__(self) -> _Recorder:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def report(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(("report", kwargs))
+        return {}
+
+    async def export(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(("export", kwargs))
+        from lexer_activity_async.exports import ExportResult
+
+        return ExportResult(args[0], (Path(args[3]),), 0, (), 0)
+
+
+def test_filters_users_groups_and_rate_options_reach_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lexer_activity_async.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "LexerClient", _Recorder)
+    _Recorder.calls = []
+    args = [
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-02-01",
+        "--users",
+        "1,2",
+        "--users",
+        "5",
+        "--groups",
+        "3",
+        "--filter",
+        "channel=twitter",
+        "--filter",
+        "min_score=5",
+        "--filter",
+        "tags=[1, 2]",
+        "--filter",
+        "flag=true",
+        "--filter",
+        "note=",
+        "--max-requests",
+        "7",
+        "--window",
+        "30",
+    ]
+    result = invoke("report", "summary", *args, env={"LEXER_API_TOKEN": TOKEN_A})
+    assert result.exit_code == 0, result.output
+    dest = tmp_path / "x.csv"
+    exported = invoke(
+        "export", "case_details", *args, "-o", str(dest), env={"LEXER_API_TOKEN": TOKEN_A}
+    )
+    assert exported.exit_code == 0, exported.output
+    filters = {
+        "users": [1, 2, 5],
+        "groups": [3],
+        "extra_filters": {
+            "channel": "twitter",
+            "min_score": 5,
+            "tags": [1, 2],
+            "flag": True,
+            "note": "",
+        },
+    }
+    (_, client), (_, report), (_, client2), (_, export) = _Recorder.calls
+    assert client["max_requests"] == client2["max_requests"] == 7
+    assert client["window"] == client2["window"] == 30.0
+    assert {k: report[k] for k in filters} == filters
+    assert {k: export[k] for k in filters} == filters
+
+    _Recorder.calls = []
+    plain = invoke("report", "summary", *args[:4], env={"LEXER_API_TOKEN": TOKEN_A})
+    assert plain.exit_code == 0, plain.output
+    assert {k: _Recorder.calls[1][1][k] for k in filters} == dict.fromkeys(filters)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--filter", "nokey"], "'nokey' is not key=value"),
+        (["--filter", "=5"], "'=5' is not key=value"),
+        (["--filter", "users=[1]"], "'users' is set by --users, not --filter"),
+        (["--filter", "nps_category=all"], "'nps_category' is set by --nps-category"),
+        (["--users", "1,x"], "'x' is not an integer id"),
+    ],
+)
+def test_bad_filters_exit_2_before_anything_is_sent(option: list[str], message: str) -> None:
+    result = invoke(
+        "report",
+        "summary",
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-02-01",
+        *option,
+        "--api-url",
+        NOWHERE,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_report_says_when_a_429_holds_it(sandbox_in_thread: Callable[..., Sandbox]) -> None:
+    sb = sandbox_in_thread()
+    sb.faults.fail_next(429, retry_after="1")
+    result = invoke(
+        "report",
+        "summary",
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-02-01",
+        "--api-url",
+        sb.api_url,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == fetch_report(sb, TOKEN_A, "summary")
+    assert result.stderr.splitlines() == ["summary: rate limit (HTTP 429): 1s left"]

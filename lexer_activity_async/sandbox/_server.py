@@ -21,6 +21,7 @@ import attrs
 from aiohttp import web
 
 from .. import reports
+from ..exceptions import PortUnavailableError
 from ..limits import token_key
 from ..wire import TOKEN_HEADER
 from . import _data
@@ -58,6 +59,19 @@ def _json(payload: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
+    """Bind ``host:port``; a port out of range, in use or not permitted is a
+    `PortUnavailableError` naming it, not a bare `OSError`."""
+    if not 0 <= port <= 65535:
+        raise PortUnavailableError(host, port, "ports go from 0 to 65535")
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        # asyncio's message repeats the address; the errno's own text says why.
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise PortUnavailableError(host, port, reason) from None
 
 
 class _NotFound(Exception):
@@ -121,7 +135,9 @@ class Sandbox:
         return self._urls
 
     async def start(self) -> None:
-        """Bind the three origins and create the temp dir for export files."""
+        """Bind the three origins and create the temp dir for export files.
+
+        Raises `PortUnavailableError` (naming the port) when one cannot be bound."""
         if self._urls is not None:
             return
         self._store.open()
@@ -138,7 +154,7 @@ class Sandbox:
                 runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 await runner.setup()
                 self._runners.append(runner)
-                await web.TCPSite(runner, cfg.host, port).start()
+                await _listen(runner, cfg.host, port)
                 ports.append(runner.addresses[0][1])
         except BaseException:
             await self.close()

@@ -1,0 +1,734 @@
+"""The ``lexer-activity`` command line: users, groups, forms, report, export, backfill,
+sandbox, demo.
+
+Tokens are read from an environment variable or a file, never from the command line.
+Anything a user can cause ends in one ``Error:`` line (see `_errors`); ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .. import exceptions as exc
+from .._version import __version__
+from ..backfill import (
+    ALL_REPORTS,
+    BackfillSpec,
+    BackfillSummary,
+    ExportSpec,
+    TokenSource,
+    plan,
+    run_backfill,
+)
+from ..client import LexerClient
+from ..destinations import check_directory, check_file_destination
+from ..exports import PollPolicy
+from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
+from ..models import converter
+from ..reports import ExportKind, ReportType, add_months
+from ..sandbox import Sandbox, SandboxConfig, config_for_port
+from ._errors import BadUsage, Main, describe
+from ._progress import BackfillView, WaitView, fit_lines, size
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+err = Console(stderr=True)
+
+REPORT_TYPES = [k.value for k in ReportType]
+EXPORT_KINDS = [k.value for k in ExportKind]
+RESERVED_FILTERS = {"type", "date_from", "date_to", "form", "nps_category", "users", "groups"}
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; bad input found by the library is a usage error (exit 2)."""
+    try:
+        return asyncio.run(coro)
+    except exc.ValidationError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str) -> datetime:
+    """Click callback: ISO 8601 with an offset, or a bare date (UTC midnight)."""
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or datetime") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(
+            f"{value!r} has no UTC offset; add one (e.g. +00:00) or give a bare date (UTC)"
+        )
+    return moment
+
+
+def _ids(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> list[int] | None:
+    """Click callback: ``1,2`` (repeatable) into ids; None when not given."""
+    ids: list[int] = []
+    for value in values:
+        for item in value.split(","):
+            try:
+                ids.append(int(item.strip()))
+            except ValueError:
+                raise click.BadParameter(
+                    f"{item.strip()!r} is not an integer id (give ids like 1,2)"
+                ) from None
+    return ids or None
+
+
+def _filters(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, object] | None:
+    """Click callback: ``key=value`` pairs; a value that parses as JSON is taken as JSON
+    (``5``, ``true``, ``[1,2]``), anything else as a string."""
+    parsed: dict[str, object] = {}
+    for value in values:
+        key, sep, raw = value.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not key=value")
+        if key in RESERVED_FILTERS:
+            hint = f"--{key.replace('_', '-')}" if key not in {"type"} else "the argument"
+            raise click.BadParameter(f"{key!r} is set by {hint}, not --filter")
+        try:
+            parsed[key] = json.loads(raw)
+        except ValueError:
+            parsed[key] = raw
+    return parsed or None
+
+
+def _port(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """Click callback: the sandbox takes PORT, PORT + 1 and PORT + 2."""
+    if value != 0 and not 1 <= value <= 65533:
+        raise click.BadParameter(
+            f"{value} is out of range: the sandbox takes three ports (PORT to PORT+2), "
+            "so PORT must be 1-65533 (0 picks free ones)"
+        )
+    return value
+
+
+def _date_range(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--from`` and ``--to``, parsed into aware datetimes."""
+    func = click.option(
+        "--to",
+        "date_to",
+        required=True,
+        callback=_when,
+        help="End (ISO 8601 with offset, or a date).",
+    )(func)
+    return click.option(
+        "--from",
+        "date_from",
+        required=True,
+        callback=_when,
+        help="Start (ISO 8601 with offset, or a date).",
+    )(func)
+
+
+def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--users``, ``--groups`` and ``--filter``."""
+    options = [
+        click.option(
+            "--users",
+            "--user",
+            "users",
+            multiple=True,
+            callback=_ids,
+            metavar="IDS",
+            help="Only these user ids, e.g. 1,2 (repeatable).",
+        ),
+        click.option(
+            "--groups",
+            "--group",
+            "groups",
+            multiple=True,
+            callback=_ids,
+            metavar="IDS",
+            help="Only these group ids, e.g. 3 (repeatable).",
+        ),
+        click.option(
+            "--filter",
+            "extra_filters",
+            multiple=True,
+            callback=_filters,
+            metavar="KEY=VALUE",
+            help="Any other filter; VALUE is JSON if it parses, else a string (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _rate_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--max-requests`` and ``--window``: the token's rate limit."""
+    func = click.option(
+        "--window",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_WINDOW,
+        show_default=True,
+        help="Rate-limit window in seconds.",
+    )(func)
+    return click.option(
+        "--max-requests",
+        type=click.IntRange(min=1),
+        default=DEFAULT_MAX_REQUESTS,
+        show_default=True,
+        help="Requests allowed per window for the token.",
+    )(func)
+
+
+def _read_token(token_env: str, token_file: Path | None) -> str:
+    label = "cli"
+    source = (
+        TokenSource(label, file=token_file) if token_file else TokenSource(label, env=token_env)
+    )
+    try:
+        return source.read()
+    except exc.ValidationError as error:
+        raise click.UsageError(str(error).replace("token 'cli': ", "")) from None
+
+
+def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the token and URL options, and passes ``connect``: a `LexerClient` factory
+    holding the token (read from the environment or a file, never an argument)."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        token_env: str,
+        token_file: Path | None,
+        api_url: str | None,
+        status_url: str | None,
+        redis_url: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        connect = functools.partial(
+            LexerClient,
+            _read_token(token_env, token_file),
+            api_url=api_url,
+            status_url=status_url,
+            redis_url=redis_url,
+        )
+        return func(*args, connect=connect, **kwargs)
+
+    options = [
+        click.option(
+            "--token-env",
+            default="LEXER_API_TOKEN",
+            show_default=True,
+            help="Environment variable holding the API token.",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="File holding the API token (instead of --token-env).",
+        ),
+        click.option("--api-url", envvar="LEXER_API_URL", help="API base URL."),
+        click.option("--status-url", envvar="LEXER_STATUS_URL", help="Export status base URL."),
+        click.option(
+            "--redis-url",
+            envvar="LEXER_REDIS_URL",
+            help="Share the token's rate limit through this Redis.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _need_form(kind: str, form: int | None) -> None:
+    """A missing ``--form``: say what it is and where to find one, before anything is sent."""
+    if form is None:
+        raise click.UsageError(
+            f"{kind} needs --form ID, the id of an NPS form; "
+            "list the account's forms with `lexer-activity forms`"
+        )
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lexer-activity")
+@click.option("--debug", is_flag=True, help="Show the Python traceback when a command fails.")
+def main(debug: bool) -> None:
+    """Pull reports and exports from Lexer's Activity API, or run its local sandbox."""
+
+
+def _table(title: str | None, columns: Sequence[str], free: Sequence[str] = ()) -> Table:
+    """A table that fits the console without breaking a word: the first column (a label)
+    is cut at 24 columns, columns in ``free`` (long text) wrap between words in what is
+    left, the rest (figures) keep their header's width."""
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        if column in free:
+            table.add_column(column, overflow="ellipsis")
+        elif i == 0:
+            table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=24)
+        else:
+            table.add_column(column, no_wrap=True, min_width=len(column))
+    return table
+
+
+# -- lists ------------------------------------------------------------------------------------
+
+_LIST_COLUMNS = {
+    "users": ("id", "email", "first_name", "last_name", "timezone"),
+    "groups": ("id", "name", "comment"),
+    "forms": ("id", "name", "title", "nps", "archived"),
+}
+
+
+def _list_command(name: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.option("--table", "as_table", is_flag=True, help="A table instead of JSON.")
+    @_with_client
+    def command(as_table: bool, connect: Callable[..., LexerClient]) -> None:
+        async def fetch() -> list[Any]:
+            async with connect() as client:
+                items: list[Any] = await getattr(client, name)()
+                return items
+
+        records = converter.unstructure(_run(fetch()))
+        if not as_table:
+            click.echo(json.dumps(records, indent=2, default=str))
+            return
+        table = _table(None, _LIST_COLUMNS[name], free=_LIST_COLUMNS[name][1:])
+        for record in records:
+            table.add_row(
+                *("" if record.get(c) is None else str(record.get(c)) for c in _LIST_COLUMNS[name])
+            )
+        Console().print(table)
+
+
+_list_command("users", "List the account's users (GET /v1/users) as JSON.")
+_list_command("groups", "List the account's groups (GET /v1/groups) as JSON.")
+_list_command(
+    "forms",
+    "List the account's forms (GET /v1/forms) as JSON.\n\n"
+    "NPS reports and exports take one of their ids as --form.",
+)
+
+
+# -- report and export --------------------------------------------------------------------------
+
+
+@main.command(
+    help="Fetch one report and print it as JSON.\n\nREPORT_TYPE is one of: "
+    + ", ".join(REPORT_TYPES)
+    + ". Exports ("
+    + ", ".join(EXPORT_KINDS)
+    + ") are files: use `lexer-activity export`."
+)
+@click.argument("report_type", metavar="REPORT_TYPE")
+@_date_range
+@click.option("--form", type=int, help="NPS form id (NPS reports; see `lexer-activity forms`).")
+@click.option("--nps-category", help="all, promoters, passives or detractors (NPS reports).")
+@_filter_options
+@_rate_options
+@_with_client
+def report(
+    report_type: str,
+    date_from: datetime,
+    date_to: datetime,
+    form: int | None,
+    nps_category: str | None,
+    users: list[int] | None,
+    groups: list[int] | None,
+    extra_filters: dict[str, object] | None,
+    max_requests: int,
+    window: float,
+    connect: Callable[..., LexerClient],
+) -> None:
+    if report_type in EXPORT_KINDS:
+        raise click.UsageError(
+            f"{report_type} is an export (a CSV file), not a report; use "
+            f"`lexer-activity export {report_type} --from ... --to ... -o FILE`"
+        )
+    if report_type in (ReportType.NPS_SUMMARY.value, ReportType.NPS_VOLUME.value):
+        _need_form(report_type, form)
+    view = WaitView(report_type, err, live=err.is_terminal)
+
+    async def fetch() -> Any:
+        async with connect(on_event=view, max_requests=max_requests, window=window) as client:
+            return await client.report(
+                report_type,
+                date_from,
+                date_to,
+                form=form,
+                nps_category=nps_category,
+                users=users,
+                groups=groups,
+                extra_filters=extra_filters,
+            )
+
+    with view:
+        result = _run(fetch())
+    click.echo(json.dumps(converter.unstructure(result), indent=2))
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(EXPORT_KINDS))
+@_date_range
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The CSV file to write (its folder is created if needed).",
+)
+@click.option("--form", type=int, help="NPS form id (nps_submissions; see `lexer-activity forms`).")
+@click.option("--nps-category", help="all, promoters, passives or detractors.")
+@click.option(
+    "--window-months",
+    type=click.IntRange(1, 12),
+    default=1,
+    show_default=True,
+    help="Window size when the range is over 12 months.",
+)
+@click.option("--split", is_flag=True, help="One file per window instead of one merged file.")
+@_filter_options
+@_rate_options
+@_with_client
+def export(
+    kind: str,
+    date_from: datetime,
+    date_to: datetime,
+    output: Path,
+    form: int | None,
+    nps_category: str | None,
+    window_months: int,
+    split: bool,
+    users: list[int] | None,
+    groups: list[int] | None,
+    extra_filters: dict[str, object] | None,
+    max_requests: int,
+    window: float,
+    connect: Callable[..., LexerClient],
+) -> None:
+    """Run an export job and stream its CSV to a file."""
+    if ExportKind(kind).needs_form:
+        _need_form(kind, form)
+    _writable(check_file_destination, output)  # before the job: no rate budget spent
+    view = WaitView(kind, err, live=err.is_terminal)
+
+    async def go() -> Any:
+        async with connect(on_event=view, max_requests=max_requests, window=window) as client:
+            return await client.export(
+                kind,
+                date_from,
+                date_to,
+                output,
+                form=form,
+                nps_category=nps_category,
+                window_months=window_months,
+                merge=not split,
+                users=users,
+                groups=groups,
+                extra_filters=extra_filters,
+            )
+
+    with view:
+        result = _run(go())
+    for path in result.paths:
+        click.echo(str(path))
+    click.echo(
+        f"{len(result.paths)} file(s), {size(result.bytes)}, {result.polls} status polls", err=True
+    )
+
+
+# -- backfill and demo --------------------------------------------------------------------------
+
+
+def _writable(check: Callable[[Path], object], path: Path) -> None:
+    """Run a destination ``check`` before anything starts: an `OutputError` is bad usage
+    (status 2), shown as one line (or raised, with ``--debug``)."""
+    try:
+        check(path)
+    except exc.OutputError as error:
+        if click.get_current_context().find_root().params.get("debug"):
+            raise
+        raise BadUsage(describe(error)) from None
+
+
+def _view(spec: BackfillSpec, as_json: bool) -> BackfillView:
+    mode = "json" if as_json else "live" if err.is_terminal else "plain"
+    return BackfillView(spec, mode, err)
+
+
+def _summary_table(summary: BackfillSummary, spec: BackfillSpec) -> Table:
+    table = _table(
+        "Backfill summary",
+        ("token", "done", "skipped", "failed", "first error"),
+        free=("first error",),
+    )
+    for source in spec.tokens:
+        failures = summary.failed[source.label]
+        table.add_row(
+            source.label,
+            str(summary.done[source.label]),
+            str(summary.skipped[source.label]),
+            str(len(failures)),
+            failures[0][1][:80] if failures else "",
+        )
+    return table
+
+
+def _print_summary(
+    summary: BackfillSummary, spec: BackfillSpec, as_json: bool, extra: dict[str, Any] | None = None
+) -> None:
+    totals = {
+        "units_done": sum(summary.done.values()),
+        "units_skipped": sum(summary.skipped.values()),
+        "units_failed": sum(len(f) for f in summary.failed.values()),
+        "requests": summary.requests,
+        "rate_limited": summary.rate_limited,
+        "retries": summary.retries,
+        "bytes": summary.bytes,
+        "files": summary.files,
+        **(extra or {}),
+    }
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "event": "summary",
+                    **totals,
+                    "failed": {k: v for k, v in summary.failed.items() if v},
+                }
+            )
+        )
+        return
+    Console().print(_summary_table(summary, spec))
+    items = [f"{k}={size(v) if k == 'bytes' else v}" for k, v in totals.items()]
+    for line in fit_lines(items):
+        click.echo(line)
+    if not summary.ok:
+        click.echo("some units failed; fix the cause and rerun with --retry-failed")
+
+
+def _print_plan(spec: BackfillSpec) -> None:
+    the_plan = plan(spec)
+    table = _table(
+        f"Plan: {len(the_plan.units)} units in {len(the_plan.windows)} windows",
+        ("token", "units", "requests (est.)", "least time (rate limit)"),
+    )
+    for source in spec.tokens:
+        seconds = the_plan.least_seconds(source.label)
+        table.add_row(
+            source.label,
+            str(len(the_plan.units_of(source.label))),
+            str(the_plan.requests_of(source.label)),
+            str(timedelta(seconds=seconds)),
+        )
+    Console().print(table)
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--dry-run", is_flag=True, help="Print the plan (units, requests, least time).")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Rerun the units that failed before (done units are always skipped).",
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
+@click.option("--redis-url", help="Share each token's rate limit through Redis.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output directory (overrides the spec's).",
+)
+def backfill(
+    spec_path: Path,
+    dry_run: bool,
+    retry_failed: bool,
+    as_json: bool,
+    redis_url: str | None,
+    output: Path | None,
+) -> None:
+    """Backfill every report and export of a spec (TOML), resumably."""
+    overrides: dict[str, Any] = {}
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    if output:
+        overrides["output"] = output
+    try:
+        spec = BackfillSpec.from_toml(spec_path, **overrides)
+    except exc.ValidationError as error:
+        raise click.UsageError(f"{spec_path}: {error}") from None
+    if dry_run:
+        _print_plan(spec)
+        return
+    _writable(check_directory, spec.output)
+    with _view(spec, as_json) as view:
+        summary = _run(run_backfill(spec, retry_failed=retry_failed, on_event=view))
+    _print_summary(summary, spec, as_json)
+    sys.exit(0 if summary.ok else 1)
+
+
+@main.command()
+@click.option(
+    "--port",
+    type=int,
+    default=8080,
+    show_default=True,
+    callback=_port,
+    help="API port; the status host gets PORT+1 and the file host PORT+2.",
+)
+@click.option("--max-requests", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds.",
+)
+@click.option(
+    "--export-pending",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds an export job stays pending.",
+)
+@click.option("--export-rows", type=int, default=1000, show_default=True)
+@click.option(
+    "--tokens-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Accept only the tokens in this file (one a line); default: any token.",
+)
+def sandbox(
+    port: int,
+    max_requests: int,
+    window: float,
+    export_pending: float,
+    export_rows: int,
+    tokens_file: Path | None,
+) -> None:
+    """Serve the local API simulator until Ctrl-C."""
+    from ..sandbox import serve_forever
+
+    tokens = None
+    if tokens_file is not None:
+        tokens = frozenset(
+            line.strip() for line in tokens_file.read_text().splitlines() if line.strip()
+        )
+    config = config_for_port(
+        port,
+        SandboxConfig(
+            max_requests=max_requests,
+            window=window,
+            tokens=tokens,
+            export_pending_seconds=export_pending,
+            export_rows=export_rows,
+        ),
+    )
+    asyncio.run(serve_forever(config))
+
+
+DEMO_OUTPUT = Path("lexer-demo-output")
+DEMO_MARKER = ".lexer-demo"
+"""The file that marks a directory as a demo's output, which a later demo may delete."""
+
+
+@main.command()
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=DEMO_OUTPUT, show_default=True
+)
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--months", type=click.IntRange(1, 120), default=18, show_default=True)
+@click.option(
+    "--window",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="The sandbox's rate window in seconds (the real API: 300).",
+)
+@click.option("--resume", is_flag=True, help="Keep an earlier demo's output and resume it.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
+def demo(
+    output: Path, n_tokens: int, months: int, window: float, resume: bool, as_json: bool
+) -> None:
+    """Backfill every report and export for demo tokens from an embedded sandbox."""
+    _writable(check_directory, output)
+    if output.exists() and not resume and any(output.iterdir()):
+        # Only a directory an earlier demo marked may be deleted: a real backfill's output
+        # has a checkpoint too.
+        if not (output / DEMO_MARKER).is_file():
+            raise click.UsageError(f"{output} exists and is not a demo output; choose another -o")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / DEMO_MARKER).write_text("written by `lexer-activity demo`, which may delete it\n")
+    labels = [f"team-{chr(ord('a') + i)}" for i in range(n_tokens)]
+    tokens = {label: secrets.token_urlsafe(24) for label in labels}
+    for label, token in tokens.items():
+        os.environ[f"LEXER_DEMO_TOKEN_{label.upper().replace('-', '_')}"] = token
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    date_to = today.replace(day=1)
+    date_from = add_months(date_to, -months)
+
+    async def go() -> tuple[BackfillSummary, BackfillSpec, dict[str, Any]]:
+        config = SandboxConfig(
+            max_requests=100,
+            window=window,
+            tokens=frozenset(tokens.values()),
+            export_pending_seconds=0.5,
+            export_rows=300,
+        )
+        async with Sandbox(config) as sb:
+            spec = BackfillSpec(
+                tokens=tuple(
+                    TokenSource(label, env=f"LEXER_DEMO_TOKEN_{label.upper().replace('-', '_')}")
+                    for label in labels
+                ),
+                date_from=date_from,
+                date_to=date_to,
+                output=output,
+                reports=ALL_REPORTS,
+                nps_form=_DEMO_FORM,
+                exports=(
+                    ExportSpec(ExportKind.CASE_DETAILS),
+                    ExportSpec(ExportKind.NPS_SUBMISSIONS, _DEMO_FORM, "all"),
+                    ExportSpec(ExportKind.MENTION_SLA_EXPORT),
+                ),
+                api_url=sb.api_url,
+                status_url=sb.status_url,
+                max_requests=100,
+                window=window,
+                poll=PollPolicy(first_delay=0.5, cap=2.0),
+            )
+            with _view(spec, as_json) as view:
+                summary = await run_backfill(spec, on_event=view)
+            return (
+                summary,
+                spec,
+                {"server_429s": sb.stats.rate_limited, "file_host_leaks": sb.stats.leaks},
+            )
+
+    started = time.monotonic()
+    summary, spec, extra = _run(go())
+    extra["seconds"] = round(time.monotonic() - started, 1)
+    _print_summary(summary, spec, as_json, extra)
+    if not as_json:
+        click.echo(f"output: {output.resolve()}")
+    sys.exit(0 if summary.ok else 1)
+
+
+_DEMO_FORM = 55
