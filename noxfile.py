@@ -15,16 +15,22 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
+LINTED = ("lexer_activity_async", "tests", "benchmarks", "noxfile.py")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
+    """Ruff's lint rules and its formatter (check only: nothing is rewritten)."""
     session.install("ruff")
-    session.run("ruff", "check", "lexer_activity_async", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, tests/ and benchmarks/ (`files` in pyproject.toml)."""
     session.install("-e", ".[test]", "mypy")
-    session.run("mypy", "--strict", "lexer_activity_async")
+    session.run("mypy", "--strict")
 
 
 @nox.session

@@ -29,7 +29,7 @@ from lexer_activity_async.limits import Limiter, SlidingWindowLimiter
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.redis_server
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # for redis_server
 
 NEVER_WAIT = 10**9
 WINDOW = 300.0
@@ -58,7 +58,7 @@ def redis_url(given: str | None) -> Iterator[str]:
     if given:
         yield given
         return
-    from tests.redis_server import redis_server
+    from redis_server import redis_server
 
     with redis_server() as url:
         yield url
