@@ -73,7 +73,7 @@ async def started(task: asyncio.Task[object]) -> None:
 
 
 @pytest.mark.looptime
-async def test_burst_of_100_is_immediate_and_the_101st_waits_for_first_release_plus_window():
+async def test_burst_of_100_is_immediate_and_the_101st_waits_for_first_release_plus_window() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -102,7 +102,7 @@ async def test_burst_of_100_is_immediate_and_the_101st_waits_for_first_release_p
 
 
 @pytest.mark.looptime
-async def test_slot_frees_a_window_after_the_response_completed_not_after_the_send():
+async def test_slot_frees_a_window_after_the_response_completed_not_after_the_send() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     latency = 42.5
@@ -123,7 +123,7 @@ async def test_slot_frees_a_window_after_the_response_completed_not_after_the_se
 
 
 @pytest.mark.looptime
-async def test_waiters_are_served_in_arrival_order_at_the_release_times():
+async def test_waiters_are_served_in_arrival_order_at_the_release_times() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -157,7 +157,7 @@ async def test_waiters_are_served_in_arrival_order_at_the_release_times():
 
 
 @pytest.mark.looptime
-async def test_a_late_arrival_cannot_overtake_a_waiter_when_a_slot_frees():
+async def test_a_late_arrival_cannot_overtake_a_waiter_when_a_slot_frees() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -189,7 +189,7 @@ async def test_a_late_arrival_cannot_overtake_a_waiter_when_a_slot_frees():
 
 
 @pytest.mark.looptime
-async def test_a_task_cancelled_while_waiting_takes_no_slot():
+async def test_a_task_cancelled_while_waiting_takes_no_slot() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -221,7 +221,7 @@ async def test_a_task_cancelled_while_waiting_takes_no_slot():
 
 
 @pytest.mark.looptime
-async def test_a_request_cancelled_in_flight_keeps_its_slot_for_a_window_after_cancelling():
+async def test_a_request_cancelled_in_flight_keeps_its_slot_for_a_window_after_cancelling() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     await fill(limiter, N - 1)  # never released: in flight for the whole test
@@ -248,7 +248,7 @@ async def test_a_request_cancelled_in_flight_keeps_its_slot_for_a_window_after_c
 
 
 @pytest.mark.looptime
-async def test_penalize_without_retry_after_blocks_new_acquisitions_for_a_window():
+async def test_penalize_without_retry_after_blocks_new_acquisitions_for_a_window() -> None:
     limiter = SlidingWindowLimiter(N, W)
     await asyncio.sleep(7.0)
     t0 = now()
@@ -264,7 +264,7 @@ async def test_penalize_without_retry_after_blocks_new_acquisitions_for_a_window
 
 
 @pytest.mark.looptime
-async def test_penalize_with_retry_after_blocks_for_that_long():
+async def test_penalize_with_retry_after_blocks_for_that_long() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     await limiter.penalize(10)
@@ -273,7 +273,7 @@ async def test_penalize_with_retry_after_blocks_for_that_long():
 
 
 @pytest.mark.looptime
-async def test_a_penalty_extends_a_running_wait_and_never_shortens_one():
+async def test_a_penalty_extends_a_running_wait_and_never_shortens_one() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -288,7 +288,7 @@ async def test_a_penalty_extends_a_running_wait_and_never_shortens_one():
 
 
 @pytest.mark.looptime
-async def test_slots_keep_their_own_release_times_under_a_short_penalty():
+async def test_slots_keep_their_own_release_times_under_a_short_penalty() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -303,7 +303,7 @@ async def test_slots_keep_their_own_release_times_under_a_short_penalty():
 
 
 @pytest.mark.looptime
-async def test_stats_and_on_wait_count_every_waiting_acquisition_with_its_expected_wait():
+async def test_stats_and_on_wait_count_every_waiting_acquisition_with_its_expected_wait() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -340,7 +340,7 @@ async def test_stats_and_on_wait_count_every_waiting_acquisition_with_its_expect
 
 
 @pytest.mark.looptime
-async def test_on_wait_is_told_a_window_when_every_slot_is_in_flight():
+async def test_on_wait_is_told_a_window_when_every_slot_is_in_flight() -> None:
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -365,7 +365,7 @@ def unused_loopback_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-async def test_registry_shares_one_limiter_per_token_across_clients():
+async def test_registry_shares_one_limiter_per_token_across_clients() -> None:
     registry = LimiterRegistry()
     url = unused_loopback_url()
     token_a, token_b = "tok-A-7c1f0e9d2b", "tok-B-55aa10ee01"
@@ -418,7 +418,7 @@ async def drive(
 
 
 @pytest.mark.looptime
-async def test_aiolimiter_admits_about_twice_the_limit_in_a_window_sliding_window_does_not():
+async def test_aiolimiter_admits_about_twice_the_limit_in_a_window_sliding_window_does_not() -> None:
     t0 = now()
     leaky = aiolimiter.AsyncLimiter(N, W)
     leaky_times = await drive(lambda: leaky, t0 + 4 * W)
