@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from itertools import pairwise
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import anyio
@@ -44,6 +44,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from lexer_activity_async import (
+    APIError,
     BadRequestError,
     LexerClient,
     LexerConnectionError,
@@ -61,6 +62,7 @@ from lexer_activity_async import (
 )
 from lexer_activity_async import models as m
 from lexer_activity_async.events import RateLimited, RateLimitWait, Retrying
+from lexer_activity_async.limits import SlidingWindowLimiter
 from lexer_activity_async.reports import build_report_body
 
 N = 100
@@ -157,7 +159,7 @@ class Arrival:
     token: str | None
     body: Any
     reply: Reply
-    done: float | None = None  # when the answer (or the failure) reached the client
+    done: float = math.nan  # when the answer (or the failure) reached the client
     seen: bool = True  # False for a refused connection: the server never saw it
 
     @property
@@ -238,10 +240,13 @@ class _Exchange:
         if reply.refuse:
             server.refused += 1
             arrival.seen, arrival.done = False, arrival.at
-            key = ConnectionKey(
-                **{name: None for name in ConnectionKey._fields}
-                | {"host": "lexer.test", "port": 80, "is_ssl": False, "ssl": True}
-            )
+            fields: dict[str, Any] = {name: None for name in ConnectionKey._fields} | {
+                "host": "lexer.test",
+                "port": 80,
+                "is_ssl": False,
+                "ssl": True,
+            }
+            key = ConnectionKey(**fields)
             raise aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
         server.arrivals.append(arrival)
         try:
@@ -367,7 +372,9 @@ async def run_bursts(
 
 
 @pytest.mark.looptime
-async def test_a_thousand_requests_in_bursts_take_exactly_the_theoretical_minimum(audit):
+async def test_a_thousand_requests_in_bursts_take_exactly_the_theoretical_minimum(
+    audit: Audit,
+) -> None:
     """Fault-free, deterministic latency L: the total time is the theoretical minimum.
 
     Derivation. The client cannot know when the server saw a request, only that it was
@@ -447,7 +454,7 @@ def earliest_schedule(
                 if start <= t < end - EPS / 2:
                     t, moved = end, True
         grants[k] = last = t
-        assert a.done is not None
+        assert not math.isnan(a.done)
         done = t + (a.done - a.at)
         bisect.insort(frees, done + W)
         if a.seen and a.reply.error is None and a.reply.status == 429:
@@ -465,7 +472,7 @@ class Injected:
 
 
 @pytest.mark.looptime
-async def test_a_thousand_requests_with_random_latency_429s_and_failures(audit):
+async def test_a_thousand_requests_with_random_latency_429s_and_failures(audit: Audit) -> None:
     """Bursts at random times, latency uniform in [0.05, 2] s, a few % of 429s (with and
     without Retry-After), 5xx/408, dropped, refused and timed-out connections, and a few
     calls that fail for good. Every arrival counts toward the limit, whatever its answer.
@@ -628,7 +635,9 @@ async def test_a_thousand_requests_with_random_latency_429s_and_failures(audit):
     ],
     ids=["no-retry-after", "retry-after-seconds", "retry-after-http-date"],
 )
-async def test_a_429_pauses_every_request_of_the_token(audit, headers, pause, retry_after, logged):
+async def test_a_429_pauses_every_request_of_the_token(
+    audit: Audit, headers: dict[str, str], pause: float, retry_after: float | None, logged: str
+) -> None:
     server = FakeLexer.scripted(fail(429, 0.5, **headers))
     registry = LimiterRegistry()
     second_events: list[Any] = []
@@ -673,7 +682,7 @@ async def test_a_429_pauses_every_request_of_the_token(audit, headers, pause, re
 
 
 @pytest.mark.looptime
-async def test_429s_beyond_max_rate_limited_raise(audit):
+async def test_429s_beyond_max_rate_limited_raise(audit: Audit) -> None:
     server = FakeLexer.scripted(then=fail(429, 0.1, **{"Retry-After": "1"}))
     async with audit.client(server, retry=RetryPolicy(max_rate_limited=2)) as client:
         error = await audit.failure(client.summary(DATE_FROM, DATE_TO))
@@ -706,14 +715,14 @@ async def test_429s_beyond_max_rate_limited_raise(audit):
     ids=["500", "502", "503", "408", "dropped", "timeout"],
 )
 async def test_transient_failures_are_retried_max_retries_times_with_backoff(
-    audit, reply, error_type
-):
+    audit: Audit, reply: Reply, error_type: type[LexerError]
+) -> None:
     server = FakeLexer.scripted(then=reply)
     async with audit.client(server, timeout=10.0) as client:
         t0 = now()
         error = await audit.failure(client.summary(DATE_FROM, DATE_TO))
         stats = client.stats
-        in_use = client.limiter.in_use
+        in_use = cast(SlidingWindowLimiter, client.limiter).in_use
 
     assert isinstance(error, error_type)
     arrivals = server.arrivals
@@ -734,7 +743,7 @@ async def test_transient_failures_are_retried_max_retries_times_with_backoff(
 
 
 @pytest.mark.looptime
-async def test_a_call_recovers_after_transient_failures(audit):
+async def test_a_call_recovers_after_transient_failures(audit: Audit) -> None:
     server = FakeLexer.scripted(fail(503), drop(), hang(), ok())
     async with audit.client(server, timeout=10.0) as client:
         result = await client.summary(DATE_FROM, DATE_TO)
@@ -759,7 +768,9 @@ async def test_a_call_recovers_after_transient_failures(audit):
     ("status", "error_type"),
     [(400, BadRequestError), (401, UnauthorizedError), (404, NotFoundError)],
 )
-async def test_client_errors_are_never_retried(audit, status, error_type):
+async def test_client_errors_are_never_retried(
+    audit: Audit, status: int, error_type: type[APIError]
+) -> None:
     server = FakeLexer.scripted(then=fail(status))
     async with audit.client(server) as client:
         error = await audit.failure(client.summary(DATE_FROM, DATE_TO))
@@ -772,7 +783,7 @@ async def test_client_errors_are_never_retried(audit, status, error_type):
 
 
 @pytest.mark.looptime
-async def test_every_retry_takes_a_limiter_slot(audit):
+async def test_every_retry_takes_a_limiter_slot(audit: Audit) -> None:
     server = FakeLexer.scripted(fail(503), fail(503))
     async with audit.client(server) as client:
         t0 = now()
@@ -798,7 +809,7 @@ async def test_every_retry_takes_a_limiter_slot(audit):
 
 
 @pytest.mark.looptime
-async def test_per_call_max_retries_override_and_the_backoff_cap(audit):
+async def test_per_call_max_retries_override_and_the_backoff_cap(audit: Audit) -> None:
     server = FakeLexer.scripted(then=fail(503, 0.1))
     async with audit.client(server) as client:
         await audit.failure(client.summary(DATE_FROM, DATE_TO, max_retries=9))
@@ -817,7 +828,7 @@ async def test_per_call_max_retries_override_and_the_backoff_cap(audit):
 
 
 @pytest.mark.looptime
-async def test_per_client_retry_policy(audit):
+async def test_per_client_retry_policy(audit: Audit) -> None:
     policy = RetryPolicy(max_retries=2, base=2.0, cap=5.0, jitter_low=1.0)
     server = FakeLexer.scripted(then=fail(502, 0.25))
     async with audit.client(server, retry=policy) as client:
@@ -835,13 +846,13 @@ async def test_per_client_retry_policy(audit):
 
 
 @pytest.mark.looptime
-async def test_a_per_call_deadline_raises_lexer_timeout_error(audit):
+async def test_a_per_call_deadline_raises_lexer_timeout_error(audit: Audit) -> None:
     server = FakeLexer.scripted(then=hang())
     async with audit.client(server, timeout=60.0) as client:
         t0 = now()
         error = await audit.failure(client.summary(DATE_FROM, DATE_TO, deadline=5.0))
         assert now() == at(t0 + 5.0)
-        in_use = client.limiter.in_use
+        in_use = cast(SlidingWindowLimiter, client.limiter).in_use
     assert type(error) is LexerTimeoutError
     assert "deadline of 5s" in str(error)
     assert len(server.arrivals) == 1
@@ -850,14 +861,14 @@ async def test_a_per_call_deadline_raises_lexer_timeout_error(audit):
 
 
 @pytest.mark.looptime
-async def test_a_deadline_spent_waiting_for_the_limiter_takes_no_slot(audit):
+async def test_a_deadline_spent_waiting_for_the_limiter_takes_no_slot(audit: Audit) -> None:
     server = FakeLexer.scripted()
     async with audit.client(server) as client:
         held = [await client.limiter.acquire() for _ in range(N)]
         t0 = now()
         error = await audit.failure(client.summary(DATE_FROM, DATE_TO, deadline=30.0))
         assert now() == at(t0 + 30.0)
-        assert client.limiter.in_use == N
+        assert cast(SlidingWindowLimiter, client.limiter).in_use == N
         assert client.stats.requests == N
         for lease in held:
             await client.limiter.release(lease)
@@ -866,7 +877,7 @@ async def test_a_deadline_spent_waiting_for_the_limiter_takes_no_slot(audit):
 
 
 @pytest.mark.looptime
-async def test_a_client_deadline_bounds_the_whole_call_including_backoff(audit):
+async def test_a_client_deadline_bounds_the_whole_call_including_backoff(audit: Audit) -> None:
     policy = RetryPolicy(max_retries=10, deadline=20.0, base=8.0, jitter_low=1.0)
     server = FakeLexer.scripted(then=fail(500, 0.5))
     async with audit.client(server, retry=policy) as client:
@@ -896,7 +907,9 @@ def summary_request() -> tuple[wire.Request, Callable[[int, bytes], Any]]:
     [(fail(503), ServerError), (fail(500), ServerError), (drop(), LexerConnectionError)],
     ids=["503", "500", "dropped"],
 )
-async def test_non_idempotent_sends_are_not_retried_once_sent(audit, reply, error_type):
+async def test_non_idempotent_sends_are_not_retried_once_sent(
+    audit: Audit, reply: Reply, error_type: type[LexerError]
+) -> None:
     server = FakeLexer.scripted(reply)
     request, decode = summary_request()
     async with audit.client(server) as client:
@@ -913,7 +926,7 @@ async def test_non_idempotent_sends_are_not_retried_once_sent(audit, reply, erro
 
 
 @pytest.mark.looptime
-async def test_non_idempotent_send_is_retried_when_the_connection_was_refused(audit):
+async def test_non_idempotent_send_is_retried_when_the_connection_was_refused(audit: Audit) -> None:
     server = FakeLexer.scripted(refuse())
     request, decode = summary_request()
     async with audit.client(server) as client:
@@ -929,12 +942,12 @@ async def test_non_idempotent_send_is_retried_when_the_connection_was_refused(au
 
 
 @pytest.mark.looptime
-async def test_the_token_never_appears_in_errors_logs_or_events(audit):
+async def test_the_token_never_appears_in_errors_logs_or_events(audit: Audit) -> None:
     transient = [fail(429), fail(503), drop(), hang(), refuse(), fail(408)]
     servers = [
         FakeLexer.scripted(*transient, then=fail(401)),
         FakeLexer.scripted(then=fail(400)),
-        FakeLexer.scripted(then=fail(429, **{"Retry-After": "3"})),
+        FakeLexer.scripted(then=fail(429, 0.5, **{"Retry-After": "3"})),
         FakeLexer.scripted(then=Reply(body=b"<html>not json</html>")),
         FakeLexer.scripted(then=hang()),
     ]
@@ -979,7 +992,9 @@ async def test_the_token_never_appears_in_errors_logs_or_events(audit):
     ],
     ids=["5000-digits", "20-digits", "negative", "garbage", "huge", "year-9999"],
 )
-async def test_an_absurd_retry_after_holds_the_token_one_window_at_most(audit, value, unusable):
+async def test_an_absurd_retry_after_holds_the_token_one_window_at_most(
+    audit: Audit, value: str, unusable: bool
+) -> None:
     bad = fail(429, 0.5, **{"Retry-After": value})
     server = FakeLexer.scripted(bad, bad, bad)
     async with audit.client(server) as client:
@@ -994,7 +1009,7 @@ async def test_an_absurd_retry_after_holds_the_token_one_window_at_most(audit, v
 
 
 @pytest.mark.looptime
-async def test_max_retry_after_caps_what_the_server_asks(audit):
+async def test_max_retry_after_caps_what_the_server_asks(audit: Audit) -> None:
     server = FakeLexer.scripted(fail(429, 0.5, **{"Retry-After": "3600"}))
     async with audit.client(server, retry=RetryPolicy(max_retry_after=30.0)) as client:
         await client.summary(DATE_FROM, DATE_TO)

@@ -73,7 +73,9 @@ async def started(task: asyncio.Task[object]) -> None:
 
 
 @pytest.mark.looptime
-async def test_burst_of_100_is_immediate_and_the_101st_waits_for_first_release_plus_window() -> None:
+async def test_burst_of_100_is_immediate_and_the_101st_waits_for_first_release_plus_window() -> (
+    None
+):
     limiter = SlidingWindowLimiter(N, W)
     t0 = now()
     leases = await fill(limiter)
@@ -418,7 +420,9 @@ async def drive(
 
 
 @pytest.mark.looptime
-async def test_aiolimiter_admits_about_twice_the_limit_in_a_window_sliding_window_does_not() -> None:
+async def test_aiolimiter_admits_about_twice_the_limit_in_a_window_sliding_window_does_not() -> (
+    None
+):
     t0 = now()
     leaky = aiolimiter.AsyncLimiter(N, W)
     leaky_times = await drive(lambda: leaky, t0 + 4 * W)
