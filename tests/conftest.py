@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aioresponses import aioresponses
 from redis_server import find_redis_server, redis_server  # tests/ is on sys.path
 
 from lexer_activity_async import LexerClient, LimiterRegistry
@@ -29,6 +32,16 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
 }
 """Two valid tokens, a generous limit and quick export jobs."""
 
+# The fixtures' types, for test signatures (``make_client: MakeClient``).
+MakeClient = Callable[..., LexerClient]
+ClientFor = Callable[..., LexerClient]
+SandboxFactory = Callable[..., Awaitable[Sandbox]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Seen = list[dict[str, Any]]
+LoopbackServer = Callable[[Handler], Awaitable[tuple[str, Seen]]]
+SandboxInThread = Callable[..., Sandbox]
+WriteSpec = Callable[[Path, dict[str, Any]], Path]
+
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
@@ -44,9 +57,7 @@ def registry() -> LimiterRegistry:
 
 
 @pytest.fixture
-def make_client(
-    sandbox: Sandbox, client_for: Callable[..., LexerClient]
-) -> Callable[..., LexerClient]:
+def make_client(sandbox: Sandbox, client_for: ClientFor) -> MakeClient:
     """Build clients for the sandbox: ``make_client(token=TOKEN_A, **options)``."""
     return functools.partial(client_for, sandbox)
 
@@ -55,7 +66,7 @@ def make_client(
 
 
 @pytest.fixture
-async def sandbox_factory() -> AsyncIterator[Callable[..., Any]]:
+async def sandbox_factory() -> AsyncIterator[SandboxFactory]:
     """Start extra sandboxes: ``await sandbox_factory(**config)``; each starts from the
     ``sandbox`` fixture's settings (two tokens, generous limit, quick jobs, fixed NOW) and
     is closed at teardown."""
@@ -72,7 +83,7 @@ async def sandbox_factory() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def client_for(registry: LimiterRegistry) -> Callable[..., LexerClient]:
+def client_for(registry: LimiterRegistry) -> ClientFor:
     """Build a client for any started sandbox: ``client_for(sb, token=TOKEN_A, **options)``,
     with the same defaults as ``make_client``."""
 
@@ -89,7 +100,7 @@ def client_for(registry: LimiterRegistry) -> Callable[..., LexerClient]:
 
 
 @pytest.fixture
-def mock_http() -> Any:
+def mock_http() -> Iterator[aioresponses]:
     """An `aioresponses` mock usable with aiohttp >= 3.13.
 
     aioresponses 0.7.9 builds ``ClientResponse`` without the ``stream_writer`` argument
@@ -99,14 +110,13 @@ def mock_http() -> Any:
     from types import SimpleNamespace
 
     import aiohttp
-    from aioresponses import aioresponses
 
     class CompatResponse(aiohttp.ClientResponse):
         def __init__(self, method: str, url: Any, **kwargs: Any) -> None:
             kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
             super().__init__(method, url, **kwargs)
 
-    class CompatAioresponses(aioresponses):  # type: ignore[misc]
+    class CompatAioresponses(aioresponses):
         def add(self, url: Any, method: str = "GET", *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("response_class", CompatResponse)
             super().add(url, method, *args, **kwargs)
@@ -117,16 +127,14 @@ def mock_http() -> Any:
 
 
 @pytest.fixture
-async def loopback_server() -> AsyncIterator[Callable[..., Any]]:
+async def loopback_server() -> AsyncIterator[LoopbackServer]:
     """Serve an aiohttp handler on a loopback port for exact, hand-written responses:
     ``url, seen = await loopback_server(handler)``. ``seen`` records every request as a
     dict (method, path_qs, headers, body) before the handler runs."""
-    from aiohttp import web
-
     runners: list[web.AppRunner] = []
 
-    async def serve(handler: Callable[..., Any]) -> tuple[str, list[dict[str, Any]]]:
-        seen: list[dict[str, Any]] = []
+    async def serve(handler: Handler) -> tuple[str, Seen]:
+        seen: Seen = []
 
         async def record(request: web.Request) -> web.StreamResponse:
             seen.append(
@@ -137,8 +145,7 @@ async def loopback_server() -> AsyncIterator[Callable[..., Any]]:
                     "body": await request.read(),
                 }
             )
-            response: web.StreamResponse = await handler(request)
-            return response
+            return await handler(request)
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", record)
@@ -158,7 +165,7 @@ async def loopback_server() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def sandbox_in_thread() -> Any:
+def sandbox_in_thread() -> Iterator[SandboxInThread]:
     """Start sandboxes on an event loop in a background thread, for code that runs its own
     loop (click's CliRunner, subprocesses): ``sb = sandbox_in_thread(**config)``. Defaults
     as the ``sandbox`` fixture but with the real clock (CLI clients use the real "now").
@@ -190,11 +197,10 @@ def sandbox_in_thread() -> Any:
 
 
 @pytest.fixture
-def write_spec() -> Callable[..., Any]:
+def write_spec() -> WriteSpec:
     """Write a backfill spec as TOML: ``path = write_spec(path, {"date_from": ..., ...})``.
     Values are strings, numbers, booleans, lists and tables (written inline)."""
     import json
-    from pathlib import Path
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
