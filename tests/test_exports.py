@@ -28,7 +28,8 @@ import aiohttp
 import anyio
 import pytest
 from aiohttp import web
-from conftest import NOW, TOKEN_A
+from aioresponses import aioresponses
+from conftest import NOW, TOKEN_A, ClientFor, LoopbackServer, MakeClient, SandboxFactory
 from yarl import URL
 
 from lexer_activity_async import (
@@ -39,6 +40,7 @@ from lexer_activity_async import (
     LexerClient,
     LexerConnectionError,
     LexerTimeoutError,
+    LimiterRegistry,
     RetryPolicy,
     ServerError,
     ValidationError,
@@ -88,7 +90,7 @@ class FakeClock:
 
 # -- whole exports ------------------------------------------------------------------------
 
-KINDS = [
+KINDS: list[tuple[str, dict[str, Any]]] = [
     ("case_details", {}),
     ("nps_submissions", {"form": 55, "nps_category": "promoters"}),
     ("mention_sla_export", {}),
@@ -96,7 +98,9 @@ KINDS = [
 
 
 @pytest.mark.parametrize(("kind", "options"), KINDS, ids=[k for k, _ in KINDS])
-async def test_export_each_kind(make_client, sandbox, tmp_path, kind, options):
+async def test_export_each_kind(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path, kind: str, options: dict[str, Any]
+) -> None:
     dest = tmp_path / "out" / f"{kind}.csv"  # parent created on demand
     events: list[Any] = []
     async with make_client(on_event=events.append) as client:
@@ -138,7 +142,9 @@ async def test_export_each_kind(make_client, sandbox, tmp_path, kind, options):
     assert received[-1] == len(data)
 
 
-async def test_step_functions(sandbox_factory, client_for, tmp_path):
+async def test_step_functions(
+    sandbox_factory: SandboxFactory, client_for: ClientFor, tmp_path: Path
+) -> None:
     clock = FakeClock()
     sb = await sandbox_factory(clock=clock, export_pending_seconds=5.0)
     async with client_for(sb) as client:
@@ -174,7 +180,9 @@ async def test_step_functions(sandbox_factory, client_for, tmp_path):
     assert sb.stats.leaks == 0
 
 
-async def test_polls_share_a_strict_limit(sandbox_factory, client_for, tmp_path):
+async def test_polls_share_a_strict_limit(
+    sandbox_factory: SandboxFactory, client_for: ClientFor, tmp_path: Path
+) -> None:
     strict = await sandbox_factory(max_requests=4, window=1.0, export_pending_seconds=0.4)
     async with client_for(strict) as client:
         result = await client.export(
@@ -191,8 +199,8 @@ async def test_polls_share_a_strict_limit(sandbox_factory, client_for, tmp_path)
 
 
 async def test_export_start_is_not_retried_after_it_may_have_reached_the_server(
-    make_client, sandbox, tmp_path
-):
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     retry = RetryPolicy(max_retries=3, base=0.01, cap=0.02)
     async with make_client(retry=retry) as client:
         sandbox.faults.fail_next(503, path_contains="/activity/reports")
@@ -211,21 +219,24 @@ async def test_export_start_is_not_retried_after_it_may_have_reached_the_server(
     assert sandbox.stats.exports_started == 1
 
 
-async def test_invalid_exports_send_nothing(make_client, sandbox, tmp_path):
+async def test_invalid_exports_send_nothing(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     dest = tmp_path / "x.csv"
     long_from = datetime(2024, 12, 1, tzinfo=timezone.utc)
+    invalid: list[tuple[str, datetime, datetime, dict[str, Any]]] = [
+        ("summary", JAN, FEB, {}),  # a report, not an export
+        ("case_details", datetime(2026, 1, 1), FEB, {}),
+        ("case_details", FEB, JAN, {}),
+        ("case_details", NOW + timedelta(hours=1), NOW + timedelta(days=2), {}),
+        ("nps_submissions", JAN, FEB, {}),
+        ("nps_submissions", long_from, FEB, {}),  # 14 windows, all checked first
+        ("nps_submissions", JAN, FEB, {"form": 55, "nps_category": "fans"}),
+        ("case_details", JAN, FEB, {"form": 55}),
+        ("case_details", long_from, FEB, {"window_months": 13}),
+    ]
     async with make_client() as client:
-        for kind, start, end, kw in [
-            ("summary", JAN, FEB, {}),  # a report, not an export
-            ("case_details", datetime(2026, 1, 1), FEB, {}),
-            ("case_details", FEB, JAN, {}),
-            ("case_details", NOW + timedelta(hours=1), NOW + timedelta(days=2), {}),
-            ("nps_submissions", JAN, FEB, {}),
-            ("nps_submissions", long_from, FEB, {}),  # 14 windows, all checked first
-            ("nps_submissions", JAN, FEB, {"form": 55, "nps_category": "fans"}),
-            ("case_details", JAN, FEB, {"form": 55}),
-            ("case_details", long_from, FEB, {"window_months": 13}),
-        ]:
+        for kind, start, end, kw in invalid:
             with pytest.raises(ValidationError):
                 await client.export(kind, start, end, dest, poll=POLL, **kw)
         rows = client.export_rows("nps_submissions", JAN, FEB)
@@ -238,7 +249,7 @@ async def test_invalid_exports_send_nothing(make_client, sandbox, tmp_path):
 # -- job outcomes ------------------------------------------------------------------------
 
 
-async def test_failed_job(make_client, sandbox, tmp_path):
+async def test_failed_job(make_client: MakeClient, sandbox: Sandbox, tmp_path: Path) -> None:
     dest = tmp_path / "c.csv"
     sandbox.faults.fail_jobs = 1
     async with make_client() as client:
@@ -251,7 +262,9 @@ async def test_failed_job(make_client, sandbox, tmp_path):
     assert sandbox.stats.file_requests == 0
 
 
-async def test_failed_window_of_a_long_export(make_client, sandbox, tmp_path):
+async def test_failed_window_of_a_long_export(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     dest = tmp_path / "c.csv"
     sandbox.faults.fail_jobs = 1
     async with make_client() as client:
@@ -265,7 +278,9 @@ async def test_failed_window_of_a_long_export(make_client, sandbox, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no dest, no window files, no .part
 
 
-async def test_job_that_never_completes(make_client, sandbox, tmp_path):
+async def test_job_that_never_completes(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     dest = tmp_path / "c.csv"
     sandbox.faults.never_complete = True
     poll = PollPolicy(first_delay=0.02, factor=1.5, cap=0.05, timeout=0.4)
@@ -283,7 +298,9 @@ def _status_url(token: str) -> str:
     return f"{MOCK_STATUS}{STATUS_PATH}?token={token}"
 
 
-async def test_undocumented_statuses_are_logged_once_each(mock_http, registry, caplog):
+async def test_undocumented_statuses_are_logged_once_each(
+    mock_http: aioresponses, registry: LimiterRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="lexer_activity_async")
     url = _status_url("r1")
     for status in ["processing", "processing", "PROCESSING", "queued", "queued"]:
@@ -310,7 +327,9 @@ async def test_undocumented_statuses_are_logged_once_each(mock_http, registry, c
 
 
 @pytest.mark.parametrize("status", ["error", "expired", "cancelled", "Failed"])
-async def test_failure_statuses(mock_http, registry, status):
+async def test_failure_statuses(
+    mock_http: aioresponses, registry: LimiterRegistry, status: str
+) -> None:
     mock_http.get(_status_url("r2"), payload={"status": "pending", "url": None, "token": "r2"})
     mock_http.get(_status_url("r2"), payload={"status": status, "url": None, "token": "r2"})
     async with LexerClient(TOKEN_A, status_url=MOCK_STATUS, registry=registry) as client:
@@ -327,8 +346,8 @@ def _lower_keys(headers: dict[str, str]) -> set[str]:
 
 
 async def test_the_file_request_carries_no_credentials_or_client_headers(
-    make_client, sandbox, loopback_server, tmp_path
-):
+    make_client: MakeClient, sandbox: Sandbox, loopback_server: LoopbackServer, tmp_path: Path
+) -> None:
     body = b"a,b\r\n1,2\r\n"
 
     async def serve(request: web.Request) -> web.StreamResponse:
@@ -354,7 +373,9 @@ async def test_the_file_request_carries_no_credentials_or_client_headers(
     assert (tmp_path / "1.csv").read_bytes() == body
 
 
-async def test_sandbox_exports_never_leak(make_client, sandbox, tmp_path):
+async def test_sandbox_exports_never_leak(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     async with make_client() as client:
         for kind, kw in KINDS:
             await client.export(kind, JAN, FEB, tmp_path / f"{kind}.csv", poll=POLL, **kw)
@@ -371,7 +392,7 @@ async def test_sandbox_exports_never_leak(make_client, sandbox, tmp_path):
     assert sandbox.stats.leaks == 1
 
 
-async def _any_file_url(sandbox: Sandbox, make_client: Any) -> str:
+async def _any_file_url(sandbox: Sandbox, make_client: MakeClient) -> str:
     async with make_client() as client:
         job = await client.start_export("case_details", JAN, FEB)
         done = await client.wait_for_export(job, poll=POLL)
@@ -393,7 +414,7 @@ async def _any_file_url(sandbox: Sandbox, make_client: Any) -> str:
         ("http://127.0.0.1:9000/v1", "https://files.example/x.csv", True),
     ],
 )
-def test_check_file_url(api_url, file_url, allowed):
+def test_check_file_url(api_url: str, file_url: str, allowed: bool) -> None:
     client = LexerClient(TOKEN_A, api_url=api_url)
     if allowed:
         exports._check_file_url(client, file_url)
@@ -403,8 +424,8 @@ def test_check_file_url(api_url, file_url, allowed):
 
 
 async def test_file_host_redirects_are_followed_by_hand_and_checked(
-    make_client, loopback_server, tmp_path
-):
+    make_client: MakeClient, loopback_server: LoopbackServer, tmp_path: Path
+) -> None:
     body = b"h\r\n" + b"x\r\n" * 100
 
     async def final(request: web.Request) -> web.StreamResponse:
@@ -441,7 +462,9 @@ async def test_file_host_redirects_are_followed_by_hand_and_checked(
 # -- streaming -----------------------------------------------------------------------------
 
 
-async def test_part_file_then_rename(make_client, sandbox, tmp_path):
+async def test_part_file_then_rename(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     dest = tmp_path / "c.csv"
     observed: list[tuple[bool, bool]] = []
 
@@ -459,7 +482,9 @@ async def test_part_file_then_rename(make_client, sandbox, tmp_path):
     assert not part_of(dest).exists()
 
 
-async def test_an_existing_dest_is_replaced_only_on_success(make_client, sandbox, tmp_path):
+async def test_an_existing_dest_is_replaced_only_on_success(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     dest = tmp_path / "c.csv"
     dest.write_bytes(b"old contents")
     sandbox.faults.expire_urls = 10
@@ -477,7 +502,9 @@ async def test_an_existing_dest_is_replaced_only_on_success(make_client, sandbox
 
 
 @pytest.mark.parametrize("chunk_size", [1000, 4096])
-async def test_chunk_size_is_configurable(make_client, sandbox, tmp_path, chunk_size):
+async def test_chunk_size_is_configurable(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path, chunk_size: int
+) -> None:
     sizes: dict[str, list[int]] = {}
     for name, policy in [("small", DownloadPolicy(chunk_size=chunk_size)), ("default", None)]:
         progress: list[int] = []
@@ -501,7 +528,9 @@ async def test_chunk_size_is_configurable(make_client, sandbox, tmp_path, chunk_
     assert (tmp_path / "small.csv").read_bytes() == (tmp_path / "default.csv").read_bytes()
 
 
-async def test_content_length_is_verified(make_client, loopback_server, tmp_path):
+async def test_content_length_is_verified(
+    make_client: MakeClient, loopback_server: LoopbackServer, tmp_path: Path
+) -> None:
     body = b"a,b\r\n" + b"1,2\r\n" * 200
 
     async def short(request: web.Request) -> web.StreamResponse:
@@ -539,8 +568,8 @@ async def _current_url(client: LexerClient, token: str) -> str:
 
 @pytest.mark.parametrize(("ranges", "cuts"), [(True, 1), (True, 2), (False, 1)])
 async def test_dropped_download_resumes_byte_identical(
-    make_client, sandbox, tmp_path, ranges, cuts
-):
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path, ranges: bool, cuts: int
+) -> None:
     sandbox.faults.ranges = ranges
     sandbox.faults.drop_download_after = 5000
     sandbox.faults.drop_download_count = cuts
@@ -563,11 +592,11 @@ async def test_dropped_download_resumes_byte_identical(
         assert served == 5000 + size  # the host ignored Range: re-read from the start
     assert progress == sorted(set(progress))  # no byte counted twice
     assert progress[-1] == size
-    assert dest.read_bytes() == await fetch(result.jobs[0].url)
+    assert dest.read_bytes() == await fetch(result.jobs[0].url or "")
     assert sandbox.stats.leaks == 0
 
 
-async def test_too_many_drops(make_client, sandbox, tmp_path):
+async def test_too_many_drops(make_client: MakeClient, sandbox: Sandbox, tmp_path: Path) -> None:
     sandbox.faults.drop_download_after = 3000
     sandbox.faults.drop_download_count = 10
     dest = tmp_path / "c.csv"
@@ -580,7 +609,9 @@ async def test_too_many_drops(make_client, sandbox, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_expired_url_is_refreshed_through_a_status_poll(make_client, sandbox, tmp_path):
+async def test_expired_url_is_refreshed_through_a_status_poll(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     sandbox.faults.expire_urls = 1
     dest = tmp_path / "c.csv"
     async with make_client() as client:
@@ -595,7 +626,9 @@ async def test_expired_url_is_refreshed_through_a_status_poll(make_client, sandb
     assert sandbox.stats.leaks == 0
 
 
-async def test_more_expiries_than_refreshes(make_client, sandbox, tmp_path):
+async def test_more_expiries_than_refreshes(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     sandbox.faults.expire_urls = 10
     dest = tmp_path / "c.csv"
     async with make_client() as client:
@@ -610,7 +643,9 @@ async def test_more_expiries_than_refreshes(make_client, sandbox, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_cancellation_mid_download_leaves_nothing(sandbox_factory, client_for, tmp_path):
+async def test_cancellation_mid_download_leaves_nothing(
+    sandbox_factory: SandboxFactory, client_for: ClientFor, tmp_path: Path
+) -> None:
     big = await sandbox_factory(export_size_bytes=8_000_000)
     dest = tmp_path / "big.csv"
     progress: list[DownloadProgress] = []
@@ -670,6 +705,7 @@ async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
     """While a chunk's write is stuck in the kernel, the loop runs other tasks: here the
     test itself, which releases the write. Were the write on the loop, the release could
     not happen until the write gave up waiting (5 s), and it would report False."""
+    outcomes: list[bool]
     entered, release, outcomes = threading.Event(), threading.Event(), []
     monkeypatch.setattr(
         exports, "open",
@@ -696,8 +732,9 @@ async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
 
 
 @pytest.mark.parametrize(("kind", "options"), KINDS, ids=[k for k, _ in KINDS])
-async def test_export_rows_equal_dictreader_over_the_file(make_client, sandbox, tmp_path,
-                                                          kind, options):
+async def test_export_rows_equal_dictreader_over_the_file(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path, kind: str, options: dict[str, Any]
+) -> None:
     dest = tmp_path / "c.csv"
     async with make_client() as client:
         rows = [
@@ -720,7 +757,9 @@ async def test_export_rows_equal_dictreader_over_the_file(make_client, sandbox, 
 
 
 @pytest.mark.parametrize("ranges", [True, False])
-async def test_export_rows_survive_a_dropped_connection(make_client, sandbox, tmp_path, ranges):
+async def test_export_rows_survive_a_dropped_connection(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path, ranges: bool
+) -> None:
     sandbox.faults.ranges = ranges
     sandbox.faults.drop_download_after = 7001
     dest = tmp_path / "c.csv"
@@ -764,7 +803,7 @@ def _reference(data: bytes) -> list[list[str]]:
     [TRICKY, b"\xef\xbb\xbf" + TRICKY, TRICKY + b"\r\n"],
     ids=["tricky", "with-bom", "final-newline"],
 )
-async def test_iter_csv_records_at_every_split(data):
+async def test_iter_csv_records_at_every_split(data: bytes) -> None:
     expected = _reference(data)
     assert len(expected) == 8
     assert await _records([data]) == expected
@@ -773,7 +812,7 @@ async def test_iter_csv_records_at_every_split(data):
         assert await _records([data[:i], data[i:]]) == expected, i
 
 
-async def test_iter_csv_records_at_every_pair_of_splits():
+async def test_iter_csv_records_at_every_pair_of_splits() -> None:
     data = TRICKY
     expected = _reference(data)
     for i in range(len(data) + 1):
@@ -782,7 +821,7 @@ async def test_iter_csv_records_at_every_pair_of_splits():
             assert got == expected, (i, j)
 
 
-def test_tricky_csv_really_is_tricky():
+def test_tricky_csv_really_is_tricky() -> None:
     # Splits inside a multibyte character, inside quotes and between \r and \n exist.
     assert "😀".encode() in TRICKY
     assert len("😀".encode()) == 4
@@ -799,7 +838,7 @@ def test_tricky_csv_really_is_tricky():
         b'1, "a\nb",c\n',  # a quote after a space is literal
     ],
 )
-async def test_iter_csv_records_matches_csv_on_lenient_input(data):
+async def test_iter_csv_records_matches_csv_on_lenient_input(data: bytes) -> None:
     expected = _reference(data)
     assert await _records([data]) == expected
     for i in range(len(data) + 1):
@@ -816,7 +855,7 @@ def _url_name(lo: datetime, hi: datetime) -> str:
     return f"case_details-{lo:%Y%m%d}-{hi:%Y%m%d}.csv"
 
 
-def test_split_range_is_half_open_and_gap_free():
+def test_split_range_is_half_open_and_gap_free() -> None:
     for months, count in [(1, 18), (3, 6), (12, 2)]:
         windows = split_range(LONG_FROM, LONG_TO, months=months)
         assert len(windows) == count
@@ -829,8 +868,8 @@ def test_split_range_is_half_open_and_gap_free():
 
 
 async def test_long_export_merged_with_default_monthly_windows(
-    sandbox_factory, client_for, tmp_path
-):
+    sandbox_factory: SandboxFactory, client_for: ClientFor, tmp_path: Path
+) -> None:
     sb = await sandbox_factory(export_rows=20)
     dest = tmp_path / "cases.csv"
     async with client_for(sb) as client:
@@ -858,8 +897,8 @@ async def test_long_export_merged_with_default_monthly_windows(
 
 @pytest.mark.parametrize("merge", [False, True])
 async def test_long_export_in_three_month_windows(
-    sandbox_factory, client_for, tmp_path, merge
-):
+    sandbox_factory: SandboxFactory, client_for: ClientFor, tmp_path: Path, merge: bool
+) -> None:
     sb = await sandbox_factory(export_rows=20)
     dest = tmp_path / "out" / "cases.csv"
     async with client_for(sb) as client:
@@ -897,7 +936,9 @@ async def test_long_export_in_three_month_windows(
         assert result.bytes == sum(len(d) for d in direct)
 
 
-async def test_exactly_twelve_months_is_one_job(make_client, sandbox, tmp_path):
+async def test_exactly_twelve_months_is_one_job(
+    make_client: MakeClient, sandbox: Sandbox, tmp_path: Path
+) -> None:
     start = datetime(2025, 6, 1, tzinfo=timezone.utc)
     async with make_client() as client:
         result = await client.export(
@@ -916,7 +957,9 @@ async def test_exactly_twelve_months_is_one_job(make_client, sandbox, tmp_path):
 # -- many exports at once ------------------------------------------------------------------
 
 
-async def test_fifty_exports_across_ten_tokens(sandbox_factory, registry, tmp_path):
+async def test_fifty_exports_across_ten_tokens(
+    sandbox_factory: SandboxFactory, registry: LimiterRegistry, tmp_path: Path
+) -> None:
     sb = await sandbox_factory(tokens=None, export_rows=100)
     tokens = [f"load-token-{i:02d}-abcdef" for i in range(10)]
     months = [(add_months(JAN, -i), add_months(JAN, 1 - i)) for i in range(5)]
