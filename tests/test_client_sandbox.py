@@ -19,18 +19,29 @@ import json
 import logging
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
 import anyio
 import payloads  # tests/ is on sys.path
 import pytest
-from conftest import NOW, TOKEN_A, TOKEN_B
+from aioresponses import aioresponses
+from conftest import (
+    NOW,
+    TOKEN_A,
+    TOKEN_B,
+    ClientFor,
+    LoopbackServer,
+    MakeClient,
+    SandboxFactory,
+)
 from yarl import URL
 
 from lexer_activity_async import (
+    APIError,
     ClientClosedError,
     ConfigurationError,
     DateRangeTooLongError,
@@ -40,6 +51,7 @@ from lexer_activity_async import (
     LexerConnectionError,
     LexerError,
     LexerTimeoutError,
+    LimiterRegistry,
     MissingTokenError,
     NotFoundError,
     RequestTimeoutError,
@@ -54,8 +66,10 @@ from lexer_activity_async import (
 from lexer_activity_async import models as m
 from lexer_activity_async.client import api_session
 from lexer_activity_async.events import RateLimited, RateLimitWait, Retrying
+from lexer_activity_async.limits import SlidingWindowLimiter
 from lexer_activity_async.reports import ReportType
 from lexer_activity_async.sandbox import Sandbox, _data
+from lexer_activity_async.sandbox._exports import ExportJob
 
 AEDT = timezone(timedelta(hours=11))
 APR_FROM = datetime(2026, 4, 1, tzinfo=AEDT)
@@ -87,6 +101,7 @@ def expected(
     if kind in NPS_KINDS:
         params.setdefault("nps_category", "all")
     payload = _data.build_report(kind, Sandbox.key(token), start, end, params)
+    assert start.tzinfo is not None
     return wire.decode_report(kind, 200, json.dumps(payload).encode(), tz=start.tzinfo)
 
 
@@ -100,7 +115,7 @@ def unused_port() -> int:
 # -- every endpoint ---------------------------------------------------------------------
 
 
-async def test_users_groups_forms(make_client, sandbox):
+async def test_users_groups_forms(make_client: MakeClient, sandbox: Sandbox) -> None:
     async with make_client() as client:
         users = await client.users()
         groups = await client.groups()
@@ -141,7 +156,14 @@ TYPED_CALLS: list[tuple[str, ReportType, dict[str, Any], Any]] = [
     TYPED_CALLS,
     ids=[f"{c[0]}-{'-'.join(map(str, c[2].values())) or 'plain'}" for c in TYPED_CALLS],
 )
-async def test_every_typed_report(make_client, sandbox, method, kind, kwargs, result_type):
+async def test_every_typed_report(
+    make_client: MakeClient,
+    sandbox: Sandbox,
+    method: str,
+    kind: ReportType,
+    kwargs: dict[str, Any],
+    result_type: type[object] | None,
+) -> None:
     async with make_client() as client:
         result = await getattr(client, method)(APR_FROM, APR_TO, **kwargs)
         stats = client.stats
@@ -154,7 +176,9 @@ async def test_every_typed_report(make_client, sandbox, method, kind, kwargs, re
     assert stats.retries == 0
 
 
-async def test_generic_report_by_name_and_enum_matches_typed_methods(make_client, sandbox):
+async def test_generic_report_by_name_and_enum_matches_typed_methods(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     async with make_client() as client:
         for kind in ReportType:
             kw: dict[str, Any] = {"form": 55} if kind in NPS_KINDS else {}
@@ -187,7 +211,9 @@ def _assert_series(
     ],
     ids=["month-daily", "2-days-hourly", "just-under-4-days-hourly", "4-days-daily", "mixed-tz"],
 )
-async def test_states_volume_granularity_and_offsets(make_client, start, end, hourly):
+async def test_states_volume_granularity_and_offsets(
+    make_client: MakeClient, start: datetime, end: datetime, hourly: bool
+) -> None:
     async with make_client() as client:
         result = await client.states_volume(start, end)
 
@@ -214,7 +240,9 @@ async def test_states_volume_granularity_and_offsets(make_client, start, end, ho
     ],
     ids=["exactly-3-days-hourly", "over-3-days-daily", "5-hours", "month"],
 )
-async def test_response_volume_granularity(make_client, end, hourly):
+async def test_response_volume_granularity(
+    make_client: MakeClient, end: datetime, hourly: bool
+) -> None:
     async with make_client() as client:
         result = await client.response_volume(APR_FROM, end)
         cases = await client.case_volume(APR_FROM, end)
@@ -225,7 +253,7 @@ async def test_response_volume_granularity(make_client, end, hourly):
     _assert_series(cases.open, APR_FROM, end, timedelta(days=1))
 
 
-async def test_user_summary_ids_are_ints_and_user_volume_sums(make_client):
+async def test_user_summary_ids_are_ints_and_user_volume_sums(make_client: MakeClient) -> None:
     async with make_client() as client:
         summary = await client.user_summary(APR_FROM, APR_TO)
         volume = await client.user_volume(APR_FROM, APR_TO)
@@ -239,7 +267,7 @@ async def test_user_summary_ids_are_ints_and_user_volume_sums(make_client):
         )
 
 
-async def test_nps_volume_days_and_summary_agree(make_client):
+async def test_nps_volume_days_and_summary_agree(make_client: MakeClient) -> None:
     async with make_client() as client:
         days = await client.nps_volume(APR_FROM, APR_TO, form=55)
         summary = await client.nps_summary(APR_FROM, APR_TO, form=55)
@@ -252,7 +280,9 @@ async def test_nps_volume_days_and_summary_agree(make_client):
     assert summary.total_sent == sum(d.data.total_sent for d in days)
 
 
-async def test_workflow_states_default_type_totals_states_volume(make_client, sandbox):
+async def test_workflow_states_default_type_totals_states_volume(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     async with make_client() as client:
         totals = await client.workflow_states(APR_FROM, APR_TO)
         series = await client.states_volume(APR_FROM, APR_TO)
@@ -263,7 +293,9 @@ async def test_workflow_states_default_type_totals_states_volume(make_client, sa
     assert {row.state: row.volume for row in totals} == {k: v for k, v in sums.items() if v}
 
 
-async def test_workflow_states_type_configured_on_both_sides(sandbox_factory, client_for):
+async def test_workflow_states_type_configured_on_both_sides(
+    sandbox_factory: SandboxFactory, client_for: ClientFor
+) -> None:
     renamed = await sandbox_factory(workflow_states_type="workflow_states")
     async with client_for(renamed, workflow_states_type="workflow_states") as client:
         typed = await client.workflow_states(APR_FROM, APR_TO)
@@ -276,8 +308,11 @@ async def test_workflow_states_type_configured_on_both_sides(sandbox_factory, cl
 
 
 async def test_workflow_states_type_mismatch_is_the_servers_invalid_type(
-    sandbox, sandbox_factory, client_for, make_client
-):
+    sandbox: Sandbox,
+    sandbox_factory: SandboxFactory,
+    client_for: ClientFor,
+    make_client: MakeClient,
+) -> None:
     async with make_client(workflow_states_type="workflow_states") as client:
         with pytest.raises(InvalidReportTypeError) as info:
             await client.workflow_states(APR_FROM, APR_TO)
@@ -294,7 +329,9 @@ async def test_workflow_states_type_mismatch_is_the_servers_invalid_type(
     assert renamed.stats.requests == {KEY_A: 1}
 
 
-async def test_users_groups_and_extra_filters_reach_the_server(make_client, sandbox):
+async def test_users_groups_and_extra_filters_reach_the_server(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     extra = {"channel": "twitter", "archived": False}
     filters = {"users": [123, 789], "groups": [456], **extra}
     async with make_client() as client:
@@ -321,7 +358,7 @@ async def test_users_groups_and_extra_filters_reach_the_server(make_client, sand
     )
 
 
-async def test_report_body_on_the_wire(mock_http, registry):
+async def test_report_body_on_the_wire(mock_http: aioresponses, registry: LimiterRegistry) -> None:
     payload = _data.build_report(ReportType.SUMMARY, KEY_A, APR_FROM, APR_TO, {})
     mock_http.post(MOCK_API + "/activity/reports", payload=payload)
     async with LexerClient(TOKEN_A, api_url=MOCK_API, registry=registry, now=lambda: NOW) as c:
@@ -352,13 +389,15 @@ async def test_report_body_on_the_wire(mock_http, registry):
     assert call.kwargs["allow_redirects"] is False
 
 
-async def test_many_reports_concurrently_on_one_client(make_client, sandbox):
+async def test_many_reports_concurrently_on_one_client(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     ranges = [
         (APR_FROM, APR_TO),
         (APR_FROM, APR_FROM + timedelta(days=2)),
         (JAN, FEB),
     ]
-    calls = [
+    calls: list[tuple[ReportType, datetime, datetime, dict[str, Any]]] = [
         (kind, lo, hi, {"form": 55} if kind in NPS_KINDS else {})
         for kind in ReportType
         for lo, hi in ranges
@@ -384,7 +423,7 @@ async def test_many_reports_concurrently_on_one_client(make_client, sandbox):
     assert sandbox.stats.requests == {KEY_A: len(calls) + 2} == {KEY_A: stats.requests}
 
 
-async def test_two_tokens_are_counted_apart(make_client, sandbox):
+async def test_two_tokens_are_counted_apart(make_client: MakeClient, sandbox: Sandbox) -> None:
     async with make_client(TOKEN_A) as a, make_client(TOKEN_B) as b:
         ra, rb = await asyncio.gather(a.summary(JAN, FEB), b.summary(JAN, FEB))
     assert ra == expected(ReportType.SUMMARY, JAN, FEB, token=TOKEN_A)
@@ -393,7 +432,9 @@ async def test_two_tokens_are_counted_apart(make_client, sandbox):
     assert sandbox.stats.requests == {KEY_A: 1, KEY_B: 1}
 
 
-async def test_exactly_twelve_months_is_accepted_by_both_sides(make_client, sandbox):
+async def test_exactly_twelve_months_is_accepted_by_both_sides(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     async with make_client() as client:
         result = await client.summary(
             datetime(2025, 6, 1, tzinfo=timezone.utc), datetime(2026, 6, 1, tzinfo=timezone.utc)
@@ -409,7 +450,7 @@ Call = Callable[[LexerClient], Awaitable[Any]]
 VALIDATION: list[tuple[str, Call]] = [
     ("naive-date_from", lambda c: c.summary(datetime(2026, 1, 1), FEB)),
     ("naive-date_to", lambda c: c.states_volume(JAN, datetime(2026, 2, 1))),
-    ("not-a-datetime", lambda c: c.summary("2026-01-01T00:00:00+00:00", FEB)),
+    ("not-a-datetime", lambda c: c.summary("2026-01-01T00:00:00+00:00", FEB)),  # type: ignore[arg-type]
     ("from-equals-to", lambda c: c.summary(JAN, JAN)),
     ("from-after-to", lambda c: c.case_volume(FEB, JAN)),
     (
@@ -428,7 +469,7 @@ VALIDATION: list[tuple[str, Call]] = [
     ("future-start", lambda c: c.summary(NOW + timedelta(seconds=1), NOW + timedelta(days=1))),
     ("nps_summary-without-form", lambda c: c.report("nps_summary", JAN, FEB)),
     ("nps_volume-without-form", lambda c: c.report(ReportType.NPS_VOLUME, JAN, FEB)),
-    ("nps-form-not-int", lambda c: c.nps_volume(JAN, FEB, form="55")),
+    ("nps-form-not-int", lambda c: c.nps_volume(JAN, FEB, form="55")),  # type: ignore[arg-type]
     ("nps-form-bool", lambda c: c.nps_summary(JAN, FEB, form=True)),
     ("nps-bad-category", lambda c: c.nps_summary(JAN, FEB, form=55, nps_category="fans")),
     ("form-on-non-nps", lambda c: c.report("summary", JAN, FEB, form=55)),
@@ -436,8 +477,8 @@ VALIDATION: list[tuple[str, Call]] = [
     ("export-kind-case_details", lambda c: c.report("case_details", JAN, FEB)),
     ("export-kind-nps_submissions", lambda c: c.report("nps_submissions", JAN, FEB, form=55)),
     ("export-kind-mention_sla_export", lambda c: c.report("mention_sla_export", JAN, FEB)),
-    ("users-not-ints", lambda c: c.report("summary", JAN, FEB, users=["123"])),
-    ("groups-a-string", lambda c: c.report("summary", JAN, FEB, groups="456")),
+    ("users-not-ints", lambda c: c.report("summary", JAN, FEB, users=["123"])),  # type: ignore[list-item]
+    ("groups-a-string", lambda c: c.report("summary", JAN, FEB, groups="456")),  # type: ignore[arg-type]
     (
         "filter-clashes-with-type",
         lambda c: c.report("summary", JAN, FEB, extra_filters={"type": "nps_summary"}),
@@ -475,7 +516,9 @@ VALIDATION: list[tuple[str, Call]] = [
 
 
 @pytest.mark.parametrize(("name", "call"), VALIDATION, ids=[v[0] for v in VALIDATION])
-async def test_validation_spends_no_budget(make_client, sandbox, name, call):
+async def test_validation_spends_no_budget(
+    make_client: MakeClient, sandbox: Sandbox, name: str, call: Call
+) -> None:
     async with make_client() as client:
         with pytest.raises(ValidationError) as info:
             await call(client)
@@ -512,8 +555,8 @@ PUBLIC_CALLS: list[tuple[str, Callable[..., Any]]] = [
 
 @pytest.mark.parametrize(("name", "call"), PUBLIC_CALLS, ids=[c[0] for c in PUBLIC_CALLS])
 async def test_a_misspelt_keyword_is_a_type_error_before_any_request(
-    make_client, sandbox, name, call
-):
+    make_client: MakeClient, sandbox: Sandbox, name: str, call: Callable[..., Any]
+) -> None:
     async with make_client() as client:
         with pytest.raises(TypeError, match="unexpected keyword argument"):
             await call(client)
@@ -533,7 +576,7 @@ def _public_callables() -> list[tuple[str, Callable[..., Any]]]:
     return [(name, f) for name, f in found if inspect.isfunction(f)]
 
 
-def test_no_public_client_or_export_call_takes_a_keyword_catch_all():
+def test_no_public_client_or_export_call_takes_a_keyword_catch_all() -> None:
     offenders = [
         name
         for name, function in _public_callables()
@@ -558,7 +601,7 @@ FILTER_PARAMS = {"users", "groups", "extra_filters"}
         "export_rows",
     ],
 )
-def test_report_and_export_methods_show_their_filters(name):
+def test_report_and_export_methods_show_their_filters(name: str) -> None:
     """``help()`` shows the filters: keyword-only, defaulting to None."""
     parameters = inspect.signature(getattr(LexerClient, name)).parameters
     for filter_name in FILTER_PARAMS | ({"form"} if name.startswith("nps_") else {"forms"}):
@@ -573,7 +616,9 @@ def test_report_and_export_methods_show_their_filters(name):
     [c[:3] for c in TYPED_CALLS[:12]],
     ids=[c[0] for c in TYPED_CALLS[:12]],
 )
-async def test_every_typed_report_sends_its_filters(make_client, sandbox, method, kind, kwargs):
+async def test_every_typed_report_sends_its_filters(
+    make_client: MakeClient, sandbox: Sandbox, method: str, kind: ReportType, kwargs: dict[str, Any]
+) -> None:
     """Each method passes every filter on: the answer is the one the sandbox computes for
     exactly this body, and differs from the unfiltered answer."""
     filters: dict[str, Any] = {"users": [123, 789], "groups": [456]}
@@ -606,13 +651,20 @@ EXPORT_CALLS: list[tuple[str, Callable[..., Any]]] = [
 
 @pytest.mark.parametrize(("name", "call"), EXPORT_CALLS, ids=[c[0] for c in EXPORT_CALLS])
 async def test_export_methods_send_their_filters(
-    make_client, sandbox, monkeypatch, tmp_path, name, call
-):
+    make_client: MakeClient,
+    sandbox: Sandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    name: str,
+    call: Callable[..., Any],
+) -> None:
     """What the server received for every job started, window by window."""
     received: list[dict[str, Any]] = []
     original = sandbox._store.start
 
-    def spy(owner, kind, start, end, params, *rest):
+    def spy(
+        owner: str, kind: str, start: datetime, end: datetime, params: Mapping[str, Any], *rest: Any
+    ) -> ExportJob:
         received.append(dict(params))
         return original(owner, kind, start, end, params, *rest)
 
@@ -633,7 +685,9 @@ async def test_export_methods_send_their_filters(
     assert len(received) == (13 if name == "export-windows" else 1)  # 13 monthly windows
 
 
-async def test_nps_submissions_export_sends_form_category_and_filters(make_client, sandbox):
+async def test_nps_submissions_export_sends_form_category_and_filters(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     async with make_client() as client:
         rows = [
             row
@@ -647,8 +701,8 @@ async def test_nps_submissions_export_sends_form_category_and_filters(make_clien
 
 
 async def test_a_non_json_filter_takes_no_slot_and_the_next_request_does_not_wait(
-    sandbox_factory, client_for
-):
+    sandbox_factory: SandboxFactory, client_for: ClientFor
+) -> None:
     """With one slot per window, a NaN filter that burnt the slot would hold the valid
     request behind it for a whole window; it takes none, so the valid one goes at once."""
     strict = await sandbox_factory(max_requests=1, window=300.0)
@@ -656,11 +710,11 @@ async def test_a_non_json_filter_takes_no_slot_and_the_next_request_does_not_wai
         for bad in (float("nan"), float("inf"), {"a", "b"}, NOW):
             with pytest.raises(ValidationError, match="cannot be sent as JSON"):
                 await client.summary(APR_FROM, APR_TO, extra_filters={"x": bad})
-            assert client.limiter.in_use == 0
+            assert cast(SlidingWindowLimiter, client.limiter).in_use == 0
             assert client.stats.requests == 0
         result = await client.summary(APR_FROM, APR_TO, extra_filters={"x": 1.5})
         stats = client.stats
-        in_use = client.limiter.in_use
+        in_use = cast(SlidingWindowLimiter, client.limiter).in_use
 
     assert result == expected(ReportType.SUMMARY, APR_FROM, APR_TO, {"x": 1.5})
     assert (stats.requests, stats.waits, stats.rate_limited) == (1, 0, 0)
@@ -678,7 +732,9 @@ async def test_a_non_json_filter_takes_no_slot_and_the_next_request_does_not_wai
     ],
     ids=["report-nps_summary", "report-nps_volume", "start_export", "export"],
 )
-async def test_a_missing_form_points_at_the_forms_listing(make_client, sandbox, call):
+async def test_a_missing_form_points_at_the_forms_listing(
+    make_client: MakeClient, sandbox: Sandbox, call: Call
+) -> None:
     async with make_client() as client:
         with pytest.raises(ValidationError) as info:
             await call(client)
@@ -695,7 +751,9 @@ async def test_a_missing_form_points_at_the_forms_listing(make_client, sandbox, 
 # -- errors from the real server -------------------------------------------------------
 
 
-async def test_wrong_token_is_token_mismatch_and_not_retried(make_client, sandbox):
+async def test_wrong_token_is_token_mismatch_and_not_retried(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     async with make_client(token=WRONG_TOKEN, retry=FAST) as client:
         with pytest.raises(TokenMismatchError) as info:
             await client.users()
@@ -706,7 +764,9 @@ async def test_wrong_token_is_token_mismatch_and_not_retried(make_client, sandbo
 
 
 @pytest.mark.parametrize("headers", [{}, {"Auth-Api-Token": "   "}], ids=["absent", "blank"])
-async def test_missing_token_from_a_raw_request_maps_to_missing_token_error(sandbox, headers):
+async def test_missing_token_from_a_raw_request_maps_to_missing_token_error(
+    sandbox: Sandbox, headers: dict[str, str]
+) -> None:
     async with (
         aiohttp.ClientSession() as session,
         session.get(sandbox.api_url + "/users", headers=headers) as response,
@@ -719,7 +779,9 @@ async def test_missing_token_from_a_raw_request_maps_to_missing_token_error(sand
     assert sandbox.stats.unauthorized == 1
 
 
-async def test_missing_token_answer_through_the_client(mock_http, registry):
+async def test_missing_token_answer_through_the_client(
+    mock_http: aioresponses, registry: LimiterRegistry
+) -> None:
     mock_http.get(MOCK_API + "/users", status=401, payload={"error": "Unauthorized"})
     async with LexerClient(TOKEN_A, api_url=MOCK_API, registry=registry, retry=FAST) as client:
         with pytest.raises(MissingTokenError) as info:
@@ -769,7 +831,14 @@ SERVER_400S = [
 @pytest.mark.parametrize(
     ("name", "body", "error", "message"), SERVER_400S, ids=[c[0] for c in SERVER_400S]
 )
-async def test_servers_own_400s(make_client, sandbox, name, body, error, message):
+async def test_servers_own_400s(
+    make_client: MakeClient,
+    sandbox: Sandbox,
+    name: str,
+    body: dict[str, Any],
+    error: type[APIError],
+    message: str,
+) -> None:
     async with make_client(retry=FAST) as client:
         with pytest.raises(error) as info:
             await client.send(wire.report_request(body), wire.decode_json)
@@ -820,7 +889,9 @@ NOT_FOUND = [
 
 
 @pytest.mark.parametrize(("name", "request_"), NOT_FOUND, ids=[c[0] for c in NOT_FOUND])
-async def test_not_found(make_client, sandbox, name, request_):
+async def test_not_found(
+    make_client: MakeClient, sandbox: Sandbox, name: str, request_: wire.Request
+) -> None:
     async with make_client(retry=FAST) as client:
         with pytest.raises(NotFoundError) as info:
             await client.send(request_, wire.decode_json)
@@ -839,7 +910,9 @@ async def test_not_found(make_client, sandbox, name, request_):
         (408, "RequestTimeoutError"),
     ],
 )
-async def test_injected_failures_are_retried_then_succeed(make_client, sandbox, status, error_name):
+async def test_injected_failures_are_retried_then_succeed(
+    make_client: MakeClient, sandbox: Sandbox, status: int, error_name: str
+) -> None:
     events: list[Any] = []
     sandbox.faults.fail_next(status, count=2)
     async with make_client(retry=FAST, on_event=events.append) as client:
@@ -864,7 +937,9 @@ async def test_injected_failures_are_retried_then_succeed(make_client, sandbox, 
         (408, RequestTimeoutError, "Request Timeout"),
     ],
 )
-async def test_injected_failures_exhaust_retries(make_client, sandbox, status, error, text):
+async def test_injected_failures_exhaust_retries(
+    make_client: MakeClient, sandbox: Sandbox, status: int, error: type[APIError], text: str
+) -> None:
     sandbox.faults.fail_next(status, count=10, path_contains="/activity/reports")
     retry = RetryPolicy(max_retries=2, base=0.01, cap=0.02)
     async with make_client(retry=retry) as client:
@@ -881,7 +956,9 @@ async def test_injected_failures_exhaust_retries(make_client, sandbox, status, e
     assert sandbox.stats.requests == {KEY_A: 4}
 
 
-async def test_injected_429_waits_for_retry_after(make_client, sandbox, caplog):
+async def test_injected_429_waits_for_retry_after(
+    make_client: MakeClient, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
     events: list[Any] = []
     sandbox.faults.fail_next(429, retry_after="0.3")
     async with make_client(retry=FAST, on_event=events.append) as client:
@@ -901,7 +978,9 @@ async def test_injected_429_waits_for_retry_after(make_client, sandbox, caplog):
     assert any("429" in r.getMessage() and "0.3s" in r.getMessage() for r in caplog.records)
 
 
-async def test_real_429s_from_the_sandbox_limit_are_retried(sandbox_factory, client_for):
+async def test_real_429s_from_the_sandbox_limit_are_retried(
+    sandbox_factory: SandboxFactory, client_for: ClientFor
+) -> None:
     # The client believes it may send 10 per 0.5 s; the server allows 2: it answers 429
     # (no Retry-After), the client holds the token for a window and tries again.
     tight = await sandbox_factory(max_requests=2, window=0.5)
@@ -917,7 +996,9 @@ async def test_real_429s_from_the_sandbox_limit_are_retried(sandbox_factory, cli
     assert all(e.retry_after is None for e in events if isinstance(e, RateLimited))
 
 
-async def test_a_dropped_connection_is_retried_with_one_arrival_per_attempt(make_client, sandbox):
+async def test_a_dropped_connection_is_retried_with_one_arrival_per_attempt(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     async with make_client(retry=FAST) as client:
         await client.users()  # the connection is now kept alive: aiohttp would resend a GET
         sandbox.faults.drop_next(1)
@@ -928,7 +1009,9 @@ async def test_a_dropped_connection_is_retried_with_one_arrival_per_attempt(make
     assert sandbox.stats.requests == {KEY_A: 3}
 
 
-async def test_dropped_connections_exhaust_retries(make_client, sandbox):
+async def test_dropped_connections_exhaust_retries(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     retry = RetryPolicy(max_retries=2, base=0.01, cap=0.02)
     async with make_client(retry=retry) as client:
         await client.users()
@@ -943,7 +1026,9 @@ async def test_dropped_connections_exhaust_retries(make_client, sandbox):
     assert sandbox.stats.errors_injected == 3
 
 
-async def test_malformed_200_is_unexpected_response(make_client, sandbox):
+async def test_malformed_200_is_unexpected_response(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     body = b'{"total_volume": "lots", "padding": "' + b"x" * 500 + b'"}'
     sandbox.faults.malformed_next(body=body)
     async with make_client(retry=FAST) as client:
@@ -969,7 +1054,7 @@ async def test_malformed_200_is_unexpected_response(make_client, sandbox):
     assert sandbox.stats.requests == {KEY_A: 3}  # none retried
 
 
-async def test_connection_refused(registry):
+async def test_connection_refused(registry: LimiterRegistry) -> None:
     port = unused_port()
     url = f"http://127.0.0.1:{port}"
     client = LexerClient(
@@ -990,7 +1075,7 @@ async def test_connection_refused(registry):
     assert stats.requests == 3
 
 
-async def test_per_attempt_timeout(sandbox_factory, client_for):
+async def test_per_attempt_timeout(sandbox_factory: SandboxFactory, client_for: ClientFor) -> None:
     slow = await sandbox_factory(latency=0.5)
     retry = RetryPolicy(max_retries=2, base=0.01, cap=0.02)
     async with client_for(slow, timeout=0.1, retry=retry) as client:
@@ -1003,7 +1088,7 @@ async def test_per_attempt_timeout(sandbox_factory, client_for):
     assert slow.stats.requests == {KEY_A: 3}
 
 
-async def test_call_deadline(sandbox_factory, client_for):
+async def test_call_deadline(sandbox_factory: SandboxFactory, client_for: ClientFor) -> None:
     slow = await sandbox_factory(latency=0.5)
     async with client_for(slow, timeout=5.0, retry=RetryPolicy(deadline=0.2)) as client:
         with pytest.raises(LexerTimeoutError, match=r"deadline of 0\.2s"):
@@ -1013,7 +1098,9 @@ async def test_call_deadline(sandbox_factory, client_for):
 # -- lifecycle and the token's secrecy ------------------------------------------------
 
 
-async def test_async_with_closes_the_owned_session(make_client, sandbox):
+async def test_async_with_closes_the_owned_session(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     client = make_client()
     async with client:
         session, files = client.session, client.files_session
@@ -1030,7 +1117,9 @@ async def test_async_with_closes_the_owned_session(make_client, sandbox):
     assert sandbox.stats.requests == {KEY_A: 1}
 
 
-async def test_a_passed_in_session_is_used_and_not_closed(make_client, sandbox):
+async def test_a_passed_in_session_is_used_and_not_closed(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     sent: list[str] = []
 
     async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
@@ -1052,7 +1141,9 @@ async def test_a_passed_in_session_is_used_and_not_closed(make_client, sandbox):
     assert sent == ["/v1/users", "/v1/activity/reports", "/v1/groups"]
 
 
-async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(make_client, sandbox):
+async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(
+    make_client: MakeClient, sandbox: Sandbox
+) -> None:
     """`api_session()` is what a client makes for itself, and several clients can share
     it: one connection serves two tokens in turn, each request carrying only its own
     token, with no cookie jar to carry one token's state into another's requests."""
@@ -1068,7 +1159,7 @@ async def test_api_session_is_shared_by_tokens_without_cookies_or_resends(make_c
     assert sandbox.stats.connections == 1
 
 
-async def test_closing_twice_and_closing_unopened(make_client):
+async def test_closing_twice_and_closing_unopened(make_client: MakeClient) -> None:
     client = make_client()
     await client.aclose()
     await client.aclose()
@@ -1076,7 +1167,7 @@ async def test_closing_twice_and_closing_unopened(make_client):
         await client.summary(JAN, FEB)
 
 
-def test_repr_and_str_hide_the_token(make_client):
+def test_repr_and_str_hide_the_token(make_client: MakeClient) -> None:
     client = make_client(label="acme")
     for text in (repr(client), str(client), repr(client._token), str(client._token)):
         assert TOKEN_A not in text
@@ -1098,7 +1189,9 @@ def _strings_of(error: BaseException) -> list[str]:
     return out
 
 
-async def test_the_token_never_appears_in_logs_errors_or_events(make_client, sandbox, caplog):
+async def test_the_token_never_appears_in_logs_errors_or_events(
+    make_client: MakeClient, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     events: list[Any] = []
     errors: list[BaseException] = []
@@ -1147,7 +1240,9 @@ async def test_the_token_never_appears_in_logs_errors_or_events(make_client, san
         assert not [text for text in haystack if secret in text]
 
 
-async def test_token_and_urls_from_the_environment(monkeypatch, sandbox, registry):
+async def test_token_and_urls_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox, registry: LimiterRegistry
+) -> None:
     monkeypatch.setenv("LEXER_API_TOKEN", TOKEN_B)
     monkeypatch.setenv("LEXER_API_URL", sandbox.api_url + "/")
     monkeypatch.setenv("LEXER_STATUS_URL", sandbox.status_url)
@@ -1164,7 +1259,7 @@ async def test_token_and_urls_from_the_environment(monkeypatch, sandbox, registr
     assert sandbox.stats.status_polls == {job.token: 1}
 
 
-def test_explicit_arguments_override_the_environment(monkeypatch):
+def test_explicit_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEXER_API_TOKEN", TOKEN_B)
     monkeypatch.setenv("LEXER_API_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("LEXER_STATUS_URL", "http://127.0.0.1:9/api/public/v1")
@@ -1173,7 +1268,7 @@ def test_explicit_arguments_override_the_environment(monkeypatch):
     assert (client.api_url, client.status_url) == ("https://a.example/v1", "https://s.example")
 
 
-def test_defaults_and_missing_token(monkeypatch):
+def test_defaults_and_missing_token(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LEXER_API_TOKEN", "LEXER_API_URL", "LEXER_STATUS_URL"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigurationError):
@@ -1191,7 +1286,9 @@ def test_defaults_and_missing_token(monkeypatch):
 # -- the sandbox's strict limit, seen through the client ---------------------------------
 
 
-async def test_client_limit_matches_a_strict_sandbox(sandbox_factory, client_for):
+async def test_client_limit_matches_a_strict_sandbox(
+    sandbox_factory: SandboxFactory, client_for: ClientFor
+) -> None:
     strict = await sandbox_factory(max_requests=5, window=1.0)
     async with client_for(strict) as client:
         assert (client.max_requests, client.window) == (5, 1.0)
@@ -1216,7 +1313,9 @@ HTML_502 = (
 )
 
 
-async def test_the_references_users_example_with_its_trailing_comma(mock_http, registry):
+async def test_the_references_users_example_with_its_trailing_comma(
+    mock_http: aioresponses, registry: LimiterRegistry
+) -> None:
     mock_http.get(MOCK_API + "/users", body=USERS_EXAMPLE)
     mock_http.get(MOCK_API + "/users", body=USERS_EXAMPLE.replace(b"789,", b"789"))
     async with LexerClient(TOKEN_A, api_url=MOCK_API, registry=registry, retry=FAST) as client:
@@ -1233,7 +1332,7 @@ async def test_the_references_users_example_with_its_trailing_comma(mock_http, r
     assert len(mock_http.requests[("GET", URL(MOCK_API + "/users"))]) == 2
 
 
-async def test_an_html_502_page(mock_http, registry):
+async def test_an_html_502_page(mock_http: aioresponses, registry: LimiterRegistry) -> None:
     url = MOCK_API + "/activity/reports"
     mock_http.post(url, status=502, body=HTML_502, content_type="text/html")
     mock_http.post(url, status=502, body=HTML_502, content_type="text/html")
@@ -1254,7 +1353,9 @@ async def test_an_html_502_page(mock_http, registry):
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-async def test_redirects_are_not_followed(mock_http, registry, sandbox, status):
+async def test_redirects_are_not_followed(
+    mock_http: aioresponses, registry: LimiterRegistry, sandbox: Sandbox, status: int
+) -> None:
     # The redirect points at the real sandbox (passed through to its socket): had the
     # client followed it, the sandbox would have seen the request and its token.
     target = sandbox.api_url + "/activity/reports"
@@ -1280,7 +1381,9 @@ async def test_redirects_are_not_followed(mock_http, registry, sandbox, status):
     }
 
 
-async def test_a_redirect_over_real_http_is_not_followed(loopback_server, registry, sandbox):
+async def test_a_redirect_over_real_http_is_not_followed(
+    loopback_server: LoopbackServer, registry: LimiterRegistry, sandbox: Sandbox
+) -> None:
     from aiohttp import web
 
     async def redirect(request: web.Request) -> web.StreamResponse:
@@ -1301,7 +1404,9 @@ async def test_a_redirect_over_real_http_is_not_followed(loopback_server, regist
 # -- a shared in-flight cap ------------------------------------------------------------
 
 
-async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(sandbox_factory, client_for):
+async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(
+    sandbox_factory: SandboxFactory, client_for: ClientFor
+) -> None:
     """Two tokens share a cap of one request in flight. Token A has spent its window, so
     its next call waits on the rate limit; token B must still get through meanwhile."""
     sb = await sandbox_factory(max_requests=1, window=300.0)
@@ -1328,7 +1433,9 @@ async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(sandbox_factory
     assert sb.stats.max_in_progress == 1
 
 
-async def test_max_in_flight_caps_requests_on_the_wire(sandbox_factory, client_for):
+async def test_max_in_flight_caps_requests_on_the_wire(
+    sandbox_factory: SandboxFactory, client_for: ClientFor
+) -> None:
     sb = await sandbox_factory(latency=0.05)
     async with client_for(sb, max_in_flight=3) as client:
         await asyncio.gather(*(client.groups() for _ in range(12)))
