@@ -199,6 +199,7 @@ def _reprs(value: object, depth: int, seen: set[int]) -> Iterator[str]:
 def assert_token_free(error: BaseException) -> None:
     """No trace of the token anywhere the error reaches."""
     texts = list(traceback.format_exception(error))
+    links: list[BaseException]
     pending, links = [error], []
     while pending:
         link = pending.pop()
@@ -596,7 +597,7 @@ async def test_a_malformed_file_host_is_a_download_error(answer: bytes) -> None:
     "options",
     [{"read_timeout": 0}, {"connect_timeout": -1.0}, {"timeout": math.inf}, {"timeout": 0.0}],
 )
-def test_download_deadlines_must_be_positive(options: dict[str, float]) -> None:
+def test_download_deadlines_must_be_positive(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         DownloadPolicy(**options)
 

@@ -470,7 +470,7 @@ def test_forms_example() -> None:
     [(m.User, ref.USERS), (m.Group, ref.GROUPS), (m.Form, ref.FORMS)],
     ids=["users", "groups", "forms"],
 )
-def test_lists_accept_a_json_array(cls: type, payload: bytes) -> None:
+def test_lists_accept_a_json_array(cls: type[m.User | m.Group | m.Form], payload: bytes) -> None:
     one = raw(payload)
     other = dict(one, id=one["id"] + 1)
     result = wire.decode_list(cls, 200, json.dumps([one, other]).encode())

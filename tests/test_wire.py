@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import attrs
@@ -105,7 +106,7 @@ DOCUMENTED = [
     (599, "Network Connect Timeout", exc.ServerError),
 ]
 
-BODY_FORMS = {
+BODY_FORMS: dict[str, Callable[[str], bytes]] = {
     "plain": lambda msg: msg.encode(),
     "plain-newline": lambda msg: (msg + "\n").encode(),
     "json-error": lambda msg: json.dumps({"error": msg}).encode(),
@@ -175,9 +176,12 @@ def test_400_messages_match_case_insensitively() -> None:
         (429, exc.RateLimitedError, "Rate limited exceeded"),
     ],
 )
-def test_empty_bodies_get_the_documented_message(status: int, cls: type, default: str) -> None:
+def test_empty_bodies_get_the_documented_message(
+    status: int, cls: type[exc.APIError], default: str
+) -> None:
     error = wire.map_error(status, b"")
     assert type(error) is cls
+    assert isinstance(error, exc.APIError)
     assert error.message == default
     assert error.status == status
 
@@ -280,8 +284,8 @@ API_ERRORS = [
 ]
 
 
-def _all_subclasses(cls: type) -> set[type]:
-    out = set()
+def _all_subclasses(cls: type[object]) -> set[type[object]]:
+    out: set[type[object]] = set()
     for sub in cls.__subclasses__():
         out |= {sub} | _all_subclasses(sub)
     return out
