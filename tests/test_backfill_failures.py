@@ -29,7 +29,6 @@ from test_backfill import ENV_A, ENV_B, make_spec, states, token_env  # noqa: F4
 
 from lexer_activity_async import LimiterRegistry
 from lexer_activity_async import backfill as backfill_module
-from lexer_activity_async import checkpoint as checkpoint_module
 from lexer_activity_async import exports as exports_module
 from lexer_activity_async.backfill import (
     CHECKPOINT_NAME,
@@ -140,8 +139,8 @@ class BrokenFolders:
         real_open = open
         real_connect = sqlite3.connect
 
-        def fault_for(path: object) -> tuple[str, list[int]] | None:
-            target = Path(os.fspath(path))  # type: ignore[arg-type]
+        def fault_for(path: str | os.PathLike[str]) -> tuple[str, list[int]] | None:
+            target = Path(os.fspath(path))
             return next(
                 (f for root, f in self._faults.items() if target.is_relative_to(root)), None
             )
@@ -163,7 +162,7 @@ class BrokenFolders:
 
         for module in (backfill_module, exports_module):
             self._monkeypatch.setattr(module, "open", faulty_open, raising=False)
-        self._monkeypatch.setattr(checkpoint_module.sqlite3, "connect", faulty_connect)
+        self._monkeypatch.setattr(sqlite3, "connect", faulty_connect)
 
     def release(self, folder: Path) -> None:
         """Make ``folder`` usable again (unmount it, or stop injecting faults there)."""
@@ -293,7 +292,7 @@ async def test_a_checkpoint_that_cannot_be_written_stops_the_run_cleanly(
         # Only the run's own connection (the test reads the file with its own).
         return _FillingConnection(real, full) if "check_same_thread" in kwargs else real
 
-    monkeypatch.setattr(checkpoint_module.sqlite3, "connect", connect)
+    monkeypatch.setattr(sqlite3, "connect", connect)
     spec = make_spec(sandbox, tmp_path / "out", per_token_concurrency=2)
     finished: list[str] = []
 
@@ -458,7 +457,7 @@ async def test_the_intent_is_recorded_before_the_job_and_the_token_right_after(
         seen.append(("answered", job.token))
         return job
 
-    monkeypatch.setattr(backfill_module.exports, "start_export", watched_start)
+    monkeypatch.setattr(exports_module, "start_export", watched_start)
     real_record = Checkpoint.record_job
 
     def watched_record(self: Checkpoint, unit_id: str, report_token: str) -> None:

@@ -248,7 +248,7 @@ WHEN = (
     | st.datetimes(
         min_value=datetime(2020, 1, 1),
         max_value=datetime(2026, 1, 1),
-        timezones=st.none() | OFFSETS,
+        timezones=st.one_of(st.none(), OFFSETS),
     )
 )
 LABEL = st.sampled_from(["a", "b", "A", "care team", ".x", "a/b", "x" * 101, "n\0l"]) | st.text(
