@@ -710,7 +710,7 @@ def free_port_triple() -> int:
     for _ in range(50):
         with socket.socket() as first:
             first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
+            port: int = first.getsockname()[1]
             if port + 2 > 65535:
                 continue
             try:

@@ -149,7 +149,10 @@ def test_backfill_and_demo_with_an_output_that_cannot_be_written_exit_2(
         )
         before = all_files(tmp_path)
         one_error_line(
-            cli("backfill", str(spec), **{ENV_A: TOKEN_A}), 2, f"cannot write {dest}", reason
+            cli("backfill", str(spec), launcher=None, **{ENV_A: TOKEN_A}),
+            2,
+            f"cannot write {dest}",
+            reason,
         )
         one_error_line(
             cli("demo", "-o", str(dest), "--months", "1"), 2, f"cannot write {dest}", reason
@@ -187,7 +190,7 @@ def free_ports(n: int) -> int:
     for _ in range(100):
         with socket.socket() as first:
             first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
+            port: int = first.getsockname()[1]
         if port + n - 1 > 65535:
             continue
         try:

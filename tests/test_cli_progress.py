@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -66,12 +67,13 @@ def spec(
 
 
 def view(
-    tmp_path: Path, *labels: str, mode: str = "plain", **options: object
+    tmp_path: Path, *labels: str, mode: str = "plain", **options: Any
 ) -> tuple[BackfillView, Clock, list[str]]:
+    lines: list[str]
     clock, lines = Clock(), []
     the_view = BackfillView(
         spec(tmp_path, *labels, **options),
-        mode,  # type: ignore[arg-type]
+        mode,
         Console(file=io.StringIO()),
         clock=clock,
         echo=lines.append,
@@ -244,6 +246,7 @@ def test_json_mode_is_json_lines_without_per_request_chatter(
 
 
 def test_report_and_export_count_down_on_a_429_or_a_full_window() -> None:
+    echoed: list[str]
     clock, echoed = Clock(), []
     status = WaitView(
         "summary", Console(file=io.StringIO()), live=False, clock=clock, echo=echoed.append
