@@ -188,7 +188,7 @@ def test_missing_spec_file_exits_2(tmp_path: Path) -> None:
         (["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01",
           "--token-file", "/nonexistent/token"], {}, "cannot read /nonexistent/token"),
         (["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01",
-          "--token", TOKEN_A], {}, "No such option '--token'"),
+          "--token", TOKEN_A], {}, "No such option"),  # click < 8.4 and >= 8.4 word it apart
         (["export", "cases", "--from", "2024-01-01", "--to", "2024-02-01", "-o", "x.csv"],
          {"LEXER_API_TOKEN": TOKEN_A}, "'cases' is not one of 'case_details'"),
         (["export", "case_details", "--from", "yesterday", "--to", "2024-02-01", "-o", "x.csv"],
