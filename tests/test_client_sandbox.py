@@ -717,13 +717,15 @@ async def test_connection_refused(registry):
 
 
 async def test_per_attempt_timeout(sandbox_factory, client_for):
-    slow = await sandbox_factory(latency=0.5)
+    # The answer comes 1 s after arrival, so each 0.25 s attempt times out whatever the
+    # load; 0.25 s leaves each attempt ample time to reach the server first.
+    slow = await sandbox_factory(latency=1.0)
     retry = RetryPolicy(max_retries=2, base=0.01, cap=0.02)
-    async with client_for(slow, timeout=0.1, retry=retry) as client:
+    async with client_for(slow, timeout=0.25, retry=retry) as client:
         with pytest.raises(LexerTimeoutError) as info:
             await client.summary(JAN, FEB)
         stats = client.stats
-    assert "0.1s" in str(info.value)
+    assert "0.25s" in str(info.value)
     assert info.value.report_type == "summary"
     assert stats.retries == 2
     assert slow.stats.requests == {KEY_A: 3}
