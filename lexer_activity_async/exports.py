@@ -63,7 +63,7 @@ __all__ = [
 log = logging.getLogger("lexer_activity_async")
 
 FAILED_STATUSES = frozenset({"failed", "failure", "error", "errored", "expired", "cancelled"})
-"""Terminal failure statuses (undocumented by the reference: API-NOTES item 11)."""
+"""Terminal failure statuses (the reference documents only pending and complete)."""
 
 _EXPIRED = frozenset({403, 404, 410})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})

@@ -1,7 +1,7 @@
 """Typed results: frozen, slotted attrs classes, structured by one cattrs converter.
 
 Every documented field is present with its documented type. Extra fields the server may
-add are ignored. Ids are normalised to ``int`` (API-NOTES item 2: ``user_id`` is a string
+add are ignored. Ids are normalised to ``int`` (``user_id`` is a string
 in user_summary and a number in user_volume). Time-series points carry parsed, aware
 timestamps.
 """
@@ -143,7 +143,7 @@ class ValuePoint:
 class ResponseVolume:
     """``response_volume``: average response time per day (per hour for 3 days or less).
 
-    The unit of ``value`` is ambiguous (API-NOTES item 4): documented as minutes, the
+    The unit of ``value`` is ambiguous: documented as minutes, the
     examples look like seconds. Values are returned as the server sends them.
     """
 
@@ -214,7 +214,7 @@ class CaseClassification:
 
 @attrs.frozen
 class NpsSummary:
-    """``nps_summary``. ``nps_score`` is the Net Promoter Score (API-NOTES item 6)."""
+    """``nps_summary``. ``nps_score`` is the Net Promoter Score, not an average."""
 
     total_sent: int
     total_received: int

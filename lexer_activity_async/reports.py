@@ -34,7 +34,7 @@ __all__ = [
 
 MAX_RANGE_MONTHS = 12
 
-# API-NOTES item 1: the reference names the workflow-state totals "user_volume", which is
+# The reference names the workflow-state totals "user_volume", which is
 # Team Volume's type. Its real name is unpublished; "states" is the natural sibling of
 # "states_volume" the way "classifications" is of "case_classifications". Overridable.
 DEFAULT_WORKFLOW_STATES_TYPE = "states"
@@ -210,8 +210,8 @@ def build_report_body(
 ) -> dict[str, object]:
     """Validate a report request and build its JSON body (pure: no I/O).
 
-    ``users`` and ``groups`` are passed through as lists of ids (API-NOTES item 10: their
-    names are unpublished); ``extra`` adds further fields verbatim.
+    ``users`` and ``groups`` are passed through as lists of ids (their names are
+    unpublished); ``extra`` adds further fields verbatim.
     """
     if not isinstance(type_name, str) or not type_name:
         raise ValidationError(f"report type must be a non-empty string; got {type_name!r}")

@@ -959,7 +959,7 @@ async def test_the_references_users_example_with_its_trailing_comma(mock_http, r
     assert info.value.status == 200
     assert info.value.body_excerpt == USERS_EXAMPLE[:200]
     assert "not JSON" in info.value.reason
-    # Fixed, the single object becomes a list of one (API-NOTES item 3).
+    # Fixed, the single object becomes a list of one.
     assert [u.id for u in fixed] == [12345]
     assert fixed[0].groups == (123, 456, 789)
     assert len(mock_http.requests[("GET", URL(MOCK_API + "/users"))]) == 2

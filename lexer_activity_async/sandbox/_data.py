@@ -9,14 +9,14 @@ Consistency rules kept (asserted by ``tests/test_sandbox.py``):
 - times in seconds, ``*_min`` = seconds / 60, min <= median <= max, min <= avg <= max;
 - responded_to <= volume, broke_sla and broke_action_sla <= responded_to;
 - user_summary fractions divide by responded_to, except fraction_responded_to
-  (by mentions_assigned); 0.0 when dividing by zero (API-NOTES item 7);
+  (by mentions_assigned), as the reference's examples do; 0.0 when dividing by zero;
 - user_volume ``all_states`` = sum of the states, ``all_closed_states`` = the sum of
   `CLOSED_STATES` (closed, irrelevant, duplicate, no_response_required: the states that
   end a message's handling);
 - classifications' ``all_states`` = sum of that classification's per-state volumes;
 - the workflow-state totals equal the sums of states_volume's series for the same range;
 - NPS: promoters + passives + detractors = received <= sent; nps_score is the Net Promoter
-  Score (API-NOTES item 6); nps_summary equals the sum of nps_volume's days.
+  Score, not the average its description says; nps_summary equals the sum of nps_volume's days.
 
 Series periods are labelled on the wall clock of the request's ``date_from`` offset and cover
 the range exactly (first period contains date_from, last contains date_to). nps_volume has

@@ -40,7 +40,7 @@ class SandboxConfig:
     clock: Callable[[], float] | None = None
     """Monotonic clock for the rate window; default the running loop's ``time()``."""
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
-    """The report type name that answers workflow-state totals (API-NOTES item 1)."""
+    """The report type name that answers workflow-state totals (unpublished: see reports)."""
 
 
 @attrs.define
