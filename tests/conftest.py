@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -44,7 +45,8 @@ def _backport_looptime_sub_tick_fix() -> None:
 
     import looptime
 
-    if tuple(int(part) for part in version("looptime").split(".")[:2]) >= (0, 8):
+    major, minor = (int(part) for part in re.findall(r"\d+", version("looptime"))[:2])
+    if (major, minor) >= (0, 8):
         return
     loop_class: Any = looptime.LoopTimeEventLoop
     original = loop_class._LoopTimeEventLoop__sync
