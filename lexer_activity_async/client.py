@@ -124,10 +124,18 @@ def files_session() -> aiohttp.ClientSession:
 
 
 def _no_silent_resend(session: aiohttp.ClientSession) -> None:
-    # aiohttp silently resends a GET once when a kept-alive connection drops; the server
-    # would then see two requests for one limiter slot. It has only a private switch.
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
+    """Switch off aiohttp's silent resend of a GET when a kept-alive connection drops (the
+    server would see two requests for one limiter slot). Its only switch is private, so a
+    release without it is refused rather than run without the guarantee."""
+    if not isinstance(session, aiohttp.ClientSession):
+        return  # a stand-in for aiohttp's session: it has no resend of its own
+    if not hasattr(session, "_retry_connection"):
+        raise exc.ConfigurationError(
+            f"aiohttp {aiohttp.__version__} has no switch for its silent resend of a"
+            " request on a dropped connection, so the rate limit could not be kept;"
+            " install aiohttp>=3.11"
+        )
+    session._retry_connection = False
 
 
 class LexerClient:

@@ -148,7 +148,7 @@ def _structure(payload: Any, cls: Any, status: int, body: bytes, report_type: st
 def decode_list(cls: type[T], status: int, body: bytes) -> list[T]:
     """Decode ``/users``, ``/groups`` or ``/forms``.
 
-    API-NOTES item 3: the reference's examples show a single object while the endpoints
+    The reference's examples show a single object while the endpoints
     are described as lists; both are accepted, a single object becoming a list of one.
     """
     payload = decode_json(status, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +42,41 @@ Seen = list[dict[str, Any]]
 LoopbackServer = Callable[[Handler], Awaitable[tuple[str, Seen]]]
 SandboxInThread = Callable[..., Sandbox]
 WriteSpec = Callable[[Path, dict[str, Any]], Path]
+
+
+def _backport_looptime_sub_tick_fix() -> None:
+    """Make looptime < 0.8 advance its clock for a timer less than one tick away.
+
+    looptime counts virtual time in integer ticks (1 µs). When the next timer is due in
+    less than a tick (a jittered ``sleep`` ends off the tick grid), asyncio asks the
+    selector to wait that remainder; looptime < 0.8 rounds it to 0 ticks, so the clock
+    never reaches the timer and the loop spins forever (looptime issue #35). 0.8 fixed it
+    by moving one tick, but needs Python 3.11, so on Python 3.10 (looptime <= 0.7) the
+    same fix is applied here.
+    """
+    from importlib.metadata import version
+
+    import looptime
+
+    major, minor = (int(part) for part in re.findall(r"\d+", version("looptime"))[:2])
+    if (major, minor) >= (0, 8):
+        return
+    loop_class: Any = looptime.LoopTimeEventLoop
+    original = loop_class._LoopTimeEventLoop__sync
+
+    def sync(
+        self: Any, timeout: float | None, step: int | None = None, end: int | None = None
+    ) -> tuple[float | None, int, bool]:
+        real_timeout, real_step, overtime = original(self, timeout, step, end)
+        tick = 1 / self._LoopTimeEventLoop__resolution_reciprocal
+        if not overtime and timeout is not None and 0 < timeout < tick:
+            real_step += 1
+        return real_timeout, real_step, overtime
+
+    loop_class._LoopTimeEventLoop__sync = sync
+
+
+_backport_looptime_sub_tick_fix()
 
 
 @pytest.fixture
@@ -99,26 +135,41 @@ def client_for(registry: LimiterRegistry) -> ClientFor:
     return make
 
 
-@pytest.fixture
-def mock_http() -> Iterator[aioresponses]:
-    """An `aioresponses` mock usable with aiohttp >= 3.13.
+def _response_class_for_aioresponses() -> type[Any] | None:
+    """A `ClientResponse` subclass that aioresponses can build, or None when the installed
+    aiohttp's own class already works with it.
 
-    aioresponses 0.7.9 builds ``ClientResponse`` without the ``stream_writer`` argument
-    that aiohttp 3.13 made required; every mocked response here gets a stand-in for it.
-    ``mock_http.requests`` records each call's kwargs (``json``, ``headers``, ...).
+    aioresponses (0.7.6 to 0.7.9) builds ``ClientResponse`` without ``stream_writer``, which
+    aiohttp 3.14 made a required argument; older releases have no such argument at all.
     """
+    import inspect
     from types import SimpleNamespace
 
     import aiohttp
+
+    parameter = inspect.signature(aiohttp.ClientResponse.__init__).parameters.get("stream_writer")
+    if parameter is None or parameter.default is not inspect.Parameter.empty:
+        return None
 
     class CompatResponse(aiohttp.ClientResponse):
         def __init__(self, method: str, url: Any, **kwargs: Any) -> None:
             kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
             super().__init__(method, url, **kwargs)
 
+    return CompatResponse
+
+
+@pytest.fixture
+def mock_http() -> Iterator[aioresponses]:
+    """An `aioresponses` mock that works with every supported aiohttp (see
+    `_response_class_for_aioresponses`). ``mock_http.requests`` records each call's kwargs
+    (``json``, ``headers``, ...)."""
+    response_class = _response_class_for_aioresponses()
+
     class CompatAioresponses(aioresponses):
         def add(self, url: Any, method: str = "GET", *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("response_class", CompatResponse)
+            if response_class is not None:
+                kwargs.setdefault("response_class", response_class)
             super().add(url, method, *args, **kwargs)
 
     # Loopback traffic (the sandbox, `loopback_server`) passes through to the real socket.

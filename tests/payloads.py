@@ -9,7 +9,7 @@ obfuscation); the bytes constant without the suffix is what a server would send.
 
 from __future__ import annotations
 
-# The request every report example was published for (API-NOTES item 5: series periods
+# The request every report example was published for (series periods
 # come without an offset and are read in this one).
 REQUEST_DATE_FROM = "2018-04-01T00:00:00+11:00"
 REQUEST_DATE_TO = "2018-04-30T23:59:59+11:00"
@@ -115,7 +115,7 @@ STATES_VOLUME_TEXT = """{
 }"""
 STATES_VOLUME = STATES_VOLUME_TEXT.encode("utf-8")
 
-# The "Workflow States" example (published under type user_volume; API-NOTES 1).
+# The "Workflow States" example (published under type user_volume, like Team Volume).
 WORKFLOW_STATES_TEXT = """[
   {
     "state": "closed",

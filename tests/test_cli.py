@@ -294,7 +294,7 @@ def test_missing_spec_file_exits_2(tmp_path: Path) -> None:
         (
             ["report", "summary", "--from", "2024-01-01", "--to", "2024-02-01", "--token", TOKEN_A],
             {},
-            "No such option '--token'",
+            "No such option",  # click < 8.4 and >= 8.4 word it apart
         ),
         (
             ["export", "cases", "--from", "2024-01-01", "--to", "2024-02-01", "-o", "x.csv"],

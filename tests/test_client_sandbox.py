@@ -1076,13 +1076,15 @@ async def test_connection_refused(registry: LimiterRegistry) -> None:
 
 
 async def test_per_attempt_timeout(sandbox_factory: SandboxFactory, client_for: ClientFor) -> None:
-    slow = await sandbox_factory(latency=0.5)
+    # The answer comes 1 s after arrival, so each 0.25 s attempt times out whatever the
+    # load; 0.25 s leaves each attempt ample time to reach the server first.
+    slow = await sandbox_factory(latency=1.0)
     retry = RetryPolicy(max_retries=2, base=0.01, cap=0.02)
-    async with client_for(slow, timeout=0.1, retry=retry) as client:
+    async with client_for(slow, timeout=0.25, retry=retry) as client:
         with pytest.raises(LexerTimeoutError) as info:
             await client.summary(JAN, FEB)
         stats = client.stats
-    assert "0.1s" in str(info.value)
+    assert "0.25s" in str(info.value)
     assert info.value.report_type == "summary"
     assert stats.retries == 2
     assert slow.stats.requests == {KEY_A: 3}
@@ -1326,7 +1328,7 @@ async def test_the_references_users_example_with_its_trailing_comma(
     assert info.value.status == 200
     assert info.value.body_excerpt == USERS_EXAMPLE[:200]
     assert "not JSON" in info.value.reason
-    # Fixed, the single object becomes a list of one (API-NOTES item 3).
+    # Fixed, the single object becomes a list of one.
     assert [u.id for u in fixed] == [12345]
     assert fixed[0].groups == (123, 456, 789)
     assert len(mock_http.requests[("GET", URL(MOCK_API + "/users"))]) == 2

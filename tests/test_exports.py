@@ -283,7 +283,8 @@ async def test_job_that_never_completes(
 ) -> None:
     dest = tmp_path / "c.csv"
     sandbox.faults.never_complete = True
-    poll = PollPolicy(first_delay=0.02, factor=1.5, cap=0.05, timeout=0.4)
+    # polls at most 0.05 s apart for 1 s: at least 3 even if each round trip took 0.3 s
+    poll = PollPolicy(first_delay=0.02, factor=1.5, cap=0.05, timeout=1.0)
     async with make_client() as client:
         with pytest.raises(ExportTimeoutError) as info:
             await client.export("case_details", JAN, FEB, dest, poll=poll)

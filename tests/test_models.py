@@ -280,7 +280,7 @@ def test_workflow_states() -> None:
 
 
 def test_workflow_states_payload_is_not_team_volume() -> None:
-    # API-NOTES 1: the two examples published under "user_volume" have different shapes.
+    # The two examples published under "user_volume" have different shapes.
     with pytest.raises(UnexpectedResponseError):
         decode(ReportType.USER_VOLUME, ref.WORKFLOW_STATES)
     with pytest.raises(UnexpectedResponseError):
@@ -362,7 +362,7 @@ def test_nps_summary() -> None:
     assert isinstance(result, m.NpsSummary)
     assert_fields(result, raw(ref.NPS_SUMMARY), NPS_SUMMARY_FIELDS)
     assert (result.total_promoters, result.total_passives, result.total_detractors) == (9, 1, 2)
-    # API-NOTES 6: the score is the Net Promoter Score of the counts.
+    # The score is the Net Promoter Score of the counts, not an average.
     net = (result.total_promoters - result.total_detractors) / result.total_received * 100
     assert result.nps_score == pytest.approx(net)
 
