@@ -125,16 +125,14 @@ class LimitStore:
         *,
         wall: Callable[[], float] = time.time,
         boot_clock: Callable[[], float] = _boot_clock,
-        boot_id: str | None | Callable[[], str | None] = _boot_id,
+        boot_id: Callable[[], str | None] = _boot_id,
     ) -> None:
         self.path = Path(path).expanduser().absolute()
         self._boot_clock = boot_clock
         self._lock = threading.Lock()  # limiters of several loops (threads) may share it
         self._conn = self._connect()
         try:
-            self._anchor = self._run(
-                lambda: self._open(wall(), boot_id() if callable(boot_id) else boot_id)
-            )
+            self._anchor = self._run(lambda: self._open(wall(), boot_id()))
         except BaseException:
             self._conn.close()
             raise
