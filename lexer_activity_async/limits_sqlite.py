@@ -60,6 +60,7 @@ __all__ = [
     "LimitStore",
     "SqliteLimiter",
     "default_store_path",
+    "close_stores",
     "open_store",
     "store_limiter_factory",
     "store_registry",
@@ -484,3 +485,13 @@ def store_registry(
             factory = store_limiter_factory(store, lease_timeout=lease_timeout)
             registry = _registries[key] = LimiterRegistry(factory=factory)
         return registry
+
+
+def close_stores() -> None:
+    """Close every store `open_store` opened in this process and forget their registries
+    (a later `open_store` reopens the file). For tests and long-lived hosts."""
+    with _open_lock:
+        for store in _stores.values():
+            store.close()
+        _stores.clear()
+        _registries.clear()
