@@ -161,11 +161,15 @@ class LimitStore:
         except sqlite3.Error as error:
             raise self._fail(f"cannot open: {error}") from None
         try:
+            self._is_new(conn)  # before WAL mode rewrites the header
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable enough, far cheaper
         except sqlite3.Error as error:
             conn.close()
             raise self._described(error) from None
+        except LimitStoreError:
+            conn.close()
+            raise
         return conn
 
     def _described(self, error: sqlite3.Error) -> LimitStoreError:
@@ -193,28 +197,35 @@ class LimitStore:
             except sqlite3.Error as error:
                 raise self._described(error) from None
 
-    def _open(self, wall: float, boot_id: str | None) -> float:
-        """Check or create the schema, fix the clock anchor, purge freed rows."""
-        conn = self._conn
+    def _is_new(self, conn: sqlite3.Connection) -> bool:
+        """True for an empty file; raises for one that is not a usable limit store. Only
+        reads, so a file that is not ours is left exactly as it was."""
         app = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if app == 0 and version == 0:
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 raise self._fail("is an SQLite file but not a limit store; choose another path")
+            return True
+        if app != _APPLICATION_ID:
+            raise self._fail("is an SQLite file but not a limit store; choose another path")
+        if version > SCHEMA_VERSION:
+            raise self._fail(
+                f"was written by a newer lexer-activity-async (store version {version}, this "
+                f"one reads {SCHEMA_VERSION}); upgrade, or use another limit store"
+            )
+        if version != SCHEMA_VERSION:
+            raise self._fail(f"has an unknown store version {version}")
+        return False
+
+    def _open(self, wall: float, boot_id: str | None) -> float:
+        """Check or create the schema, fix the clock anchor, purge freed rows."""
+        conn = self._conn
+        if self._is_new(conn):  # again inside the transaction: another process may race
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif app != _APPLICATION_ID:
-            raise self._fail("is an SQLite file but not a limit store; choose another path")
-        elif version > SCHEMA_VERSION:
-            raise self._fail(
-                f"was written by a newer lexer-activity-async (store version {version}, this "
-                f"one reads {SCHEMA_VERSION}); upgrade, or use another limit store"
-            )
-        elif version != SCHEMA_VERSION:
-            raise self._fail(f"has an unknown store version {version}")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise self._fail(f"is corrupt ({check}); move it away to start afresh")
