@@ -92,7 +92,8 @@ def test_a_dead_holders_slot_is_held_for_lease_timeout_plus_window(
         live.release(KEY, f"x{i}", 0.001)  # (tiny window: only the dead slot stays)
     clocks.advance(LEASE + W - 0.01)
     assert live.held(KEY) == 1
-    assert grant(live, "y0") and grant(live, "y1")
+    assert grant(live, "y0")
+    assert grant(live, "y1")
     assert not grant(live, "y2")
     clocks.advance(0.01)
     assert grant(live, "y2")
@@ -106,7 +107,8 @@ def test_refusal_reports_what_frees_when(clocks: Clocks, path: Path) -> None:
     clocks.advance(10)
     store.penalize(KEY, 20)
     granted, now, (held, blocked, full, *frees) = store.try_acquire(KEY, "z", N, LEASE + W, W)
-    assert not granted and now == pytest.approx(WALL + 10)
+    assert not granted
+    assert now == pytest.approx(WALL + 10)
     assert (held, blocked) == (N, pytest.approx(20))
     assert full == pytest.approx(W - 10)  # the released slot frees first
     assert frees == [pytest.approx(W - 10)]
@@ -182,8 +184,7 @@ async def test_the_file_holds_token_hashes_never_tokens(
     with sqlite3.connect(path) as conn:
         tokens = {row[0] for row in conn.execute("SELECT token FROM slots")}
     assert tokens == {token_key(TOKEN_A)}
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert _modes(path) == (0o600, 0o700)
 
 
 async def test_clients_of_one_store_share_the_limiter(sandbox: Sandbox, path: Path) -> None:
@@ -208,6 +209,14 @@ def test_default_path_is_the_env_then_the_user_cache(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     expected = tmp_path / "home" / ".cache" / "lexer-activity" / "limits.sqlite3"
     assert default_store_path() == expected
+
+
+def _contents(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _modes(path: Path) -> tuple[int, int]:
+    return stat.S_IMODE(path.stat().st_mode), stat.S_IMODE(path.parent.stat().st_mode)
 
 
 # -- bad input: a clear error naming the path, before any request ---------------------------
@@ -261,7 +270,7 @@ async def test_a_bad_store_fails_before_any_request_and_is_left_alone(
 ) -> None:
     make, message = BAD[kind]
     make(path)
-    before = path.read_bytes()
+    before = _contents(path)
     client = client_for(sandbox, token=TOKEN_A, limit_store=path, registry=None)
     with pytest.raises(LimitStoreError, match=message) as caught:
         await client.open()
@@ -270,7 +279,7 @@ async def test_a_bad_store_fails_before_any_request_and_is_left_alone(
     assert str(path) in str(caught.value)
     assert TOKEN_A not in str(caught.value)
     assert sandbox.stats.requests == {}
-    assert path.read_bytes() == before, "never replaced or emptied"
+    assert _contents(path) == before, "never replaced or emptied"
 
 
 @pytest.mark.parametrize("where", ["under a file", "a folder"])
@@ -372,7 +381,8 @@ def test_cli_bad_store_is_one_line_and_sends_nothing(
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: rate-limit store {path} ")
     assert len(result.output.strip().splitlines()) == 1
-    assert "Traceback" not in result.output and TOKEN_A not in result.output
+    assert "Traceback" not in result.output
+    assert TOKEN_A not in result.output
     assert sb.stats.requests == {}
 
 
