@@ -190,7 +190,8 @@ class LimitStore:
                 try:
                     result = work()
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    if self._conn.in_transaction:  # SQLite may have rolled back already
+                        self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
                 return result
