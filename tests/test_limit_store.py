@@ -424,3 +424,25 @@ def test_cli_limit_store_and_redis_url_exclude_each_other(path: Path) -> None:
     assert result.exit_code == 2
     assert "either --limit-store or --redis-url" in result.output
     assert not path.exists()
+
+
+def test_a_store_locked_too_long_is_a_typed_error(
+    clocks: Clocks, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not sqlite3.OperationalError, which the command line would blame on a checkpoint."""
+    from lexer_activity_async import limits_sqlite
+
+    store = clocks.open(path)
+    monkeypatch.setattr(limits_sqlite, "BUSY_TIMEOUT", 0.05)
+    other = clocks.open(path)  # a second process, impatient
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process inside a long transaction
+    try:
+        with pytest.raises(LimitStoreError, match="database is locked") as caught:
+            grant(other, "x")
+        assert caught.value.path == str(path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert grant(other, "x")
+    assert store.held(KEY) == 1
