@@ -19,6 +19,7 @@ from .exceptions import (
     LexerError,
     LexerTimeoutError,
     LimiterBackendError,
+    LimitStoreError,
     MalformedResponseError,
     MissingTokenError,
     NotFoundError,
@@ -74,6 +75,7 @@ __all__ = [
     "DownloadError",
     "DownloadTimeoutError",
     "LimiterBackendError",
+    "LimitStoreError",
     "OutputError",
     "PortUnavailableError",
 ]

@@ -540,6 +540,13 @@ async def run_backfill(
         from .limits_redis import check_redis
 
         await check_redis(spec.redis_url)  # fail the whole run early, clearly
+    store = spec.limit_store
+    if store is not None and store != "memory" and registry is None:
+        from .client import DEFAULT_TIMEOUT
+        from .limits_sqlite import store_registry
+
+        # opened (and validated) now: an unusable store fails the run before any request
+        registry = store_registry(store, lease_timeout=DEFAULT_TIMEOUT + 5.0)
     done: dict[str, int] = {s.label: 0 for s in spec.tokens}
     skipped: dict[str, int] = {s.label: 0 for s in spec.tokens}
     failed: dict[str, list[tuple[str, str]]] = {s.label: [] for s in spec.tokens}

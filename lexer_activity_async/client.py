@@ -164,6 +164,9 @@ class LexerClient:
             does not hold one.
         redis_url: share the token's limit with every process and host using this Redis
             (see `limits_redis`); unreachable Redis raises `LimiterBackendError`.
+        limit_store: keep the token's limit in this local SQLite file (see `limits_sqlite`),
+            so it survives restarts and is shared by the host's processes; an unusable
+            file raises `LimitStoreError` when the client opens.
         workflow_states_type: the report type name used for workflow-state totals
             (unpublished; see the README's "Known API ambiguities").
         on_event: called with `events` (rate-limit waits, 429s, retries, exports).
@@ -184,6 +187,7 @@ class LexerClient:
         window: float = DEFAULT_WINDOW,
         registry: LimiterRegistry | None = None,
         redis_url: str | None = None,
+        limit_store: str | os.PathLike[str] | None = None,
         max_in_flight: int | contextlib.AbstractAsyncContextManager[object] | None = None,
         workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
         on_event: EventHook | None = None,
@@ -223,7 +227,10 @@ class LexerClient:
         self.workflow_states_type = workflow_states_type
         if redis_url is not None and registry is not None:
             raise exc.ConfigurationError("pass either redis_url or registry, not both")
+        if limit_store is not None and (redis_url is not None or registry is not None):
+            raise exc.ConfigurationError("pass one of limit_store, redis_url and registry")
         self.redis_url = redis_url
+        self.limit_store = limit_store
         self._registry = registry or default_registry
         self._on_event = on_event
         if isinstance(max_in_flight, int):
@@ -281,6 +288,10 @@ class LexerClient:
                 await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
                 # A slot's lease must outlive the longest attempt, or it could free too early.
                 self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
+            elif self.limit_store is not None:
+                from .limits_sqlite import store_registry
+
+                self._registry = store_registry(self.limit_store, lease_timeout=self.timeout + 5.0)
             self._limiter = self._registry.get(
                 self._token.reveal(), max_requests=self.max_requests, window=self.window
             )

@@ -34,6 +34,7 @@ __all__ = [
     "DownloadError",
     "DownloadTimeoutError",
     "LimiterBackendError",
+    "LimitStoreError",
     "OutputError",
     "PortUnavailableError",
 ]
@@ -255,6 +256,24 @@ class DownloadTimeoutError(DownloadError, LexerTimeoutError):
 
 class LimiterBackendError(LexerError):
     """The shared limiter backend (for example Redis) could not be reached or used."""
+
+
+class LimitStoreError(LimiterBackendError):
+    """The local limit store (an SQLite file) cannot be created, read or used: an
+    unwritable path, a corrupt file, another program's file or a newer store version.
+
+    Attributes:
+        path: the store file.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"rate-limit store {self.path} {reason}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.path, self.reason))
 
 
 class OutputError(LexerError):

@@ -97,7 +97,8 @@ class Lease:
 
 @runtime_checkable
 class Limiter(Protocol):
-    """What a per-token limiter does; `SlidingWindowLimiter` and the Redis backend implement it.
+    """What a per-token limiter does; `SlidingWindowLimiter`, the Redis backend and the
+    local limit store (`limits_sqlite`) implement it.
 
     Guarantee: the server never sees more than ``max_requests`` requests in any
     ``window``-second span, provided every request is made inside `slot`.

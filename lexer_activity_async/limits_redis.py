@@ -214,7 +214,7 @@ class _View:
     def released(self, frees_at: float) -> None:
         bisect.insort(self.frees_at, frees_at)
 
-    def expected_wait(self, now: float, ahead: int, limiter: RedisLimiter) -> float:
+    def expected_wait(self, now: float, ahead: int, limiter: Limiter) -> float:
         """Seconds until an acquisition queued behind ``ahead`` others gets its slot: the
         ``ahead``-th slot to free, or a window when that one is still in flight."""
         cut = bisect.bisect_right(self.frees_at, now)

@@ -122,6 +122,8 @@ class BackfillSpec:
     max_requests: int = DEFAULT_MAX_REQUESTS
     window: float = DEFAULT_WINDOW
     redis_url: str | None = None
+    limit_store: Path | str | None = None
+    """A local limit-store file (`limits_sqlite`), or ``"memory"`` for in-process only."""
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     poll: PollPolicy = attrs.field(factory=PollPolicy)
 
@@ -253,6 +255,11 @@ def _check_spec(spec: BackfillSpec) -> None:
     for key in ("api_url", "status_url"):
         _check_url(key, getattr(spec, key), ("http", "https"))
     _check_url("redis_url", spec.redis_url, ("redis", "rediss", "unix"))
+    if spec.limit_store is not None:
+        if not isinstance(spec.limit_store, (str, Path)) or str(spec.limit_store) in ("", "."):
+            raise SpecError(f"`limit_store` must be a file path, got {_shown(spec.limit_store)}")
+        if spec.redis_url is not None:
+            raise SpecError("give either `redis_url` or `limit_store`, not both")
 
 
 def _check_poll(where: str, poll: PollPolicy) -> None:
@@ -305,6 +312,7 @@ _KNOWN_KEYS = {
     "status_url",
     "rate_limit",
     "redis_url",
+    "limit_store",
     "workflow_states_type",
     "poll",
 }
@@ -425,6 +433,14 @@ def _path_string(name: str, value: object) -> str:
     return _string(name, value, path=True)
 
 
+def _limit_store(data: Mapping[str, Any], base_dir: Path) -> Path | str | None:
+    """``limit_store``: ``"memory"`` as is, else a path relative to the spec file."""
+    value: str | None = _optional(data, "limit_store", _path_string, "`limit_store`", None)
+    if value is None or value == "memory":
+        return value
+    return base_dir / Path(value).expanduser()
+
+
 def _reports(value: object) -> tuple[str, ...]:
     if value == "all":
         return ALL_REPORTS
@@ -511,6 +527,7 @@ def _spec_from_dict(
         ),
         "window": _optional(rate, "window", _number, "[rate_limit] window", DEFAULT_WINDOW),
         "redis_url": _optional(data, "redis_url", _string, "`redis_url`", None),
+        "limit_store": _limit_store(data, base_dir),
         "workflow_states_type": _optional(
             data,
             "workflow_states_type",

@@ -79,6 +79,20 @@ def _backport_looptime_sub_tick_fix() -> None:
 _backport_looptime_sub_tick_fix()
 
 
+@pytest.fixture(autouse=True)
+def private_limit_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """The CLI keeps rate limits in a store file by default: give each test its own (never
+    the user's cache), and close what the test opened."""
+    from lexer_activity_async.limits_sqlite import STORE_ENV, close_stores
+
+    path = tmp_path_factory.mktemp("limits") / "limits.sqlite3"
+    monkeypatch.setenv(STORE_ENV, str(path))
+    yield path
+    close_stores()
+
+
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
     """A sandbox with `SANDBOX_DEFAULTS`."""

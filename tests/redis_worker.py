@@ -1,6 +1,7 @@
-"""A worker process for the multi-process Redis test: sends ``--count`` GET /users requests
-at once through a `LexerClient` whose limit is shared through Redis, then prints how many
-429s it received. The token comes from ``LEXER_API_TOKEN``, never the command line."""
+"""A worker process for the multi-process tests: sends ``--count`` GET /users requests at
+once through a `LexerClient` whose limit is shared through Redis (``--redis-url``) or a
+local limit store (``--limit-store``), then prints how many 429s it received. The token
+comes from ``LEXER_API_TOKEN``, never the command line."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from lexer_activity_async import LexerClient
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("--api-url", "--status-url", "--redis-url"):
+    for name in ("--api-url", "--status-url"):
         parser.add_argument(name, required=True)
+    shared = parser.add_mutually_exclusive_group(required=True)
+    shared.add_argument("--redis-url")
+    shared.add_argument("--limit-store")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--max-requests", type=int, required=True)
     parser.add_argument("--window", type=float, required=True)
@@ -23,6 +27,7 @@ async def main() -> None:
         api_url=args.api_url,
         status_url=args.status_url,
         redis_url=args.redis_url,
+        limit_store=args.limit_store,
         max_requests=args.max_requests,
         window=args.window,
     ) as client:

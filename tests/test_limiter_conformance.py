@@ -1,9 +1,11 @@
-"""One conformance suite for every `Limiter` backend: in-process and Redis.
+"""One conformance suite for every `Limiter` backend: in-process, Redis and the local
+SQLite limit store.
 
 The in-process backend runs on virtual time (looptime), where every bound below holds
-exactly. The Redis backend cannot: its scripts read the Redis server's clock, which is
-real. So what a test asserts is ordering, not duration: a waiter is granted no earlier
-than its slot frees (``SLACK`` covers microsecond rounding), and a wait estimate lies
+exactly. The Redis backend and the SQLite store cannot: they read the Redis server's
+clock and the boot clock, which are real. So what a test asserts is ordering, not
+duration: a waiter is granted no earlier than its slot frees (``SLACK`` covers
+microsecond rounding), and a wait estimate lies
 between the bounds that the observed times of the calls allow. The only upper bounds on
 real time are ``LATE``, less than a window: they catch a waiter woken a window too late.
 The invariant checked throughout is the limiter's contract: at every acquisition, at most
@@ -19,6 +21,7 @@ import random
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -31,6 +34,7 @@ from lexer_activity_async.limits import (
     SlidingWindowLimiter,
     token_key,
 )
+from lexer_activity_async.limits_sqlite import LimitStore, SqliteLimiter
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -110,18 +114,62 @@ class RedisBackend(Backend):
             await client.aclose()
 
 
+class SqliteBackend(Backend):
+    """Limiters over one store file; each ``make`` opens its own `LimitStore` (its own
+    connection), as a separate process would."""
+
+    name = "sqlite"
+    shared = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key = uuid.uuid4().hex
+        self.stores: list[LimitStore] = []
+
+    def make(
+        self,
+        max_requests: int = N,
+        window: float = W,
+        *,
+        lease_timeout: float = 60.0,
+        key: str | None = None,
+    ) -> Limiter:
+        store = LimitStore(self.path)
+        self.stores.append(store)
+        return SqliteLimiter(
+            store, key or self.key, max_requests, window, lease_timeout=lease_timeout
+        )
+
+    async def aclose(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+def _make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
+    if name == "memory":
+        return Backend()
+    if name == "sqlite":
+        return SqliteBackend(request.getfixturevalue("tmp_path") / "limits.sqlite3")
+    return RedisBackend(request.getfixturevalue("redis_url"))
+
+
 @pytest.fixture(
     params=[
         pytest.param("memory", marks=pytest.mark.looptime),
         pytest.param("redis", marks=pytest.mark.redis),
+        "sqlite",
     ]
 )
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    made = (
-        Backend()
-        if request.param == "memory"
-        else RedisBackend(request.getfixturevalue("redis_url"))
-    )
+    made = _make_backend(request, request.param)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis), "sqlite"])
+async def shared_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """The backends whose slots outlive their holder and are shared between processes."""
+    made = _make_backend(request, request.param)
     yield made
     await made.aclose()
 
@@ -361,12 +409,11 @@ async def test_waiters_are_served_in_fifo_order(backend: Backend) -> None:
     assert order == list(range(N))
 
 
-@pytest.mark.redis
 async def test_dead_holder_lease_is_held_for_lease_timeout_plus_window(
-    rbackend: RedisBackend,
+    shared_backend: Backend,
 ) -> None:
-    """Redis only: in-process slots die with their process, so they have no leases."""
-    backend = rbackend
+    """Shared backends only: in-process slots die with their process, so have no leases."""
+    backend = shared_backend
     lease_timeout = 0.3
     dead = backend.make(lease_timeout=lease_timeout)
     before = now()
@@ -378,23 +425,21 @@ async def test_dead_holder_lease_is_held_for_lease_timeout_plus_window(
     assert before + lease_timeout + W - SLACK <= now() <= granted + lease_timeout + W + LATE
 
 
-# --------------------------------------------------------------------------- Redis only
+# --------------------------------------------------------------------------- shared only
 
 
-@pytest.mark.redis
 async def test_two_processes_sharing_a_key_never_exceed_the_limit(
-    rbackend: RedisBackend,
+    shared_backend: Backend,
 ) -> None:
-    first, second = rbackend.make(), rbackend.make()
+    first, second = shared_backend.make(), shared_backend.make()
     spans = await run_workload([first, second], workers=8, per_worker=3, seed=2)
     assert_window_invariant(spans, N)
     assert first.stats.requests + second.stats.requests == 24
     assert max(a for a, _ in spans) - min(a for a, _ in spans) >= 4 * W - SLACK
 
 
-@pytest.mark.redis
-async def test_concurrent_burst_is_not_counted_as_waiting(rbackend: RedisBackend) -> None:
-    limiter = rbackend.make()
+async def test_concurrent_burst_is_not_counted_as_waiting(shared_backend: Backend) -> None:
+    limiter = shared_backend.make()
     told: list[float] = []
     start = now()
     await asyncio.gather(*(limiter.acquire(told.append) for _ in range(N)))
@@ -404,11 +449,10 @@ async def test_concurrent_burst_is_not_counted_as_waiting(rbackend: RedisBackend
     assert (limiter.stats.requests, limiter.stats.waits) == (N, 0)
 
 
-@pytest.mark.redis
 async def test_release_in_another_process_frees_the_slot_a_window_later(
-    rbackend: RedisBackend,
+    shared_backend: Backend,
 ) -> None:
-    holder, waiter_side = rbackend.make(), rbackend.make()
+    holder, waiter_side = shared_backend.make(), shared_backend.make()
     leases = [await holder.acquire() for _ in range(N)]
     waiter = asyncio.create_task(waiter_side.acquire())
     await asyncio.sleep(0.1)
@@ -418,11 +462,10 @@ async def test_release_in_another_process_frees_the_slot_a_window_later(
     assert released + W - SLACK <= now() <= released + W + LATE
 
 
-@pytest.mark.redis
 async def test_late_release_after_lease_expiry_still_holds_a_window(
-    rbackend: RedisBackend,
+    shared_backend: Backend,
 ) -> None:
-    limiter = rbackend.make(max_requests=1, lease_timeout=0.1)
+    limiter = shared_backend.make(max_requests=1, lease_timeout=0.1)
     overdue = await limiter.acquire()
     second = await limiter.acquire()  # granted when the first lease expired (0.1 + W)
     await limiter.release(second)
@@ -431,6 +474,9 @@ async def test_late_release_after_lease_expiry_still_holds_a_window(
     await limiter.release(overdue)  # it did complete after all: it counts a window from now
     await limiter.acquire()  # two slots held under a limit of 1: both must free first
     assert late + W - SLACK <= now() <= late + W + LATE
+
+
+# --------------------------------------------------------------------------- Redis only
 
 
 @pytest.mark.redis

@@ -21,6 +21,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import click
 from rich.console import Console
 from rich.table import Table
@@ -40,6 +41,7 @@ from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
 from ..exports import PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
+from ..limits_sqlite import default_store_path
 from ..models import converter
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
@@ -207,6 +209,30 @@ def _read_token(token_env: str, token_file: Path | None) -> str:
         raise click.UsageError(str(error).replace("token 'cli': ", "")) from None
 
 
+IN_PROCESS = "memory"
+_LIMIT_STORE_HELP = (
+    "SQLite file keeping each token's rate limit across runs and processes on this host "
+    "(default: $LEXER_LIMIT_STORE or ~/.cache/lexer-activity/limits.sqlite3); "
+    "`memory` keeps it in this process only."
+)
+
+
+def _limit_store_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--limit-store", metavar="PATH|memory", help=_LIMIT_STORE_HELP)(func)
+
+
+def _where_limits_live(limit_store: str | None, redis_url: str | None) -> dict[str, Any]:
+    """`LexerClient` options for ``--limit-store`` / ``--redis-url``: Redis if given,
+    else the store file (the default one unless told), else in-process for ``memory``."""
+    if redis_url:
+        if limit_store is not None:
+            raise click.UsageError("give either --limit-store or --redis-url, not both")
+        return {"redis_url": redis_url}
+    if limit_store == IN_PROCESS:
+        return {}
+    return {"limit_store": Path(limit_store).expanduser() if limit_store else default_store_path()}
+
+
 def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
     """Adds the token and URL options, and passes ``connect``: a `LexerClient` factory
     holding the token (read from the environment or a file, never an argument)."""
@@ -219,6 +245,7 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
         api_url: str | None,
         status_url: str | None,
         redis_url: str | None,
+        limit_store: str | None,
         **kwargs: Any,
     ) -> Any:
         connect = functools.partial(
@@ -226,7 +253,7 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
             _read_token(token_env, token_file),
             api_url=api_url,
             status_url=status_url,
-            redis_url=redis_url,
+            **_where_limits_live(limit_store, redis_url),
         )
         return func(*args, connect=connect, **kwargs)
 
@@ -249,6 +276,7 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
             envvar="LEXER_REDIS_URL",
             help="Share the token's rate limit through this Redis.",
         ),
+        click.option("--limit-store", metavar="PATH|memory", help=_LIMIT_STORE_HELP),
     ]
     for option in reversed(options):
         command = option(command)
@@ -550,6 +578,7 @@ def _print_plan(spec: BackfillSpec) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
 @click.option("--redis-url", help="Share each token's rate limit through Redis.")
+@_limit_store_option
 @click.option(
     "-o",
     "--output",
@@ -562,16 +591,22 @@ def backfill(
     retry_failed: bool,
     as_json: bool,
     redis_url: str | None,
+    limit_store: str | None,
     output: Path | None,
 ) -> None:
     """Backfill every report and export of a spec (TOML), resumably."""
     overrides: dict[str, Any] = {}
     if redis_url:
         overrides["redis_url"] = redis_url
+    if limit_store:
+        _where_limits_live(limit_store, redis_url)  # both given: a usage error
+        overrides["limit_store"] = IN_PROCESS if limit_store == IN_PROCESS else Path(limit_store)
     if output:
         overrides["output"] = output
     try:
         spec = BackfillSpec.from_toml(spec_path, **overrides)
+        if spec.limit_store is None and spec.redis_url is None:
+            spec = attrs.evolve(spec, limit_store=default_store_path())
     except exc.ValidationError as error:
         raise click.UsageError(f"{spec_path}: {error}") from None
     if dry_run:
@@ -663,8 +698,15 @@ DEMO_MARKER = ".lexer-demo"
 )
 @click.option("--resume", is_flag=True, help="Keep an earlier demo's output and resume it.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
+@_limit_store_option
 def demo(
-    output: Path, n_tokens: int, months: int, window: float, resume: bool, as_json: bool
+    output: Path,
+    n_tokens: int,
+    months: int,
+    window: float,
+    resume: bool,
+    as_json: bool,
+    limit_store: str | None,
 ) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
     _writable(check_directory, output)
@@ -713,6 +755,7 @@ def demo(
                 max_requests=100,
                 window=window,
                 poll=PollPolicy(first_delay=0.5, cap=2.0),
+                limit_store=_where_limits_live(limit_store, None).get("limit_store", IN_PROCESS),
             )
             with _view(spec, as_json) as view:
                 summary = await run_backfill(spec, on_event=view)
