@@ -89,6 +89,8 @@ def private_limit_store(
 
     path = tmp_path_factory.mktemp("limits") / "limits.sqlite3"
     monkeypatch.setenv(STORE_ENV, str(path))
+    # A child process that drops LEXER_* variables still never reaches the user's cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(path.parent / "cache"))
     yield path
     close_stores()
 

@@ -31,6 +31,7 @@ from lexer_activity_async._version import __version__
 from lexer_activity_async.backfill import ALL_REPORTS, CHECKPOINT_NAME, BackfillSpec, plan
 from lexer_activity_async.checkpoint import DONE, PENDING
 from lexer_activity_async.cli import DEMO_MARKER, main
+from lexer_activity_async.limits_sqlite import STORE_ENV
 from lexer_activity_async.models import converter
 from lexer_activity_async.reports import ExportKind
 from lexer_activity_async.sandbox import Sandbox
@@ -552,7 +553,8 @@ def test_demo_refuses_to_delete_a_directory_it_did_not_make(tmp_path: Path) -> N
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEXER_")}
+    # Keep the test's own limit store (STORE_ENV); drop every other LEXER_ variable.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEXER_") or k == STORE_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env

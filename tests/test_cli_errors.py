@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import TOKEN_A
 
+from lexer_activity_async.limits_sqlite import STORE_ENV
 from lexer_activity_async.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,8 @@ WINDOW = ["--from", "2024-01-01", "--to", "2024-02-01"]
 
 
 def env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("LEXER_")}
+    # Keep the test's own limit store (STORE_ENV); drop every other LEXER_ variable.
+    out = {k: v for k, v in os.environ.items() if not k.startswith("LEXER_") or k == STORE_ENV}
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), out.get("PYTHONPATH")]))
     out.update(extra)
     return out
