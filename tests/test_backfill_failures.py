@@ -28,7 +28,6 @@ from conftest import TOKEN_A, TOKEN_B
 from test_backfill import ENV_A, ENV_B, make_spec, states, token_env  # noqa: F401
 
 from lexer_activity_async import LimiterRegistry
-from lexer_activity_async import backfill as backfill_module
 from lexer_activity_async import checkpoint as checkpoint_module
 from lexer_activity_async import exports as exports_module
 from lexer_activity_async.backfill import (
@@ -40,6 +39,8 @@ from lexer_activity_async.backfill import (
     plan,
     run_backfill,
 )
+from lexer_activity_async.backfill import runner as runner_module
+from lexer_activity_async.backfill import writer as writer_module
 from lexer_activity_async.checkpoint import (
     DONE,
     FAILED,
@@ -161,7 +162,7 @@ class BrokenFolders:
                 raise sqlite3.OperationalError("unable to open database file")
             return real_connect(database, *args, **kwargs)
 
-        for module in (backfill_module, exports_module):
+        for module in (writer_module, exports_module):
             self._monkeypatch.setattr(module, "open", faulty_open, raising=False)
         self._monkeypatch.setattr(checkpoint_module.sqlite3, "connect", faulty_connect)
 
@@ -458,7 +459,7 @@ async def test_the_intent_is_recorded_before_the_job_and_the_token_right_after(
         seen.append(("answered", job.token))
         return job
 
-    monkeypatch.setattr(backfill_module.exports, "start_export", watched_start)
+    monkeypatch.setattr(runner_module.exports, "start_export", watched_start)
     real_record = Checkpoint.record_job
 
     def watched_record(self: Checkpoint, unit_id: str, report_token: str) -> None:

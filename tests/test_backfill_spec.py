@@ -15,15 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lexer_activity_async.backfill import (
+    MAX_NAME_LENGTH,
     BackfillSpec,
     ExportSpec,
     SpecError,
     TokenSource,
+    check_name,
     plan,
 )
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.reports import ExportKind
-from lexer_activity_async.spec import MAX_NAME_LENGTH, check_name
 
 UTC = timezone.utc
 BASE: dict[str, Any] = {

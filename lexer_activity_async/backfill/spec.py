@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from . import exceptions as exc
-from .exports import PollPolicy
-from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
-from .reports import (
+from .. import exceptions as exc
+from ..exports import PollPolicy
+from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
+from ..reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
     ExportKind,
     NpsCategory,
