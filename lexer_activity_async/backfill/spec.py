@@ -12,13 +12,18 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType, TypeGuard
 from urllib.parse import urlsplit
 
 import attrs
+import cattrs
+from cattrs import BaseConverter
+from cattrs.cols import list_structure_factory
+from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
 
 from .. import exceptions as exc
 from ..exports import PollPolicy
@@ -104,29 +109,41 @@ class ExportSpec:
 
 @attrs.frozen(kw_only=True)
 class BackfillSpec:
-    """What to backfill. Build it directly or with `BackfillSpec.from_toml`."""
+    """What to backfill. Build it directly or with `BackfillSpec.from_toml`; every field
+    is checked on construction (`SpecError` naming the key)."""
 
-    tokens: tuple[TokenSource, ...]
+    tokens: tuple[TokenSource, ...] = attrs.field(validator=lambda _s, _a, v: _check_tokens(v))
     date_from: datetime
     date_to: datetime
-    output: Path
+    output: Path = attrs.field(validator=lambda _s, _a, v: _check_output(v))
     reports: tuple[str, ...] = ALL_REPORTS
     exports: tuple[ExportSpec, ...] = ()
     nps_form: int | None = None
     nps_category: str = NpsCategory.ALL.value
-    window_months: int = 1
-    per_token_concurrency: int = 8
-    total_concurrency: int = 64
-    api_url: str | None = None
-    status_url: str | None = None
-    max_requests: int = DEFAULT_MAX_REQUESTS
-    window: float = DEFAULT_WINDOW
-    redis_url: str | None = None
+    window_months: int = attrs.field(default=1, validator=lambda _s, _a, v: _check_months(v))
+    per_token_concurrency: int = attrs.field(default=8, validator=lambda _s, _a, v: _check_cap(v))
+    total_concurrency: int = attrs.field(default=64, validator=lambda _s, _a, v: _check_cap(v))
+    api_url: str | None = attrs.field(default=None, validator=lambda _s, a, v: _check_http(a, v))
+    status_url: str | None = attrs.field(default=None, validator=lambda _s, a, v: _check_http(a, v))
+    max_requests: int = attrs.field(
+        default=DEFAULT_MAX_REQUESTS, validator=lambda _s, _a, v: _check_rate(v, 1.0)
+    )
+    window: float = attrs.field(
+        default=DEFAULT_WINDOW, validator=lambda _s, _a, v: _check_rate(1, v)
+    )
+    redis_url: str | None = attrs.field(
+        default=None,
+        validator=lambda _s, _a, v: _check_url("redis_url", v, ("redis", "rediss", "unix")),
+    )
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
-    poll: PollPolicy = attrs.field(factory=PollPolicy)
+    poll: PollPolicy = attrs.field(
+        factory=PollPolicy, validator=lambda _s, _a, v: _check_poll("[poll]", v)
+    )
 
     def __attrs_post_init__(self) -> None:
-        _check_spec(self)
+        _check_dates(self)
+        _check_reports(self)
+        _check_exports(self)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> BackfillSpec:
@@ -147,7 +164,12 @@ class BackfillSpec:
         cls, data: Mapping[str, Any], *, base_dir: Path = Path("."), **overrides: Any
     ) -> BackfillSpec:
         """Build a spec from parsed TOML (see the README for every key)."""
-        return _spec_from_dict(cls, data, base_dir, overrides)
+        fields = _spec_fields(data, base_dir)
+        fields.update(overrides)
+        try:
+            return cls(**fields)
+        except TypeError as error:
+            raise SpecError(f"invalid spec: {error}") from None
 
 
 # -- names that become paths ------------------------------------------------------------
@@ -158,7 +180,7 @@ def check_name(what: str, name: object) -> str:
     `SpecError` saying why: 1 to `MAX_NAME_LENGTH` printable characters, none of
     ``/ \\ : * ? " < > |``, not starting with a dot nor ending with a dot or a space."""
     if not isinstance(name, str):
-        raise SpecError(f"{what} must be a string, got {_shown(name)}")
+        raise SpecError(f"{what} must be a string, got {shown(name)}")
     why = None
     if not name:
         why = "it is empty"
@@ -177,11 +199,11 @@ def check_name(what: str, name: object) -> str:
     return name
 
 
-def _check_spec(spec: BackfillSpec) -> None:
-    if not spec.tokens:
+def _check_tokens(tokens: object) -> None:
+    if not isinstance(tokens, tuple) or not tokens:
         raise SpecError("spec needs at least one token")
     folded: dict[str, str] = {}
-    for source in spec.tokens:
+    for source in tokens:
         check_name("token label", source.label)
         if (source.env is None) == (source.file is None):
             raise SpecError(f"token {source.label!r} needs exactly one of `env` or `file`")
@@ -193,18 +215,49 @@ def _check_spec(spec: BackfillSpec) -> None:
                 f"{source.label!r} would share a folder"
             )
         folded[key] = source.label
-    if not isinstance(spec.output, Path) or "\0" in str(spec.output):
+
+
+def _check_output(output: object) -> None:
+    if not isinstance(output, Path) or "\0" in str(output):
         raise SpecError("output must be a path without NUL characters")
+
+
+def _check_months(months: object) -> None:
+    if not _is_int(months) or not 1 <= months <= 12:
+        raise SpecError("window_months must be 1 to 12")
+
+
+def _check_cap(cap: object) -> None:
+    if not _is_int(cap) or cap < 1:
+        raise SpecError("concurrency caps must be at least 1")
+
+
+def _check_rate(max_requests: object, window: object) -> None:
+    if (
+        not _is_int(max_requests)
+        or max_requests < 1
+        or not _is_number(window)
+        or not 0 < window < math.inf
+    ):
+        raise SpecError("rate_limit needs max_requests >= 1 and window > 0")
+
+
+def _check_http(field: attrs.Attribute[Any], url: object) -> None:
+    _check_url(field.name, url, ("http", "https"))
+
+
+def _check_dates(spec: BackfillSpec) -> None:
     if spec.date_from.tzinfo is None or spec.date_to.tzinfo is None:
         raise SpecError("date_from and date_to need a UTC offset")
     if spec.date_from >= spec.date_to:
         raise SpecError("date_from must be before date_to")
-    if not _is_int(spec.window_months) or not 1 <= spec.window_months <= 12:
-        raise SpecError("window_months must be 1 to 12")
     try:  # the planner's last window may end up to a window after date_to
         add_months(spec.date_to.astimezone(spec.date_from.tzinfo), spec.window_months)
     except (ValueError, OverflowError):
         raise SpecError("date_to is too late to plan windows after it") from None
+
+
+def _check_reports(spec: BackfillSpec) -> None:
     wst = check_name("workflow_states_type", spec.workflow_states_type)
     taken = (set(ALL_REPORTS) - {DEFAULT_WORKFLOW_STATES_TYPE}) | {k.value for k in ExportKind}
     if wst in taken:
@@ -220,12 +273,14 @@ def _check_spec(spec: BackfillSpec) -> None:
         raise SpecError(f"reports listed twice (they would write the same files): {twice}")
     if not spec.reports and not spec.exports:
         raise SpecError("the spec fetches nothing: list at least one report or export")
-    needs_form = any(r in ("nps_summary", "nps_volume") for r in spec.reports)
-    if needs_form:
+    if any(r in ("nps_summary", "nps_volume") for r in spec.reports):
         try:
             validate_nps(spec.nps_form, spec.nps_category)
         except exc.ValidationError as error:
             raise SpecError(f"[nps] form/category for NPS reports: {error}") from None
+
+
+def _check_exports(spec: BackfillSpec) -> None:
     kinds: set[ExportKind] = set()
     for item in spec.exports:
         if item.kind in kinds:
@@ -239,20 +294,6 @@ def _check_spec(spec: BackfillSpec) -> None:
                 validate_nps(item.form, item.nps_category or NpsCategory.ALL.value)
             except exc.ValidationError as error:
                 raise SpecError(f"export {item.kind.value}: {error}") from None
-    caps = (spec.per_token_concurrency, spec.total_concurrency)
-    if not all(_is_int(c) for c in caps) or min(caps) < 1:
-        raise SpecError("concurrency caps must be at least 1")
-    if (
-        not _is_int(spec.max_requests)
-        or spec.max_requests < 1
-        or not _is_number(spec.window)
-        or not 0 < spec.window < math.inf
-    ):
-        raise SpecError("rate_limit needs max_requests >= 1 and window > 0")
-    _check_poll("[poll]", spec.poll)
-    for key in ("api_url", "status_url"):
-        _check_url(key, getattr(spec, key), ("http", "https"))
-    _check_url("redis_url", spec.redis_url, ("redis", "rediss", "unix"))
 
 
 def _check_poll(where: str, poll: PollPolicy) -> None:
@@ -267,7 +308,7 @@ def _check_poll(where: str, poll: PollPolicy) -> None:
     for key, (low, strict) in rules.items():
         value = getattr(poll, key)
         if not _is_number(value) or not math.isfinite(value):
-            raise SpecError(f"{where} {key} must be a finite number, got {_shown(value)}")
+            raise SpecError(f"{where} {key} must be a finite number, got {shown(value)}")
         if value < low or (strict and value == low):
             bound = f"> {low:g}" if strict else f">= {low:g}"
             raise SpecError(f"{where} {key} must be {bound}, got {value!r}")
@@ -279,7 +320,7 @@ def _check_url(key: str, url: object, schemes: tuple[str, ...]) -> None:
     if url is None:
         return
     if not isinstance(url, str):
-        raise SpecError(f"`{key}` must be a string, got {_shown(url)}")
+        raise SpecError(f"`{key}` must be a string, got {shown(url)}")
     try:
         parts = urlsplit(url)
         host = parts.hostname if parts.scheme != "unix" else parts.path
@@ -289,44 +330,15 @@ def _check_url(key: str, url: object, schemes: tuple[str, ...]) -> None:
         raise SpecError(f"`{key}` must be a {'/'.join(schemes)} URL, got {url!r}")
 
 
-# -- typed reading of parsed TOML -------------------------------------------------------
-
-_KNOWN_KEYS = {
-    "tokens",
-    "date_from",
-    "date_to",
-    "output",
-    "reports",
-    "exports",
-    "nps",
-    "window_months",
-    "concurrency",
-    "api_url",
-    "status_url",
-    "rate_limit",
-    "redis_url",
-    "workflow_states_type",
-    "poll",
-}
-_TABLE_KEYS = {
-    "nps": {"form", "category"},
-    "concurrency": {"per_token", "total"},
-    "rate_limit": {"max_requests", "window"},
-    "poll": {f.name for f in attrs.fields(PollPolicy)},
-}
-_TOKEN_KEYS = {"label", "env", "file"}
-_EXPORT_KEYS = {"kind", "form", "nps_category"}
-
-
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """A value for an error message: numbers as they are, anything else by its type only
     (a string in the wrong place might be a pasted secret)."""
     if isinstance(value, (bool, int, float)):
@@ -337,44 +349,136 @@ def _shown(value: object) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
-def _table(where: str, value: object, allowed: set[str]) -> Mapping[str, Any]:
-    """``value`` as a table whose keys are all in ``allowed``, or `SpecError`."""
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{where} must be a table, got {_shown(value)}")
-    unknown = set(value) - allowed
-    if unknown:
-        raise SpecError(
-            f"unknown keys in {where}: {', '.join(sorted(map(str, unknown)))} "
-            f"(known: {', '.join(sorted(allowed))})"
-        )
-    return value
+# -- structuring parsed TOML: one cattrs converter ---------------------------------------
+#
+# The TOML document is structured into the private classes below, shaped like the file
+# (tables as classes, arrays as lists) by a converter that forbids extra keys and whose
+# scalar hooks accept exactly the TOML type asked for (no "2" for 2, no true for 1).
+# `cattrs.transform_error` then gives each failure with its path (``$.concurrency.total``),
+# which `_message` words as the user reads the file (``[concurrency] total``).
 
 
-def _string(name: str, value: object, *, path: bool = False) -> str:
-    if not isinstance(value, str):
-        raise SpecError(f"{name} must be a string, got {_shown(value)}")
-    if path and (not value or "\0" in value):
-        raise SpecError(f"{name} must be a non-empty path without NUL characters")
-    return value
+class _Invalid(ValueError):
+    """A value of the wrong type or form; ``text`` follows the key's name in the message
+    (after ``sep``), and never holds a string value (it might be a pasted secret)."""
+
+    def __init__(self, text: str, sep: str = " ") -> None:
+        super().__init__(text)
+        self.text = text
+        self.sep = sep
 
 
-def _integer(name: str, value: object) -> int:
+_PathText = NewType("_PathText", str)
+"""A string naming a path: non-empty, no NUL."""
+_ReportNames = NewType("_ReportNames", tuple[str, ...])
+"""``"all"``, one report name, or a list of them."""
+
+
+@attrs.define
+class _TokenDoc:
+    label: str
+    env: str | None = None
+    file: _PathText | None = None
+
+
+@attrs.define
+class _ExportDoc:
+    kind: ExportKind
+    form: int | None = None
+    nps_category: str | None = None
+
+
+@attrs.define
+class _NpsDoc:
+    form: int | None = None
+    category: str = NpsCategory.ALL.value
+
+
+@attrs.define
+class _ConcurrencyDoc:
+    per_token: int = 8
+    total: int = 64
+
+
+@attrs.define
+class _RateDoc:
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    window: float = DEFAULT_WINDOW
+
+
+@attrs.define
+class _SpecDoc:
+    tokens: list[_TokenDoc]
+    date_from: datetime
+    date_to: datetime
+    output: _PathText = _PathText("lexer-output")
+    reports: _ReportNames = _ReportNames(ALL_REPORTS)
+    exports: list[_ExportDoc] = attrs.Factory(list)
+    nps: _NpsDoc = attrs.Factory(_NpsDoc)
+    window_months: int = 1
+    concurrency: _ConcurrencyDoc = attrs.Factory(_ConcurrencyDoc)
+    api_url: str | None = None
+    status_url: str | None = None
+    rate_limit: _RateDoc = attrs.Factory(_RateDoc)
+    redis_url: str | None = None
+    workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
+    poll: PollPolicy = attrs.Factory(PollPolicy)
+
+
+_TABLES = frozenset({"nps", "concurrency", "rate_limit", "poll"})
+_MISSING = {
+    "tokens[]": "needs a `label` and one of `env` or `file`",
+    "exports[]": "needs a `kind`",
+}
+
+
+def _structure_int(value: object, _: type) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise SpecError(f"{name} must be an integer, got {_shown(value)}")
+    raise _Invalid(f"must be an integer, got {shown(value)}")
 
 
-def _number(name: str, value: object) -> float:
+def _structure_float(value: object, _: type) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return value
-    raise SpecError(f"{name} must be a finite number, got {_shown(value)}")
+    raise _Invalid(f"must be a finite number, got {shown(value)}")
 
 
-def _optional(table: Mapping[str, Any], key: str, read: Any, name: str, default: Any) -> Any:
-    return read(name, table[key]) if key in table else default
+def _structure_str(value: object, _: type) -> str:
+    if isinstance(value, str):
+        return value
+    raise _Invalid(f"must be a string, got {shown(value)}")
 
 
-def _parse_when(name: str, value: object) -> datetime:
+def _structure_path(value: object, _: type) -> _PathText:
+    text = _structure_str(value, str)
+    if not text or "\0" in text:
+        raise _Invalid("must be a non-empty path without NUL characters")
+    return _PathText(text)
+
+
+def _structure_reports(value: object, _: type) -> _ReportNames:
+    if value == "all":
+        return _ReportNames(ALL_REPORTS)
+    if isinstance(value, str):
+        return _ReportNames((value,))
+    if not isinstance(value, list):
+        raise _Invalid(f'must be "all", a name or a list, got {shown(value)}')
+    return _ReportNames(tuple(_converter.structure(value, list[str])))
+
+
+def _structure_kind(value: object, _: type) -> ExportKind:
+    name = _structure_str(value, str)
+    try:
+        return ExportKind(name)
+    except ValueError:
+        known = ", ".join(k.value for k in ExportKind)
+        # Named by its entry: the entry may be the bare string itself.
+        raise _Invalid(f"unknown kind {name!r} ({known})", sep="\0: ") from None
+
+
+def _structure_when(value: object, _: type) -> datetime:
+    """A TOML date, datetime or ISO 8601 string, with a UTC offset (a bare date: UTC)."""
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, date):
@@ -383,146 +487,188 @@ def _parse_when(name: str, value: object) -> datetime:
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise SpecError(f"{name}: {value!r} is not an ISO 8601 date or datetime") from None
+            raise _Invalid(f"{value!r} is not an ISO 8601 date or datetime", ": ") from None
         if len(value) == 10:
             moment = moment.replace(tzinfo=timezone.utc)
     else:
-        raise SpecError(f"{name} must be a date or datetime, got {_shown(value)}")
+        raise _Invalid(f"must be a date or datetime, got {shown(value)}")
     if moment.tzinfo is None:
-        shown = value if isinstance(value, str) else moment.isoformat()
-        raise SpecError(f"{name}: {shown!r} has no UTC offset (a bare date means UTC midnight)")
+        text = value if isinstance(value, str) else moment.isoformat()
+        raise _Invalid(f"{text!r} has no UTC offset (a bare date means UTC midnight)", ": ")
     try:
         moment.utcoffset()
         moment.astimezone(timezone.utc)
     except (ValueError, OverflowError):
-        raise SpecError(f"{name}: {value!r} is out of range") from None
+        raise _Invalid(f"{value!r} is out of range", ": ") from None
     return moment
 
 
-def _tokens(data: object, base_dir: Path) -> tuple[TokenSource, ...]:
-    if not isinstance(data, list):
-        raise SpecError("`tokens` must be a list of tables ([[tokens]] with label and env/file)")
-    tokens = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, Mapping) or "label" not in entry:
-            raise SpecError(f"tokens[{i}] needs a `label` and one of `env` or `file`")
-        label = check_name(f"tokens[{i}].label", entry["label"])
-        if "token" in entry:
-            raise SpecError(
-                f"tokens[{i}] ({label!r}): put the token in an environment variable "
-                "(`env`) or a file (`file`), never in the spec"
-            )
-        _table(f"tokens[{i}]", entry, _TOKEN_KEYS)
-        env = _optional(entry, "env", _string, f"tokens[{i}].env", None)
-        file = _optional(entry, "file", _path_string, f"tokens[{i}].file", None)
-        tokens.append(
-            TokenSource(label=label, env=env, file=(base_dir / file) if file is not None else None)
-        )
-    return tuple(tokens)
+def _strict_list(kind: Any, converter: BaseConverter) -> Callable[[object, Any], Any]:
+    """Lists only: cattrs alone would take a string as a list of characters."""
+    items = list_structure_factory(kind, converter)
+
+    def structure(value: object, target: Any) -> Any:
+        if not isinstance(value, list):
+            raise _Invalid(f"must be a list, got {shown(value)}")
+        return items(value, target)
+
+    return structure
 
 
-def _path_string(name: str, value: object) -> str:
-    return _string(name, value, path=True)
+def _table_of(cls: Any, converter: BaseConverter) -> Callable[[object, Any], Any]:
+    """Tables only, with `ExportDoc`'s shorthand: a bare string is its ``kind``."""
+    fields = make_dict_structure_fn(cls, converter)
+
+    def structure(value: object, target: Any) -> Any:
+        if cls is _ExportDoc and isinstance(value, str):
+            value = {"kind": value}
+        if not isinstance(value, Mapping):
+            raise _Invalid(f"must be a table, got {shown(value)}")
+        return fields(value, target)
+
+    return structure
 
 
-def _reports(value: object) -> tuple[str, ...]:
-    if value == "all":
-        return ALL_REPORTS
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, list):
-        raise SpecError(f'`reports` must be "all", a name or a list, got {_shown(value)}')
-    return tuple(_string(f"reports[{i}]", name) for i, name in enumerate(value))
+def _is_list_type(kind: Any) -> bool:
+    return getattr(kind, "__origin__", None) is list
 
 
-def _exports(value: object) -> tuple[ExportSpec, ...]:
-    if not isinstance(value, list):
-        raise SpecError(f"`exports` must be a list, got {_shown(value)}")
-    specs = []
-    for i, entry in enumerate(value):
-        if isinstance(entry, str):
-            entry = {"kind": entry}
-        entry = _table(f"exports[{i}]", entry, _EXPORT_KEYS)
-        if "kind" not in entry:
-            raise SpecError(f"exports[{i}] needs a `kind`")
-        kind_name = _string(f"exports[{i}].kind", entry["kind"])
-        try:
-            kind = ExportKind(kind_name)
-        except ValueError:
-            known = ", ".join(k.value for k in ExportKind)
-            raise SpecError(f"exports[{i}]: unknown kind {kind_name!r} ({known})") from None
-        specs.append(
-            ExportSpec(
-                kind,
-                _optional(entry, "form", _integer, f"exports[{i}].form", None),
-                _optional(entry, "nps_category", _string, f"exports[{i}].nps_category", None),
-            )
-        )
-    return tuple(specs)
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    for kind, hook in (
+        (int, _structure_int),
+        (float, _structure_float),
+        (str, _structure_str),
+        (_PathText, _structure_path),
+        (_ReportNames, _structure_reports),
+        (ExportKind, _structure_kind),
+        (datetime, _structure_when),
+    ):
+        converter.register_structure_hook(kind, hook)
+    converter.register_structure_hook_factory(_is_list_type, _strict_list)
+    converter.register_structure_hook_factory(attrs.has, _table_of)
+    return converter
 
 
-def _poll(value: object) -> PollPolicy:
-    table = _table("[poll]", value, _TABLE_KEYS["poll"])
-    fields = {key: _number(f"[poll] {key}", item) for key, item in table.items()}
-    poll = PollPolicy(**fields)
-    _check_poll("[poll]", poll)
-    return poll
+_converter = _make_converter()
 
 
-def _spec_from_dict(
-    cls: type[BackfillSpec], data: Mapping[str, Any], base_dir: Path, overrides: dict[str, Any]
-) -> BackfillSpec:
-    if not isinstance(data, Mapping):
-        raise SpecError(f"a spec must be a table, got {_shown(data)}")
+def _where(path: str) -> tuple[str, str]:
+    """A cattrs path (``$.concurrency.total``, ``$.tokens[0].label``) as the user reads
+    the file (``[concurrency] total``, ``tokens[0].label``), and as a dotted key path."""
+    dotted = path.removeprefix("$").removeprefix(".")
+    head, _, rest = dotted.partition(".")
+    if not dotted:
+        return "spec", ""
+    if head in _TABLES:
+        return (f"[{head}] {rest}" if rest else f"[{head}]"), dotted
+    if "[" in dotted or head in ("date_from", "date_to"):
+        return dotted, dotted
+    return f"`{dotted}`", dotted
+
+
+def _message(error: BaseException, _: type | None) -> str:
+    """One failure as text for `cattrs.transform_error` (which appends `` @ path``)."""
+    if isinstance(error, _Invalid):
+        return f"{error.sep}{error.text}"
+    if isinstance(error, ForbiddenExtraKeysError):
+        return "\0extra " + ",".join(sorted(map(str, error.extra_fields)))
+    if isinstance(error, KeyError):
+        return "\0missing"
+    return " is invalid"  # pragma: no cover - every hook raises _Invalid
+
+
+def _sentence(line: str, known: dict[str, list[str]]) -> str:
+    text, _, path = line.rpartition(" @ ")
+    name, dotted = _where(path)
+    if text == "\0missing":
+        parent, _, key = dotted.rpartition(".")
+        generic = re.sub(r"\[\d+\]", "[]", parent)
+        if generic in _MISSING:
+            return f"{parent} {_MISSING[generic]}"
+        if key == "tokens" and not parent:
+            return "spec needs `tokens`"
+        return f"{_where('$.' + parent)[0] if parent else 'spec'} needs `{key}`"
+    if text.startswith("\0extra "):
+        extra = text.removeprefix("\0extra ").split(",")
+        paths = ", ".join(f"`{dotted + '.' if dotted else ''}{key}`" for key in extra)
+        allowed = ", ".join(known.get(dotted, []))
+        return f"unknown keys in {name}: {', '.join(extra)} ({paths}; known: {allowed})"
+    if text.startswith("\0"):  # named by the entry holding the key
+        name, text = _where(path.rpartition(".")[0])[0], text[1:]
+    if dotted == "tokens" and text.startswith(" must be a list"):
+        text = " must be a list of tables ([[tokens]] with label and env/file)"
+    return f"{name}{text}"
+
+
+def _known_keys() -> dict[str, list[str]]:
+    """The keys each table allows, by dotted path (list items generic)."""
+    tables: dict[str, Any] = {
+        "": _SpecDoc,
+        "nps": _NpsDoc,
+        "concurrency": _ConcurrencyDoc,
+        "rate_limit": _RateDoc,
+        "poll": PollPolicy,
+    }
+    return {key: sorted(f.name for f in attrs.fields(cls)) for key, cls in tables.items()}
+
+
+def _refuse_inline_tokens(data: Mapping[str, Any]) -> None:
+    """A token pasted into the spec is refused before anything else, never echoed."""
     if "token" in data:
         raise SpecError(
             "`token` in the spec: put each token in an environment variable (`env`) or a "
             "file (`file`) of a [[tokens]] entry, never in the spec"
         )
-    unknown = set(data) - _KNOWN_KEYS
-    if unknown:
-        raise SpecError(f"unknown keys in spec: {', '.join(sorted(map(str, unknown)))}")
-    for key in ("tokens", "date_from", "date_to"):
-        if key not in data:
-            raise SpecError(f"spec needs `{key}`")
-    nps = _table("[nps]", data.get("nps", {}), _TABLE_KEYS["nps"])
-    concurrency = _table("[concurrency]", data.get("concurrency", {}), _TABLE_KEYS["concurrency"])
-    rate = _table("[rate_limit]", data.get("rate_limit", {}), _TABLE_KEYS["rate_limit"])
-    fields: dict[str, Any] = {
-        "tokens": _tokens(data["tokens"], base_dir),
-        "date_from": _parse_when("date_from", data["date_from"]),
-        "date_to": _parse_when("date_to", data["date_to"]),
-        "output": base_dir / _optional(data, "output", _path_string, "`output`", "lexer-output"),
-        "reports": _reports(data.get("reports", "all")),
-        "exports": _exports(data.get("exports", [])),
-        "nps_form": _optional(nps, "form", _integer, "[nps] form", None),
-        "nps_category": _optional(
-            nps, "category", _string, "[nps] category", NpsCategory.ALL.value
-        ),
-        "window_months": _optional(data, "window_months", _integer, "`window_months`", 1),
-        "per_token_concurrency": _optional(
-            concurrency, "per_token", _integer, "[concurrency] per_token", 8
-        ),
-        "total_concurrency": _optional(concurrency, "total", _integer, "[concurrency] total", 64),
-        "api_url": _optional(data, "api_url", _string, "`api_url`", None),
-        "status_url": _optional(data, "status_url", _string, "`status_url`", None),
-        "max_requests": _optional(
-            rate, "max_requests", _integer, "[rate_limit] max_requests", DEFAULT_MAX_REQUESTS
-        ),
-        "window": _optional(rate, "window", _number, "[rate_limit] window", DEFAULT_WINDOW),
-        "redis_url": _optional(data, "redis_url", _string, "`redis_url`", None),
-        "workflow_states_type": _optional(
-            data,
-            "workflow_states_type",
-            _string,
-            "`workflow_states_type`",
-            DEFAULT_WORKFLOW_STATES_TYPE,
-        ),
-    }
-    if "poll" in data:
-        fields["poll"] = _poll(data["poll"])
-    fields.update(overrides)
+    entries = data.get("tokens")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(entry, Mapping) and "token" in entry:
+            label = entry.get("label")
+            shown_label = f" ({label!r})" if isinstance(label, str) else ""
+            raise SpecError(
+                f"tokens[{i}]{shown_label}: put the token in an environment variable "
+                "(`env`) or a file (`file`), never in the spec"
+            )
+
+
+def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """`BackfillSpec` fields from parsed TOML, or `SpecError` naming every bad key."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"a spec must be a table, got {shown(data)}")
+    _refuse_inline_tokens(data)
     try:
-        return cls(**fields)
-    except TypeError as error:
-        raise SpecError(f"invalid spec: {error}") from None
+        doc = _converter.structure(data, _SpecDoc)
+    except (cattrs.BaseValidationError, _Invalid) as error:
+        lines = cattrs.transform_error(error, format_exception=_message)
+        known = _known_keys()
+        known.update(
+            {
+                f"tokens[{i}]": sorted(f.name for f in attrs.fields(_TokenDoc))
+                for i in range(len(data.get("tokens") or ()))
+            }
+        )
+        reason = "; ".join(_sentence(line, known) for line in lines)
+        raise SpecError(reason) from None
+    return {
+        "tokens": tuple(
+            TokenSource(t.label, t.env, base_dir / t.file if t.file is not None else None)
+            for t in doc.tokens
+        ),
+        "date_from": doc.date_from,
+        "date_to": doc.date_to,
+        "output": base_dir / doc.output,
+        "reports": doc.reports,
+        "exports": tuple(ExportSpec(e.kind, e.form, e.nps_category) for e in doc.exports),
+        "nps_form": doc.nps.form,
+        "nps_category": doc.nps.category,
+        "window_months": doc.window_months,
+        "per_token_concurrency": doc.concurrency.per_token,
+        "total_concurrency": doc.concurrency.total,
+        "api_url": doc.api_url,
+        "status_url": doc.status_url,
+        "max_requests": doc.rate_limit.max_requests,
+        "window": doc.rate_limit.window,
+        "redis_url": doc.redis_url,
+        "workflow_states_type": doc.workflow_states_type,
+        "poll": doc.poll,
+    }
