@@ -273,10 +273,13 @@ def test_bad_specs_are_rejected_with_a_clear_message(
 
 
 def test_spec_without_tokens_or_dates(tmp_path: Path, write_spec: Callable[..., Path]) -> None:
-    for key in ("tokens", "date_from", "date_to"):
+    for key in ("tokens", "date_from"):
         data = {k: v for k, v in BASE.items() if k != key}
         with pytest.raises(SpecError, match=f"spec needs `{key}`"):
             BackfillSpec.from_toml(write_spec(tmp_path / "spec.toml", data))
+    # Without date_to a spec runs up to each run's "now".
+    data = {k: v for k, v in BASE.items() if k != "date_to"}
+    assert BackfillSpec.from_toml(write_spec(tmp_path / "spec.toml", data)).date_to is None
     (tmp_path / "broken.toml").write_text("date_from = \n")
     with pytest.raises(SpecError, match="not valid TOML"):
         BackfillSpec.from_toml(tmp_path / "broken.toml")

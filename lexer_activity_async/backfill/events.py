@@ -31,7 +31,8 @@ BackfillEvent = UnitStarted | UnitFinished | Event
 
 @attrs.frozen
 class BackfillSummary:
-    """Per label: units done, failed, skipped (already done); and totals."""
+    """Per label: units done (of which ``provisional``: written, to be refetched until
+    they settle), failed, skipped (already done); and totals."""
 
     done: dict[str, int]
     failed: dict[str, list[tuple[str, str]]]
@@ -41,6 +42,7 @@ class BackfillSummary:
     rate_limited: int
     retries: int
     files: int
+    provisional: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:

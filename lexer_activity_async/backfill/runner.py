@@ -8,6 +8,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager, nullcontext
+from datetime import datetime
 
 import aiohttp
 import anyio
@@ -15,12 +16,12 @@ from anyio.abc import TaskGroup
 
 from .. import exceptions as exc
 from .. import exports
-from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError
+from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError, UnitRecord
 from ..client import LexerClient, api_session
 from ..limits import LimiterRegistry, LimiterStats
 from ..models import ExportJob, converter
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
-from .plan import Unit, plan
+from .plan import Plan, Unit, plan
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource
 from .writer import ReportWriter, output_error
 
@@ -64,8 +65,12 @@ class _TokenRun:
         overall: anyio.CapacityLimiter,
         emit: Callable[[BackfillEvent], None],
         registry: LimiterRegistry | None,
+        the_plan: Plan,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self.spec = spec
+        self.plan = the_plan
+        self.now = now
         self.source = source
         self.units = units
         self.checkpoint = checkpoint
@@ -108,6 +113,7 @@ class _TokenRun:
                 max_in_flight=_InFlight(self.overall, self._grow),
                 workflow_states_type=self.spec.workflow_states_type,
                 on_event=self.emit,
+                now=self.now,
             )
         )
         self._before = self.client.stats
@@ -183,6 +189,7 @@ class _TokenRun:
 
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)
+        final = not self.plan.is_provisional(unit)
         if not unit.is_export:
             nps = unit.name in ("nps_summary", "nps_volume")
             # No local holds the result: it is freed before the wait for the commit.
@@ -193,11 +200,12 @@ class _TokenRun:
                     await client.report(
                         unit.name,
                         unit.date_from,
-                        unit.date_to,
+                        unit.fetch_to,
                         form=self.spec.nps_form if nps else None,
                         nps_category=self.spec.nps_category if nps else None,
                     )
                 ),
+                final=final,
             )
             return await self.writer.commit(entry)
         spec = self._export_spec(unit.name)
@@ -226,7 +234,7 @@ class _TokenRun:
                 client,
                 spec.kind,
                 unit.date_from,
-                unit.date_to,
+                unit.fetch_to,
                 form=spec.form,
                 nps_category=spec.nps_category,
             )
@@ -236,8 +244,45 @@ class _TokenRun:
             size = await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
         except OSError as error:  # the download removed its part file
             raise output_error(path, error) from None
-        self.checkpoint.mark_done(unit.id, size)
+        fetched_at = self.now().timestamp() if self.now is not None else None
+        self.checkpoint.mark_done(unit.id, size, final=final, fetched_at=fetched_at)
         return size
+
+
+def is_final(the_plan: Plan, unit: Unit, record: UnitRecord) -> bool:
+    """Whether a done unit's file is final. A checkpoint from before provisional windows
+    does not say: then final if its window had settled when it was fetched."""
+    if record.final is not None:
+        return record.final
+    fetched = record.fetched_at
+    settled_by = (unit.date_to + the_plan.spec.settle_period).timestamp()
+    return fetched is not None and fetched >= settled_by
+
+
+def _needs_refetch(
+    the_plan: Plan,
+    unit: Unit,
+    record: UnitRecord,
+    refresh: tuple[datetime, datetime] | None,
+) -> bool:
+    """Whether a done unit is fetched again (see `run_backfill`)."""
+    if refresh is not None and unit.date_from < refresh[1] and refresh[0] < unit.date_to:
+        return True
+    if not is_final(the_plan, unit, record) or the_plan.in_lookback(unit):
+        return True
+    path = unit.path(the_plan.spec.output)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None
+    if size != record.bytes:
+        log.warning(
+            "backfill unit %s: its file is %s; fetching it again",
+            unit.id,
+            "missing" if size is None else f"{size} bytes, not the {record.bytes} recorded",
+        )
+        return True
+    return False
 
 
 GC_THRESHOLDS = (20_000, 50, 10)
@@ -276,18 +321,29 @@ async def run_backfill(
     on_event: Callable[[BackfillEvent], None] | None = None,
     registry: LimiterRegistry | None = None,
     tune_gc: bool = True,
+    refresh: tuple[datetime, datetime] | None = None,
+    now: Callable[[], datetime] | None = None,
 ) -> BackfillSummary:
-    """Run (or resume) a backfill. Units already done are skipped; failed units are
-    skipped too (and reported as failed again) unless ``retry_failed``, which reruns them
-    along with any unit a crash left unfinished. ``tune_gc`` raises the cyclic garbage
-    collector's thresholds for the run (see `gc_tuned`); pass False to leave them."""
-    the_plan = plan(spec)
+    """Run (or resume) a backfill.
+
+    Units done and final, whose files are in place, are skipped; so are failed units
+    (reported as failed again) unless ``retry_failed``, which reruns them along with any
+    unit a crash left unfinished. Refetched: provisional units (their window ends within
+    the spec's ``settle`` of now), units whose window ended within its ``lookback``,
+    units whose file is missing or not the size recorded, and units whose window
+    overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
+    the system's). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
+    run (see `gc_tuned`); pass False to leave them."""
+    the_plan = plan(spec, now=now() if now is not None else None)
+    for notice in the_plan.notices:
+        log.warning("backfill: %s", notice)
     if spec.redis_url is not None and registry is None:
         from ..limits_redis import check_redis
 
         await check_redis(spec.redis_url)  # fail the whole run early, clearly
     done: dict[str, int] = {s.label: 0 for s in spec.tokens}
     skipped: dict[str, int] = {s.label: 0 for s in spec.tokens}
+    provisional: dict[str, int] = {s.label: 0 for s in spec.tokens}
     failed: dict[str, list[tuple[str, str]]] = {s.label: [] for s in spec.tokens}
     totals = {"bytes": 0, "files": 0}
 
@@ -295,6 +351,8 @@ async def run_backfill(
         if isinstance(event, UnitFinished):
             if event.state == DONE:
                 done[event.unit.label] += 1
+                if the_plan.is_provisional(event.unit):
+                    provisional[event.unit.label] += 1
                 totals["bytes"] += event.size
                 totals["files"] += 1
             elif event.state == FAILED:
@@ -308,7 +366,7 @@ async def run_backfill(
     ):
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
-        writer = ReportWriter(checkpoint)
+        writer = ReportWriter(checkpoint, now)
         runs = []
         for source in spec.tokens:
             todo = []
@@ -319,12 +377,19 @@ async def run_backfill(
                     failed[source.label].append((unit.id, record.error or "" if record else ""))
                 # A rerun does every unit not done, except that failed ones need
                 # --retry-failed; units a crash left unfinished always run.
-                if state == DONE or (state == FAILED and not retry_failed):
+                keep = state == DONE and record is not None
+                if keep and record is not None:
+                    keep = not _needs_refetch(the_plan, unit, record, refresh)
+                if keep or (state == FAILED and not retry_failed):
                     skipped[source.label] += 1
                     emit(UnitFinished(unit, "skipped"))
                 else:
                     todo.append(unit)
-            runs.append(_TokenRun(spec, source, todo, checkpoint, writer, overall, emit, registry))
+            runs.append(
+                _TokenRun(
+                    spec, source, todo, checkpoint, writer, overall, emit, registry, the_plan, now
+                )
+            )
         # One session for all tokens: connections are shared, not one pool per token.
         async with (
             api_session(connections=spec.total_concurrency) as session,
@@ -349,6 +414,7 @@ async def run_backfill(
         done=done,
         failed=failed,
         skipped=skipped,
+        provisional=provisional,
         bytes=totals["bytes"],
         files=totals["files"],
         requests=sum(r.stats[0] for r in runs),

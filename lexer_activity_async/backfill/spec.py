@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NewType, TypeGuard
 from urllib.parse import urlsplit
@@ -50,9 +50,16 @@ __all__ = [
     "ALL_REPORTS",
     "MAX_NAME_LENGTH",
     "check_name",
+    "check_spans",
+    "parse_duration",
+    "DEFAULT_SETTLE",
 ]
 
 ALL_REPORTS = tuple(k.value for k in ReportType)
+DEFAULT_SETTLE = timedelta(days=2)
+"""Windows ending within this of now are provisional unless the spec sets `settle`."""
+MAX_RELATIVE = timedelta(days=366 * 50)
+"""Longest relative `date_from`, `settle` or `lookback`."""
 MAX_NAME_LENGTH = 100
 """Most characters in a token label or report type name (each becomes a folder name)."""
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
@@ -113,8 +120,11 @@ class BackfillSpec:
     is checked on construction (`SpecError` naming the key)."""
 
     tokens: tuple[TokenSource, ...] = attrs.field(validator=lambda _s, _a, v: _check_tokens(v))
-    date_from: datetime
-    date_to: datetime
+    date_from: datetime | timedelta
+    """A moment, or a negative `timedelta`: that long before each run's "now", rounded
+    down to the window grid (see `plan`)."""
+    date_to: datetime | None = None
+    """A moment, or None for each run's "now"; a moment in the future is clipped to now."""
     output: Path = attrs.field(validator=lambda _s, _a, v: _check_output(v))
     reports: tuple[str, ...] = ALL_REPORTS
     exports: tuple[ExportSpec, ...] = ()
@@ -139,6 +149,20 @@ class BackfillSpec:
     poll: PollPolicy = attrs.field(
         factory=PollPolicy, validator=lambda _s, _a, v: _check_poll("[poll]", v)
     )
+    settle: timedelta | None = attrs.field(
+        default=None, validator=lambda _s, a, v: _check_span(a.name, v)
+    )
+    """How long after its end a window's data may still change: windows ending later than
+    now minus this are provisional, refetched by every run. None: `DEFAULT_SETTLE`."""
+    lookback: timedelta = attrs.field(
+        default=timedelta(0), validator=lambda _s, a, v: _check_span(a.name, v)
+    )
+    """Windows that ended within this span before now are refetched by every run."""
+
+    @property
+    def settle_period(self) -> timedelta:
+        """`settle`, or `DEFAULT_SETTLE` when unset."""
+        return DEFAULT_SETTLE if self.settle is None else self.settle
 
     def __attrs_post_init__(self) -> None:
         _check_dates(self)
@@ -246,15 +270,50 @@ def _check_http(field: attrs.Attribute[Any], url: object) -> None:
     _check_url(field.name, url, ("http", "https"))
 
 
+def _check_span(key: str, span: object) -> None:
+    if span is None:
+        return
+    if not isinstance(span, timedelta) or span < timedelta(0) or span > MAX_RELATIVE:
+        raise SpecError(f"`{key}` must be a duration from 0 to {MAX_RELATIVE.days} days")
+
+
 def _check_dates(spec: BackfillSpec) -> None:
-    if spec.date_from.tzinfo is None or spec.date_to.tzinfo is None:
+    start, end = spec.date_from, spec.date_to
+    if isinstance(start, timedelta):
+        if not -MAX_RELATIVE <= start < timedelta(0):
+            raise SpecError(
+                f"date_from: a relative date_from must be before now, by at most "
+                f'{MAX_RELATIVE.days} days (like "-90d")'
+            )
+    elif not isinstance(start, datetime) or start.tzinfo is None:
         raise SpecError("date_from and date_to need a UTC offset")
-    if spec.date_from >= spec.date_to:
-        raise SpecError("date_from must be before date_to")
+    if end is None:
+        return
+    if not isinstance(end, datetime) or end.tzinfo is None:
+        raise SpecError("date_from and date_to need a UTC offset")
+    if isinstance(start, datetime):
+        if start >= end:
+            raise SpecError("date_from must be before date_to")
+        check_spans(spec, end - start)
     try:  # the planner's last window may end up to a window after date_to
-        add_months(spec.date_to.astimezone(spec.date_from.tzinfo), spec.window_months)
+        add_months(end.astimezone(timezone.utc), spec.window_months)
     except (ValueError, OverflowError):
         raise SpecError("date_to is too late to plan windows after it") from None
+
+
+def check_spans(spec: BackfillSpec, span: timedelta) -> None:
+    """`SpecError` if an explicit `settle`, or the `lookback`, is longer than the range
+    (``span``): every window would be provisional, or refetched on every run."""
+    for key, value in (("settle", spec.settle), ("lookback", spec.lookback)):
+        if value is not None and value > span:
+            raise SpecError(
+                f"`{key}` ({_span_text(value)}) is longer than the range ({_span_text(span)})"
+            )
+
+
+def _span_text(span: timedelta) -> str:
+    hours = span.total_seconds() / 3600
+    return f"{hours / 24:g} days" if hours >= 24 else f"{hours:g} hours"
 
 
 def _check_reports(spec: BackfillSpec) -> None:
@@ -406,11 +465,21 @@ class _RateDoc:
     window: float = DEFAULT_WINDOW
 
 
+_Start = NewType("_Start", object)
+"""A date, datetime, ISO 8601 string or relative "-90d"."""
+_End = NewType("_End", object)
+"""A date, datetime, ISO 8601 string or "now"."""
+_Span = NewType("_Span", timedelta)
+"""A duration: "2d", "36h", "90m", "1w" or a number of seconds."""
+
+
 @attrs.define
 class _SpecDoc:
     tokens: list[_TokenDoc]
-    date_from: datetime
-    date_to: datetime
+    date_from: _Start
+    date_to: _End = _End(None)
+    settle: _Span | None = None
+    lookback: _Span | None = None
     output: _PathText = _PathText("lexer-output")
     reports: _ReportNames = _ReportNames(ALL_REPORTS)
     exports: list[_ExportDoc] = attrs.Factory(list)
@@ -503,6 +572,45 @@ def _structure_when(value: object, _: type) -> datetime:
     return moment
 
 
+_DURATION = re.compile(r"(\d{1,9})\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """``"3d"``, ``"36h"``, ``"90m"``, ``"45s"`` or ``"2w"`` as a `timedelta`, else None."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        return None
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def _structure_span(value: object, _: type) -> _Span:
+    if isinstance(value, str):
+        span = parse_duration(value)
+        if span is None:
+            raise _Invalid(f'{value!r} is not a duration like "2d", "36h", "90m" or "1w"', ": ")
+        return _Span(span)
+    seconds = _structure_float(value, float)
+    if not 0 <= seconds <= MAX_RELATIVE.total_seconds():
+        raise _Invalid(f"must be a duration of 0 or more seconds, got {shown(value)}")
+    return _Span(timedelta(seconds=seconds))
+
+
+def _structure_start(value: object, _: type) -> _Start:
+    if isinstance(value, str) and value.strip().startswith("-"):
+        span = parse_duration(value.strip()[1:])
+        if span is None or not span:
+            raise _Invalid(f'{value!r} is not a relative date like "-90d" (units: s m h d w)', ": ")
+        return _Start(-span)
+    return _Start(_structure_when(value, datetime))
+
+
+def _structure_end(value: object, _: type) -> _End:
+    if value == "now":
+        return _End(None)
+    return _End(_structure_when(value, datetime))
+
+
 def _strict_list(kind: Any, converter: BaseConverter) -> Callable[[object, Any], Any]:
     """Lists only: cattrs alone would take a string as a list of characters."""
     items = list_structure_factory(kind, converter)
@@ -543,6 +651,9 @@ def _make_converter() -> cattrs.Converter:
         (_ReportNames, _structure_reports),
         (ExportKind, _structure_kind),
         (datetime, _structure_when),
+        (_Start, _structure_start),
+        (_End, _structure_end),
+        (_Span, _structure_span),
     ):
         converter.register_structure_hook(kind, hook)
     converter.register_structure_hook_factory(_is_list_type, _strict_list)
@@ -562,7 +673,7 @@ def _where(path: str) -> tuple[str, str]:
         return "spec", ""
     if head in _TABLES:
         return (f"[{head}] {rest}" if rest else f"[{head}]"), dotted
-    if "[" in dotted or head in ("date_from", "date_to"):
+    if "[" in dotted or head in ("date_from", "date_to", "settle", "lookback"):
         return dotted, dotted
     return f"`{dotted}`", dotted
 
@@ -592,7 +703,7 @@ def _sentence(line: str, known: dict[str, list[str]]) -> str:
     if text.startswith("\0extra "):
         extra = text.removeprefix("\0extra ").split(",")
         paths = ", ".join(f"`{dotted + '.' if dotted else ''}{key}`" for key in extra)
-        allowed = ", ".join(known.get(dotted, []))
+        allowed = ", ".join(known.get(re.sub(r"\[\d+\]", "[]", dotted), []))
         return f"unknown keys in {name}: {', '.join(extra)} ({paths}; known: {allowed})"
     if text.startswith("\0"):  # named by the entry holding the key
         name, text = _where(path.rpartition(".")[0])[0], text[1:]
@@ -609,6 +720,8 @@ def _known_keys() -> dict[str, list[str]]:
         "concurrency": _ConcurrencyDoc,
         "rate_limit": _RateDoc,
         "poll": PollPolicy,
+        "tokens[]": _TokenDoc,
+        "exports[]": _ExportDoc,
     }
     return {key: sorted(f.name for f in attrs.fields(cls)) for key, cls in tables.items()}
 
@@ -641,12 +754,6 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     except (cattrs.BaseValidationError, _Invalid) as error:
         lines = cattrs.transform_error(error, format_exception=_message)
         known = _known_keys()
-        known.update(
-            {
-                f"tokens[{i}]": sorted(f.name for f in attrs.fields(_TokenDoc))
-                for i in range(len(data.get("tokens") or ()))
-            }
-        )
         reason = "; ".join(_sentence(line, known) for line in lines)
         raise SpecError(reason) from None
     return {
@@ -656,6 +763,8 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         ),
         "date_from": doc.date_from,
         "date_to": doc.date_to,
+        "settle": doc.settle,
+        "lookback": doc.lookback or timedelta(0),
         "output": base_dir / doc.output,
         "reports": doc.reports,
         "exports": tuple(ExportSpec(e.kind, e.form, e.nps_category) for e in doc.exports),

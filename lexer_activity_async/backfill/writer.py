@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -23,6 +25,7 @@ class _Pending:
     part: Path
     path: Path
     size: int
+    final: bool = True
     committed: bool = False
     error: Exception | None = None
 
@@ -53,15 +56,17 @@ class ReportWriter:
     rerun of that unit overwrites.
     """
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, now: Callable[[], datetime] | None = None) -> None:
         self._checkpoint = checkpoint
+        self._now = now
         self._pending: list[_Pending] = []
         self._lock = anyio.Lock()
         self._folders: set[Path] = set()
 
-    def stage(self, unit_id: str, path: Path, payload: object) -> _Pending:
-        """Write ``payload`` as JSON to ``<file>.part``; `commit` then makes it final.
-        Nothing of the payload is kept: units waiting for their batch hold no data."""
+    def stage(self, unit_id: str, path: Path, payload: object, *, final: bool = True) -> _Pending:
+        """Write ``payload`` as JSON to ``<file>.part``; `commit` then puts it in place,
+        recorded final or provisional. Nothing of the payload is kept: units waiting for
+        their batch hold no data."""
         # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
         data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
         part = path.with_name(path.name + ".part")
@@ -74,7 +79,7 @@ class ReportWriter:
         except (OSError, ValueError) as error:
             _remove(part)
             raise output_error(path, error) from None
-        return _Pending(unit_id, part, path, len(data))
+        return _Pending(unit_id, part, path, len(data), final)
 
     async def commit(self, entry: _Pending) -> int:
         """Wait until the batch holding ``entry`` is durable and checkpointed; its size.
@@ -122,6 +127,11 @@ class ReportWriter:
             except OSError as error:  # the renames may not be durable: not done
                 for entry in entries:
                     entry.error = output_error(entry.path, error)
-        self._checkpoint.mark_done_many([(e.unit_id, e.size) for e in batch if e.error is None])
+        written = [e for e in batch if e.error is None]
+        self._checkpoint.mark_done_many(
+            [(e.unit_id, e.size) for e in written],
+            final=[e.final for e in written],
+            fetched_at=self._now().timestamp() if self._now is not None else None,
+        )
         for entry in batch:
             entry.committed = True
