@@ -10,7 +10,8 @@ cannot be used stops the run (`CheckpointError`).
 
 The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the floor),
 `runner` (per-token workers, orchestration), `writer` (group commit), `events` (unit
-events and the summary). Their public names are all importable from here.
+events and the summary), `status` (where a backfill stands, without a request).
+Their public names are all importable from here.
 
 Output layout (keyed by label, never the token)::
 
@@ -27,13 +28,16 @@ from .plan import EXPORT_POLLS_ESTIMATE, Plan, Unit, plan, rate_limit_floor
 from .runner import CHECKPOINT_NAME, GC_THRESHOLDS, gc_tuned, run_backfill
 from .spec import (
     ALL_REPORTS,
+    DEFAULT_SETTLE,
     MAX_NAME_LENGTH,
     BackfillSpec,
     ExportSpec,
     SpecError,
     TokenSource,
     check_name,
+    parse_duration,
 )
+from .status import TokenStatus, backfill_status
 
 __all__ = [
     "SpecError",
@@ -57,4 +61,8 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "check_name",
     "CheckpointError",
+    "TokenStatus",
+    "backfill_status",
+    "DEFAULT_SETTLE",
+    "parse_duration",
 ]

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager, nullcontext
 from datetime import datetime
+from pathlib import Path
 
 import aiohttp
 import anyio
@@ -27,7 +28,14 @@ from .writer import ReportWriter, output_error
 
 log = logging.getLogger("lexer_activity_async")
 
-__all__ = ["run_backfill", "gc_tuned", "GC_THRESHOLDS", "CHECKPOINT_NAME"]
+__all__ = [
+    "run_backfill",
+    "gc_tuned",
+    "GC_THRESHOLDS",
+    "CHECKPOINT_NAME",
+    "is_final",
+    "file_matches",
+]
 
 CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
 
@@ -270,19 +278,20 @@ def _needs_refetch(
         return True
     if not is_final(the_plan, unit, record) or the_plan.in_lookback(unit):
         return True
-    path = unit.path(the_plan.spec.output)
-    try:
-        size = path.stat().st_size
-    except OSError:
-        size = None
-    if size != record.bytes:
+    if not file_matches(unit.path(the_plan.spec.output), record):
         log.warning(
-            "backfill unit %s: its file is %s; fetching it again",
-            unit.id,
-            "missing" if size is None else f"{size} bytes, not the {record.bytes} recorded",
+            "backfill unit %s: its file is missing or truncated; fetching it again", unit.id
         )
         return True
     return False
+
+
+def file_matches(path: Path, record: UnitRecord) -> bool:
+    """Whether a done unit's file is there with the size the checkpoint recorded."""
+    try:
+        return path.stat().st_size == record.bytes
+    except OSError:
+        return False
 
 
 GC_THRESHOLDS = (20_000, 50, 10)
