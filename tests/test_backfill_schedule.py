@@ -6,6 +6,7 @@ the checkpoint's schema migration, and the bad input of those keys."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -14,7 +15,7 @@ from typing import Any
 
 import attrs
 import pytest
-from conftest import NOW
+from conftest import NOW, TOKEN_A, TOKEN_B
 from test_backfill import ENV_A, ENV_B, make_spec, token_env  # noqa: F401
 
 from lexer_activity_async import LimiterRegistry
@@ -375,3 +376,82 @@ def test_status_counts_final_provisional_failed_and_pending(tmp_path: Path) -> N
     assert (b.final, b.provisional, b.failed, b.pending, b.next_final) == (0, 0, 0, 4, None)
     jan.path(spec.output).unlink()  # gone from disk: pending again
     assert backfill_status(spec, now=NOW)[0].pending == 2
+
+
+# -- the CLI: status, --refresh, --dry-run (the real clock; ranges long settled) ----------
+
+
+def test_cli_status_then_refresh_and_a_deleted_file(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
+) -> None:
+    from test_cli import ENV_A as CLI_A
+    from test_cli import ENV_B as CLI_B
+    from test_cli import base_spec, invoke, table_rows
+
+    env = {CLI_A: TOKEN_A, CLI_B: TOKEN_B}
+    sb = sandbox_in_thread()
+    spec = write_spec(tmp_path / "spec.toml", base_spec(sb, output="out"))
+    before = invoke("status", str(spec))
+    assert before.exit_code == 0, before.output
+    assert table_rows(before.stdout)["a"][:4] == ["0", "0", "0", "6"]
+    assert not (tmp_path / "out").exists()
+    assert invoke("backfill", str(spec), env=env).exit_code == 0
+    result = invoke("status", str(spec))
+    assert table_rows(result.stdout)["a"] == ["6", "0", "0", "0", "-"]
+    [january, *_] = sorted((tmp_path / "out/a/reports/summary").iterdir())
+    january.unlink()
+    lines = [json.loads(line) for line in invoke("status", str(spec), "--json").stdout.splitlines()]
+    assert lines[0] == {
+        "label": "a",
+        "final": 5,
+        "provisional": 0,
+        "failed": 0,
+        "pending": 1,
+        "next_final": None,
+    }
+    # February refreshed for both tokens (3 units each) and January's lost file refetched.
+    rerun = invoke("backfill", str(spec), "--refresh", "2024-02-10..2024-02-11", env=env)
+    assert rerun.exit_code == 0, rerun.output
+    assert "units_done=7" in rerun.stdout
+    assert january.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2024-01-01", "is not FROM..TO"),
+        ("2024-03-01..2024-01-01", "FROM must be before TO"),
+        ("2024-01-01..soon", "'soon' is not an ISO 8601 date"),
+    ],
+)
+def test_cli_refresh_must_be_a_range(
+    tmp_path: Path, write_spec: Callable[..., Path], value: str, message: str
+) -> None:
+    from test_cli import base_spec, invoke
+
+    spec = write_spec(tmp_path / "spec.toml", base_spec(api_url="http://127.0.0.1:9/v1"))
+    result = invoke("backfill", str(spec), "--refresh", value)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "lexer-output").exists()
+
+
+def test_cli_dry_run_reads_every_token_source_and_notes_a_clipped_date_to(
+    tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    from test_cli import ENV_A as CLI_A
+    from test_cli import base_spec, invoke
+
+    data = base_spec(api_url="http://127.0.0.1:9/v1", date_to="2999-01-01")
+    data["tokens"].append({"label": "c", "file": "missing.token"})
+    spec = write_spec(tmp_path / "spec.toml", data)
+    result = invoke("backfill", str(spec), "--dry-run", env={CLI_A: TOKEN_A})
+    assert result.exit_code == 1
+    assert "Note: date_to 2999-01-01T00:00:00+00:00 is in the future: clipped to now" in (
+        result.stderr
+    )
+    assert "Error: token 'b': environment variable LEXER_TEST_CLI_B is unset" in result.stderr
+    assert "Error: token 'c': cannot read" in result.stderr
+    assert "token 'a'" not in result.stderr
+    assert TOKEN_A not in result.output
+    assert not (tmp_path / "lexer-output").exists()
