@@ -280,6 +280,20 @@ def test_bad_schedule_keys_are_named(tmp_path: Path, change: dict[str, Any], mes
     assert message in str(info.value)
 
 
+def test_a_relative_date_from_after_a_past_date_to_is_refused_when_planned(
+    tmp_path: Path,
+) -> None:
+    spec = BackfillSpec(
+        tokens=(TokenSource("a", env="X"),),
+        date_from=-timedelta(days=90),
+        date_to=datetime(2024, 1, 1, tzinfo=UTC),
+        output=tmp_path,
+        reports=("summary",),
+    )
+    with pytest.raises(SpecError, match="date_from must be before date_to"):
+        plan(spec, now=NOW)
+
+
 @pytest.mark.usefixtures("token_env")
 async def test_a_relative_range_shorter_than_its_lookback_fails_before_any_request(
     sandbox: Sandbox, tmp_path: Path, registry: LimiterRegistry

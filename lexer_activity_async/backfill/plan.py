@@ -133,6 +133,11 @@ def plan(spec: BackfillSpec, *, now: datetime | None = None) -> Plan:
         start = grid_start(now + start, spec.window_months)
     notices: list[str] = []
     if spec.date_to is not None and spec.date_to <= now:
+        if start >= spec.date_to:
+            raise SpecError(
+                f"date_from must be before date_to (date_from is {format_datetime(start)} "
+                f"in this run, date_to {format_datetime(spec.date_to)})"
+            )
         windows = split_range(start, spec.date_to, months=spec.window_months)
         end = spec.date_to
     else:
@@ -147,8 +152,6 @@ def plan(spec: BackfillSpec, *, now: datetime | None = None) -> Plan:
             )
         windows = _windows(start, spec.date_to, now, spec.window_months)
         end = now
-    if start >= end:
-        raise SpecError("date_from must be before date_to")
     check_spans(spec, end - start)
     units = []
     for source in spec.tokens:
