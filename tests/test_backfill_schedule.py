@@ -31,6 +31,7 @@ from lexer_activity_async.backfill import (
     run_backfill,
 )
 from lexer_activity_async.checkpoint import SCHEMA_VERSION, Checkpoint, CheckpointError
+from lexer_activity_async.exceptions import ValidationError
 from lexer_activity_async.reports import ExportKind
 from lexer_activity_async.sandbox import Sandbox
 
@@ -183,6 +184,8 @@ async def test_a_finished_range_sends_nothing_unless_refreshed(
     # --refresh 2024-01-15..2024-01-20 overlaps January's window only.
     window = (datetime(2024, 1, 15, tzinfo=UTC), datetime(2024, 1, 20, tzinfo=UTC))
     refreshed = await run_backfill(spec, registry=registry, now=lambda: NOW, refresh=window)
+    with pytest.raises(ValidationError, match="refresh needs"):
+        await run_backfill(spec, registry=registry, refresh=(window[1], window[0]))
     assert refreshed.done == {"a": 2, "b": 2}
     assert refreshed.requests == 4
 

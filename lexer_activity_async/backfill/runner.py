@@ -343,6 +343,10 @@ async def run_backfill(
     overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
     the system's). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
     run (see `gc_tuned`); pass False to leave them."""
+    if refresh is not None and (
+        any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
+    ):
+        raise exc.ValidationError("refresh needs (from, to) with UTC offsets, from before to")
     the_plan = plan(spec, now=now() if now is not None else None)
     for notice in the_plan.notices:
         log.warning("backfill: %s", notice)
