@@ -1,9 +1,10 @@
-"""The backfill spec: what to fetch, for which tokens, into which folder.
+"""The backfill spec: what to fetch, for which tokens, over which range, into which
+folder, and how runs on a schedule treat recent windows (``settle``, ``lookback``).
 
-A spec comes from TOML (`BackfillSpec.from_toml`) or Python. Every key is type-checked
-and every name that becomes part of a file path (token labels, report types) is checked
-for safety and uniqueness, so a bad spec raises `SpecError` naming the key before any
-request is sent.
+A spec comes from TOML (`BackfillSpec.from_toml`, structured by one cattrs converter) or
+Python; attrs validators check every field either way. Every name that becomes part of
+a file path (token labels, report types) is checked for safety and uniqueness, so a bad
+spec raises `SpecError` naming the key before any request is sent.
 """
 
 from __future__ import annotations

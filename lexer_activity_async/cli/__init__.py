@@ -595,7 +595,7 @@ def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
 @click.option(
     "--retry-failed",
     is_flag=True,
-    help="Rerun the units that failed before (done units are always skipped).",
+    help="Rerun the units that failed before (a plain rerun skips them).",
 )
 @click.option(
     "--refresh",
