@@ -6,6 +6,12 @@ token (``pending``) as soon as the answer arrives, so a rerun polls that job aga
 than starting another; a unit found ``starting`` may have had a job started that was
 never recorded. Every write is committed before the runner goes on.
 
+A ``done`` unit also records when it was fetched and whether it is final: a provisional
+unit (its window too recent to have settled) is refetched by every run until it is.
+
+The schema is versioned (SQLite's ``user_version``): a checkpoint of an older version
+is migrated in place when opened, one of a newer version is refused with a clear error.
+
 The checkpoint defends itself: a file that is not a readable checkpoint raises
 `CheckpointError` saying so and what to do, and so does a write after the file was
 deleted or replaced while the run held it open.
@@ -18,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +40,7 @@ __all__ = [
     "FAILED",
     "PENDING",
     "STARTING",
+    "SCHEMA_VERSION",
 ]
 
 DONE = "done"
@@ -40,6 +48,8 @@ FAILED = "failed"
 PENDING = "pending"
 STARTING = "starting"
 
+SCHEMA_VERSION = 2
+"""The checkpoint schema this version writes: 1 had no ``fetched_at`` and ``final``."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS units (
     unit_id      TEXT PRIMARY KEY,
@@ -47,16 +57,29 @@ CREATE TABLE IF NOT EXISTS units (
     report_token TEXT,
     error        TEXT,
     bytes        INTEGER,
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    fetched_at   REAL,
+    final        INTEGER
 )
 """
-_COLUMNS = ("unit_id", "state", "report_token", "error", "bytes", "updated_at")
+_V1_COLUMNS = ("unit_id", "state", "report_token", "error", "bytes", "updated_at")
+_COLUMNS = (*_V1_COLUMNS, "fetched_at", "final")
+# Version 1 to 2: a done unit was fetched when last updated; whether it is final is
+# unknown (NULL), so the runner judges it by its window and that time.
+_MIGRATE_V1 = (
+    "ALTER TABLE units ADD COLUMN fetched_at REAL",
+    "ALTER TABLE units ADD COLUMN final INTEGER",
+    "UPDATE units SET fetched_at = updated_at WHERE state = 'done'",
+)
+_SELECT = "SELECT unit_id, state, report_token, error, bytes, fetched_at, final FROM units"
 
 _UPSERT = (
-    "INSERT INTO units (unit_id, state, report_token, error, bytes, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(unit_id) DO UPDATE SET "
+    "INSERT INTO units (unit_id, state, report_token, error, bytes, updated_at, "
+    "fetched_at, final) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(unit_id) DO UPDATE SET "
     "state=excluded.state, report_token=excluded.report_token, "
-    "error=excluded.error, bytes=excluded.bytes, updated_at=excluded.updated_at"
+    "error=excluded.error, bytes=excluded.bytes, updated_at=excluded.updated_at, "
+    "fetched_at=coalesce(excluded.fetched_at, units.fetched_at), "
+    "final=coalesce(excluded.final, units.final)"
 )
 _CORRUPT_CODES = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 T = TypeVar("T")
@@ -89,11 +112,29 @@ def _corrupt(detail: str) -> str:
 
 @attrs.frozen
 class UnitRecord:
+    """A unit's row. ``fetched_at`` (epoch seconds) is when its file was last written;
+    ``final`` whether that file is final (None: unknown, from a version 1 checkpoint)."""
+
     unit_id: str
     state: str
     report_token: str | None
     error: str | None
     bytes: int | None
+    fetched_at: float | None = None
+    final: bool | None = None
+
+    @classmethod
+    def of_row(cls, row: tuple[Any, ...]) -> UnitRecord:
+        unit_id, state, report_token, error, size, fetched_at, final = row
+        return cls(
+            unit_id,
+            state,
+            report_token,
+            error,
+            size,
+            fetched_at,
+            None if final is None else bool(final),
+        )
 
 
 class Checkpoint:
@@ -135,11 +176,39 @@ class Checkpoint:
     def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db.execute("BEGIN IMMEDIATE")  # one process migrates; others wait
+        try:
+            self._migrate()
+        except BaseException:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
         self._check_integrity()
 
+    def _migrate(self) -> None:
+        """Create the table, or bring an older checkpoint to `SCHEMA_VERSION`."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise CheckpointError(
+                self.path,
+                f"the checkpoint was written by a newer lexer-activity-async (schema "
+                f"{version}; this version reads up to {SCHEMA_VERSION}); upgrade, or use "
+                "another output folder",
+            )
+        columns = self._columns()
+        if not columns:
+            self._db.execute(_SCHEMA)
+        elif version < SCHEMA_VERSION and columns == _V1_COLUMNS:
+            for statement in _MIGRATE_V1:
+                self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _columns(self) -> tuple[str, ...]:
+        return tuple(row[1] for row in self._db.execute("PRAGMA table_info(units)"))
+
     def _check_integrity(self) -> None:
-        columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(units)"))
+        columns = self._columns()
         if columns != _COLUMNS:
             raise CheckpointError(
                 self.path,
@@ -213,7 +282,7 @@ class Checkpoint:
         error: str | None = None,
         size: int | None = None,
     ) -> None:
-        self._write(_UPSERT, [(unit_id, state, report_token, error, size, time.time())])
+        self._write(_UPSERT, [(unit_id, state, report_token, error, size, time.time(), None, None)])
 
     def record_intent(self, unit_id: str) -> None:
         """An export job is about to be started for ``unit_id`` (no token known yet)."""
@@ -223,15 +292,34 @@ class Checkpoint:
         """An export job was started for ``unit_id``: remember its report token."""
         self._upsert(unit_id, PENDING, report_token=report_token)
 
-    def mark_done(self, unit_id: str, size: int) -> None:
-        self._upsert(unit_id, DONE, size=size)
+    def mark_done(
+        self, unit_id: str, size: int, *, final: bool = True, fetched_at: float | None = None
+    ) -> None:
+        """``unit_id``'s file of ``size`` bytes is in place: final, or provisional (to be
+        refetched); fetched at ``fetched_at`` (default: now)."""
+        self.mark_done_many([(unit_id, size)], final=final, fetched_at=fetched_at)
 
-    def mark_done_many(self, units: list[tuple[str, int]]) -> None:
-        """Mark several units done in one transaction (the report writer's group commit)."""
+    def mark_done_many(
+        self,
+        units: Sequence[tuple[str, int]],
+        *,
+        final: bool | Sequence[bool] = True,
+        fetched_at: float | None = None,
+    ) -> None:
+        """Mark several units done in one transaction (the report writer's group commit);
+        ``final`` for all, or one per unit."""
         if not units:
             return
         now = time.time()
-        self._write(_UPSERT, [(unit_id, DONE, None, None, size, now) for unit_id, size in units])
+        when = now if fetched_at is None else fetched_at
+        finals = [final] * len(units) if isinstance(final, bool) else list(final)
+        self._write(
+            _UPSERT,
+            [
+                (unit_id, DONE, None, None, size, now, when, int(is_final))
+                for (unit_id, size), is_final in zip(units, finals, strict=True)
+            ],
+        )
 
     def mark_failed(self, unit_id: str, error: str, report_token: str | None = None) -> None:
         self._upsert(unit_id, FAILED, error=error, report_token=report_token)
@@ -239,19 +327,11 @@ class Checkpoint:
     def get(self, unit_id: str) -> UnitRecord | None:
         with self._lock:
             row = self._sql(
-                lambda: self._db.execute(
-                    "SELECT unit_id, state, report_token, error, bytes FROM units "
-                    "WHERE unit_id = ?",
-                    (unit_id,),
-                ).fetchone()
+                lambda: self._db.execute(_SELECT + " WHERE unit_id = ?", (unit_id,)).fetchone()
             )
-        return UnitRecord(*row) if row else None
+        return UnitRecord.of_row(row) if row else None
 
     def records(self) -> dict[str, UnitRecord]:
         with self._lock:
-            rows = self._sql(
-                lambda: self._db.execute(
-                    "SELECT unit_id, state, report_token, error, bytes FROM units"
-                ).fetchall()
-            )
-        return {row[0]: UnitRecord(*row) for row in rows}
+            rows = self._sql(lambda: self._db.execute(_SELECT).fetchall())
+        return {row[0]: UnitRecord.of_row(row) for row in rows}

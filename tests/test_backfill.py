@@ -160,6 +160,7 @@ def test_toml_spec_equals_the_python_object(
     )
     spec = BackfillSpec.from_toml(path)
     assert spec == expected
+    assert isinstance(spec.date_to, datetime)
     assert spec.date_to.utcoffset() == timedelta(hours=10)
 
 
@@ -173,6 +174,7 @@ def test_spec_defaults_and_native_toml_dates(tmp_path: Path) -> None:
     )
     spec = BackfillSpec.from_toml(path)
     assert spec.date_from == JAN
+    assert isinstance(spec.date_from, datetime)
     assert spec.date_from.tzinfo is not None
     assert spec.date_to == datetime(2024, 6, 30, 13, tzinfo=UTC)
     assert spec.reports == ALL_REPORTS
@@ -184,9 +186,7 @@ def test_spec_defaults_and_native_toml_dates(tmp_path: Path) -> None:
     assert spec.nps_category == "all"
 
 
-def test_token_sources_read_env_or_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_token_sources_read_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEXER_TEST_TOKEN_SOURCE", "  from-env \n")
     assert TokenSource("e", env="LEXER_TEST_TOKEN_SOURCE").read() == "from-env"
     (tmp_path / "t").write_text("from-file\n")
@@ -215,8 +215,9 @@ SECRET = "sk-live-do-not-print-me-4242"
 def test_a_token_in_the_spec_is_rejected_without_echoing_it(
     tmp_path: Path, write_spec: Callable[..., Path], data: dict[str, Any]
 ) -> None:
-    path = write_spec(tmp_path / "spec.toml", {"date_from": "2024-01-01",
-                                               "date_to": "2024-02-01", **data})
+    path = write_spec(
+        tmp_path / "spec.toml", {"date_from": "2024-01-01", "date_to": "2024-02-01", **data}
+    )
     with pytest.raises(SpecError) as info:
         BackfillSpec.from_toml(path)
     assert "never in the spec" in str(info.value)
@@ -273,10 +274,13 @@ def test_bad_specs_are_rejected_with_a_clear_message(
 
 
 def test_spec_without_tokens_or_dates(tmp_path: Path, write_spec: Callable[..., Path]) -> None:
-    for key in ("tokens", "date_from", "date_to"):
+    for key in ("tokens", "date_from"):
         data = {k: v for k, v in BASE.items() if k != key}
         with pytest.raises(SpecError, match=f"spec needs `{key}`"):
             BackfillSpec.from_toml(write_spec(tmp_path / "spec.toml", data))
+    # Without date_to a spec runs up to each run's "now".
+    data = {k: v for k, v in BASE.items() if k != "date_to"}
+    assert BackfillSpec.from_toml(write_spec(tmp_path / "spec.toml", data)).date_to is None
     (tmp_path / "broken.toml").write_text("date_from = \n")
     with pytest.raises(SpecError, match="not valid TOML"):
         BackfillSpec.from_toml(tmp_path / "broken.toml")
@@ -292,8 +296,9 @@ def test_python_spec_is_checked_too(tmp_path: Path) -> None:
             reports=("summary",),
         )
     with pytest.raises(SpecError, match="NPS reports need `form`"):
-        BackfillSpec(tokens=(TokenSource("a", env="X"),), date_from=JAN, date_to=MAR,
-                     output=tmp_path)
+        BackfillSpec(
+            tokens=(TokenSource("a", env="X"),), date_from=JAN, date_to=MAR, output=tmp_path
+        )
 
 
 # -- the planner ---------------------------------------------------------------------------
@@ -324,14 +329,12 @@ def test_plan_units_windows_requests_and_least_time(tmp_path: Path) -> None:
     assert the_plan.requests_of("a") == 90
     assert the_plan.least_seconds("a") == 480.0
     unit = the_plan.units_of("b")[0]
-    assert unit == Unit("b", "summary", False, spec.date_from, the_plan.windows[0][1])
+    assert unit == Unit("b", "summary", False, *the_plan.windows[0])
     assert unit.path(tmp_path) == (
         tmp_path / "b/reports/summary/2023-11-15T00-00-00+00-00_2023-12-15T00-00-00+00-00.json"
     )
     export = next(u for u in the_plan.units_of("a") if u.is_export)
-    assert export.path(tmp_path).relative_to(tmp_path).parts[:3] == (
-        "a", "exports", "case_details"
-    )
+    assert export.path(tmp_path).relative_to(tmp_path).parts[:3] == ("a", "exports", "case_details")
     assert export.path(tmp_path).suffix == ".csv"
 
     quarterly = plan(attrs.evolve(spec, window_months=3))
@@ -342,8 +345,15 @@ def test_plan_units_windows_requests_and_least_time(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("requests", "n", "w", "floor"),
-    [(0, 100, 300, 0), (1, 100, 300, 0), (100, 100, 300, 0), (101, 100, 300, 300),
-     (250, 100, 5, 10), (360, 100, 5, 15), (15, 4, 10, 30)],
+    [
+        (0, 100, 300, 0),
+        (1, 100, 300, 0),
+        (100, 100, 300, 0),
+        (101, 100, 300, 300),
+        (250, 100, 5, 10),
+        (360, 100, 5, 15),
+        (15, 4, 10, 30),
+    ],
 )
 def test_rate_limit_floor(requests: int, n: int, w: float, floor: float) -> None:
     assert rate_limit_floor(requests, n, w) == floor
@@ -381,8 +391,9 @@ async def test_backfill_writes_the_layout_json_and_csv(
     lo, hi = the_plan.windows[1]
     async with make_client(TOKEN_B) as client:
         volume = await client.report("nps_volume", lo, hi, form=55)
-        await client.export("nps_submissions", lo, hi, tmp_path / "direct.csv", form=55,
-                            poll=FAST_POLL)
+        await client.export(
+            "nps_submissions", lo, hi, tmp_path / "direct.csv", form=55, poll=FAST_POLL
+        )
     report_path = Unit("b", "nps_volume", False, lo, hi).path(spec.output)
     assert json.loads(report_path.read_text()) == converter.unstructure(volume)
     export_path = Unit("b", "nps_submissions", True, lo, hi).path(spec.output)
@@ -473,9 +484,12 @@ async def test_requests_leave_round_robin_across_tokens(
         summary = await run_backfill(spec, registry=registry)
     assert summary.ok
     assert summary.requests == 12
-    order = [label for _, label in sorted(
-        (at, keys[key]) for key, times in sb.stats.arrivals.items() for at in times
-    )]
+    order = [
+        label
+        for _, label in sorted(
+            (at, keys[key]) for key, times in sb.stats.arrivals.items() for at in times
+        )
+    ]
     assert len(order) == 12
     assert sorted(order[:3]) == ["a", "b", "c"]
     thirds = [i for i, label in enumerate(order) if order[: i + 1].count(label) == 3]
@@ -677,9 +691,14 @@ async def test_resume_polls_pending_jobs_instead_of_starting_them_again(
 async def test_a_failed_export_job_is_started_afresh_by_retry_failed(
     sandbox: Sandbox, tmp_path: Path, registry: LimiterRegistry
 ) -> None:
-    spec = make_spec(sandbox, tmp_path / "out", tokens=(TokenSource("a", env=ENV_A),),
-                     reports=(), exports=(ExportSpec(ExportKind.CASE_DETAILS),),
-                     date_to=datetime(2024, 2, 1, tzinfo=UTC))
+    spec = make_spec(
+        sandbox,
+        tmp_path / "out",
+        tokens=(TokenSource("a", env=ENV_A),),
+        reports=(),
+        exports=(ExportSpec(ExportKind.CASE_DETAILS),),
+        date_to=datetime(2024, 2, 1, tzinfo=UTC),
+    )
     sandbox.faults.fail_jobs = 1
     summary = await run_backfill(spec, registry=registry)
     [(unit_id, error)] = summary.failed["a"]
@@ -703,9 +722,14 @@ async def test_a_failed_export_job_is_started_afresh_by_retry_failed(
 async def test_a_job_the_server_forgot_is_started_afresh(
     sandbox: Sandbox, tmp_path: Path, registry: LimiterRegistry
 ) -> None:
-    spec = make_spec(sandbox, tmp_path / "out", tokens=(TokenSource("a", env=ENV_A),),
-                     reports=(), exports=(ExportSpec(ExportKind.CASE_DETAILS),),
-                     date_to=datetime(2024, 2, 1, tzinfo=UTC))
+    spec = make_spec(
+        sandbox,
+        tmp_path / "out",
+        tokens=(TokenSource("a", env=ENV_A),),
+        reports=(),
+        exports=(ExportSpec(ExportKind.CASE_DETAILS),),
+        date_to=datetime(2024, 2, 1, tzinfo=UTC),
+    )
     [unit] = plan(spec).units
     with Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint:
         checkpoint.record_job(unit.id, "0" * 32)  # e.g. a sandbox restarted since

@@ -28,7 +28,6 @@ from conftest import TOKEN_A, TOKEN_B
 from test_backfill import ENV_A, ENV_B, make_spec, states, token_env  # noqa: F401
 
 from lexer_activity_async import LimiterRegistry
-from lexer_activity_async import backfill as backfill_module
 from lexer_activity_async import exports as exports_module
 from lexer_activity_async.backfill import (
     CHECKPOINT_NAME,
@@ -39,6 +38,7 @@ from lexer_activity_async.backfill import (
     plan,
     run_backfill,
 )
+from lexer_activity_async.backfill import writer as writer_module
 from lexer_activity_async.checkpoint import (
     DONE,
     FAILED,
@@ -160,7 +160,7 @@ class BrokenFolders:
                 raise sqlite3.OperationalError("unable to open database file")
             return real_connect(database, *args, **kwargs)
 
-        for module in (backfill_module, exports_module):
+        for module in (writer_module, exports_module):
             self._monkeypatch.setattr(module, "open", faulty_open, raising=False)
         self._monkeypatch.setattr(sqlite3, "connect", faulty_connect)
 

@@ -15,15 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lexer_activity_async.backfill import (
+    MAX_NAME_LENGTH,
     BackfillSpec,
     ExportSpec,
     SpecError,
     TokenSource,
+    check_name,
     plan,
 )
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.reports import ExportKind
-from lexer_activity_async.spec import MAX_NAME_LENGTH, check_name
 
 UTC = timezone.utc
 BASE: dict[str, Any] = {
@@ -316,8 +317,10 @@ VALID_SPECS = st.fixed_dictionaries(
 """Specs that load, to be mutated: the fuzz test reaches every check, not just the first."""
 WILD: dict[str, st.SearchStrategy[Any]] = {
     "tokens": st.lists(TOKEN_ENTRY, min_size=1, max_size=3),
-    "date_from": WHEN,
-    "date_to": WHEN,
+    "date_from": WHEN | st.sampled_from(["-90d", "-2w", "-0d", "-3x", "90d", "-"]),
+    "date_to": WHEN | st.sampled_from(["now", "Now", "2026-12-31"]),
+    "settle": st.sampled_from(["2d", "36h", "0d", "3y", "", 7200, -1, 1e300]),
+    "lookback": st.sampled_from(["3d", "400d", "1w", "x", 0]),
     "output": st.sampled_from(["out", "", "a\0b"]),
     "reports": st.just("all") | st.lists(REPORT_NAME, max_size=3),
     "exports": st.lists(EXPORT_ENTRY, max_size=3),
@@ -350,6 +353,8 @@ TOP_KEYS = [
     "redis_url",
     "workflow_states_type",
     "poll",
+    "settle",
+    "lookback",
     "unknown",
     "token",
 ]
@@ -386,6 +391,22 @@ def test_every_generated_spec_loads_or_raises_spec_error(data: dict[str, Any]) -
     if message is not None:
         assert "secret" not in message
         return
-    # A spec that loads is one the planner (and so --dry-run and the runner) can use.
-    if spec.date_to - spec.date_from < timedelta(days=3660):
-        assert plan(spec).units
+    # A spec that loads is one the planner (and so --dry-run and the runner) can use;
+    # one relative to "now" may only be refused as such (a range not yet begun).
+    now = datetime(2026, 6, 15, tzinfo=UTC)
+    start, end = spec.date_from, spec.date_to
+    if isinstance(start, datetime) and end is not None and end <= now:
+        if end - start < timedelta(days=3660):
+            assert plan(spec, now=now).units
+        return
+    refusal = None
+    try:
+        units = plan(spec, now=now).units
+    except SpecError as error:
+        refusal = str(error)
+    if refusal is None:
+        assert units
+    else:
+        assert any(
+            why in refusal for why in ("in the future", "longer than the range", "must be before")
+        )

@@ -154,7 +154,8 @@ def test_dry_run_prints_units_requests_and_least_time(
     least: str,
 ) -> None:
     spec = write_spec(tmp_path / "spec.toml", base_spec(**extra))
-    result = invoke("backfill", str(spec), "--dry-run")  # no token env: none is read
+    # Every token source is read (nothing is sent: no server is named).
+    result = invoke("backfill", str(spec), "--dry-run", env={ENV_A: TOKEN_A, ENV_B: TOKEN_B})
     assert result.exit_code == 0, result.output
     assert f"Plan: {2 * units} units in {windows} windows" in result.output
     rows = table_rows(result.output)

@@ -23,7 +23,7 @@ from lexer_activity_async.limits_sqlite import (
     open_store,
 )
 from lexer_activity_async.sandbox import Sandbox
-from lexer_activity_async.spec import BackfillSpec, SpecError
+from lexer_activity_async.backfill import BackfillSpec, SpecError
 
 N, W, LEASE = 3, 300.0, 60.0
 KEY = "k" * 64

@@ -1,4 +1,4 @@
-"""The ``lexer-activity`` command line: users, groups, forms, report, export, backfill,
+"""The ``lexer-activity`` command line: users, groups, forms, report, export, backfill, status,
 sandbox, demo.
 
 Tokens are read from an environment variable or a file, never from the command line.
@@ -33,7 +33,10 @@ from ..backfill import (
     BackfillSpec,
     BackfillSummary,
     ExportSpec,
+    Plan,
     TokenSource,
+    TokenStatus,
+    backfill_status,
     plan,
     run_backfill,
 )
@@ -524,6 +527,7 @@ def _print_summary(
     totals = {
         "units_done": sum(summary.done.values()),
         "units_skipped": sum(summary.skipped.values()),
+        "units_provisional": sum(summary.provisional.values()),
         "units_failed": sum(len(f) for f in summary.failed.values()),
         "requests": summary.requests,
         "rate_limited": summary.rate_limited,
@@ -551,8 +555,48 @@ def _print_summary(
         click.echo("some units failed; fix the cause and rerun with --retry-failed")
 
 
-def _print_plan(spec: BackfillSpec) -> None:
-    the_plan = plan(spec)
+def _load_spec(spec_path: Path, overrides: dict[str, Any]) -> BackfillSpec:
+    try:
+        return BackfillSpec.from_toml(spec_path, **overrides)
+    except exc.ValidationError as error:
+        raise click.UsageError(f"{spec_path}: {error}") from None
+
+
+def _plan_of(spec: BackfillSpec, spec_path: Path) -> Plan:
+    """The spec's plan at the clock's now; a range that cannot be planned is bad usage."""
+    try:
+        return plan(spec)
+    except exc.ValidationError as error:
+        raise click.UsageError(f"{spec_path}: {error}") from None
+
+
+def _refresh(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[datetime, datetime] | None:
+    """Click callback: ``FROM..TO``, each as ``--from``/``--to`` take them."""
+    if value is None:
+        return None
+    lo, sep, hi = value.partition("..")
+    if not sep or not lo or not hi:
+        raise click.BadParameter(f"{value!r} is not FROM..TO (e.g. 2024-01-01..2024-03-01)")
+    start, end = _when(ctx, param, lo.strip()), _when(ctx, param, hi.strip())
+    if start >= end:
+        raise click.BadParameter(f"{value!r}: FROM must be before TO")
+    return start, end
+
+
+def _unreadable_tokens(spec: BackfillSpec) -> list[str]:
+    """Read every token source (nothing is sent); what is wrong with each that fails."""
+    problems = []
+    for source in spec.tokens:
+        try:
+            source.read()
+        except exc.ValidationError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
     table = _table(
         f"Plan: {len(the_plan.units)} units in {len(the_plan.windows)} windows",
         ("token", "units", "requests (est.)", "least time (rate limit)"),
@@ -570,11 +614,22 @@ def _print_plan(spec: BackfillSpec) -> None:
 
 @main.command()
 @click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option("--dry-run", is_flag=True, help="Print the plan (units, requests, least time).")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (units, requests, least time) and check that every token source "
+    "can be read; nothing is sent.",
+)
 @click.option(
     "--retry-failed",
     is_flag=True,
-    help="Rerun the units that failed before (done units are always skipped).",
+    help="Rerun the units that failed before (a plain rerun skips them).",
+)
+@click.option(
+    "--refresh",
+    metavar="FROM..TO",
+    callback=_refresh,
+    help="Also refetch the done units whose window overlaps FROM..TO (dates as for --from).",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
 @click.option("--redis-url", help="Share each token's rate limit through Redis.")
@@ -589,12 +644,18 @@ def backfill(
     spec_path: Path,
     dry_run: bool,
     retry_failed: bool,
+    refresh: tuple[datetime, datetime] | None,
     as_json: bool,
     redis_url: str | None,
     limit_store: str | None,
     output: Path | None,
 ) -> None:
-    """Backfill every report and export of a spec (TOML), resumably."""
+    """Backfill every report and export of a spec (TOML), resumably.
+
+    A rerun fetches only what is not done: units never fetched or left unfinished,
+    provisional windows (too recent to have settled), the spec's lookback, files gone
+    missing, and with --refresh the windows asked for.
+    """
     overrides: dict[str, Any] = {}
     if redis_url:
         overrides["redis_url"] = redis_url
@@ -603,20 +664,68 @@ def backfill(
         overrides["limit_store"] = IN_PROCESS if limit_store == IN_PROCESS else Path(limit_store)
     if output:
         overrides["output"] = output
-    try:
-        spec = BackfillSpec.from_toml(spec_path, **overrides)
-        if spec.limit_store is None and spec.redis_url is None:
-            spec = attrs.evolve(spec, limit_store=default_store_path())
-    except exc.ValidationError as error:
-        raise click.UsageError(f"{spec_path}: {error}") from None
+    spec = _load_spec(spec_path, overrides)
+    if spec.limit_store is None and spec.redis_url is None:
+        spec = attrs.evolve(spec, limit_store=default_store_path())
+    the_plan = _plan_of(spec, spec_path)
+    for notice in the_plan.notices:
+        err.print(f"Note: {notice}", markup=False, highlight=False)
     if dry_run:
-        _print_plan(spec)
-        return
+        _print_plan(spec, the_plan)
+        problems = _unreadable_tokens(spec)
+        for problem in problems:
+            err.print(f"Error: {problem}", markup=False, highlight=False)
+        sys.exit(1 if problems else 0)
     _writable(check_directory, spec.output)
     with _view(spec, as_json) as view:
-        summary = _run(run_backfill(spec, retry_failed=retry_failed, on_event=view))
+        summary = _run(
+            run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
+        )
     _print_summary(summary, spec, as_json)
     sys.exit(0 if summary.ok else 1)
+
+
+def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
+    table = _table(
+        f"Backfill status: {spec.output}",
+        ("token", "final", "provisional", "failed", "pending", "next provisional refresh"),
+        free=("next provisional refresh",),
+    )
+    for row in rows:
+        refresh = "-"
+        if row.next_final is not None:
+            first = row.next_final.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            refresh = f"next run (the first becomes final at a run after {first})"
+        table.add_row(
+            row.label,
+            *(str(n) for n in (row.final, row.provisional, row.failed, row.pending)),
+            refresh,
+        )
+    return table
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per token.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output directory (overrides the spec's).",
+)
+def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
+    """Per token of a backfill spec: final, provisional, failed and pending units, and
+    the next provisional refresh. Reads the checkpoint and files; sends nothing."""
+    spec = _load_spec(spec_path, {"output": output} if output else {})
+    _plan_of(spec, spec_path)  # a range that cannot be planned: one line, status 2
+    rows = backfill_status(spec)
+    if as_json:
+        for row in rows:
+            record = converter.unstructure(row)
+            record["next_final"] = row.next_final.isoformat() if row.next_final else None
+            click.echo(json.dumps(record))
+        return
+    Console().print(_status_table(spec, rows))
 
 
 @main.command()

@@ -1,288 +1,43 @@
-"""Bulk backfills: a spec (TOML or Python), a planner, and a checkpointed runner.
-
-A backfill pulls reports and exports for many tokens over a long span. The planner cuts
-the span into windows (default one calendar month) and makes one *unit* per token x
-window x report or export. The runner runs every token in parallel under its own limiter,
-writes each unit atomically to ``<output>/<label>/...`` and records it in a checkpoint,
-so a rerun after a crash skips finished units and polls in-flight export jobs again.
-A unit whose file cannot be written fails alone (`OutputError`); a checkpoint that
-cannot be used stops the run (`CheckpointError`). The spec itself is in `spec`.
-
-Output layout (keyed by label, never the token)::
-
-    <output>/<label>/reports/<type>/<from>_<to>.json
-    <output>/<label>/exports/<kind>/<from>_<to>.csv
-    <output>/.lexer-checkpoint.sqlite
-"""
+"""The runner: per-token workers under one overall cap, orchestration of a whole run
+(skip what is done, resume export jobs, record every unit), and GC tuning for it."""
 
 from __future__ import annotations
 
-import functools
 import gc
-import json
 import logging
-import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager, nullcontext, suppress
+from contextlib import AsyncExitStack, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import aiohttp
 import anyio
-import attrs
 from anyio.abc import TaskGroup
 
-from . import exceptions as exc
-from . import exports
-from .checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError
-from .client import LexerClient, api_session
-from .events import Event
-from .limits import LimiterRegistry, LimiterStats
-from .models import ExportJob, converter
-from .reports import split_range, window_stamp
-from .spec import ALL_REPORTS, BackfillSpec, ExportSpec, SpecError, TokenSource
+from .. import exceptions as exc
+from .. import exports
+from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError, UnitRecord
+from ..client import LexerClient, api_session
+from ..limits import LimiterRegistry, LimiterStats
+from ..models import ExportJob, converter
+from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
+from .plan import Plan, Unit, plan
+from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource
+from .writer import ReportWriter, output_error
 
 log = logging.getLogger("lexer_activity_async")
 
 __all__ = [
-    "SpecError",
-    "TokenSource",
-    "ExportSpec",
-    "BackfillSpec",
-    "Unit",
-    "Plan",
-    "plan",
-    "UnitStarted",
-    "UnitFinished",
-    "BackfillEvent",
-    "BackfillSummary",
     "run_backfill",
     "gc_tuned",
+    "GC_THRESHOLDS",
     "CHECKPOINT_NAME",
-    "ALL_REPORTS",
-    "CheckpointError",
+    "is_final",
+    "file_matches",
 ]
 
 CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
-EXPORT_POLLS_ESTIMATE = 2
-"""Status polls assumed per export job when estimating requests for ``--dry-run``."""
-
-
-@attrs.frozen
-class Unit:
-    """One token x window x report-or-export."""
-
-    label: str
-    name: str
-    is_export: bool
-    date_from: datetime
-    date_to: datetime
-
-    @functools.cached_property
-    def stamp(self) -> str:
-        return window_stamp(self.date_from, self.date_to)
-
-    @functools.cached_property
-    def id(self) -> str:
-        return f"{self.label}/{'exports' if self.is_export else 'reports'}/{self.name}/{self.stamp}"
-
-    def path(self, output: Path) -> Path:
-        suffix = ".csv" if self.is_export else ".json"
-        return output / (self.id + suffix)
-
-
-@attrs.frozen
-class Plan:
-    """The units of a spec, and what they cost in requests and rate-limit time."""
-
-    spec: BackfillSpec
-    units: tuple[Unit, ...]
-    windows: tuple[tuple[datetime, datetime], ...]
-
-    @functools.cached_property
-    def _by_label(self) -> dict[str, list[Unit]]:
-        # Built once: scanning every unit per token is quadratic (200 tokens: ~2 s).
-        groups: dict[str, list[Unit]] = {}
-        for unit in self.units:
-            groups.setdefault(unit.label, []).append(unit)
-        return groups
-
-    def units_of(self, label: str) -> list[Unit]:
-        return list(self._by_label.get(label, ()))
-
-    def requests_of(self, label: str) -> int:
-        """Estimated requests: one per report, 1 + `EXPORT_POLLS_ESTIMATE` per export."""
-        return sum(1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label))
-
-    def least_seconds(self, label: str) -> float:
-        """The least time the rate limit allows for the token's requests: N go at once,
-        then each further N wait a window (ignoring latency)."""
-        return rate_limit_floor(self.requests_of(label), self.spec.max_requests, self.spec.window)
-
-
-def rate_limit_floor(requests: int, max_requests: int, window: float) -> float:
-    """Least seconds for ``requests`` under N per W: ``(ceil(R/N) - 1) * W``."""
-    return max(0, math.ceil(requests / max_requests) - 1) * window
-
-
-def plan(spec: BackfillSpec) -> Plan:
-    windows = tuple(split_range(spec.date_from, spec.date_to, months=spec.window_months))
-    units = []
-    for source in spec.tokens:
-        for lo, hi in windows:
-            for name in spec.reports:
-                units.append(Unit(source.label, name, False, lo, hi))
-            for item in spec.exports:
-                units.append(Unit(source.label, item.kind.value, True, lo, hi))
-    return Plan(spec, tuple(units), windows)
-
-
-@attrs.frozen
-class UnitStarted:
-    unit: Unit
-
-
-@attrs.frozen
-class UnitFinished:
-    """A unit ended: ``state`` is done, failed or skipped; ``size`` in bytes."""
-
-    unit: Unit
-    state: str
-    size: int = 0
-    error: str | None = None
-
-
-BackfillEvent = UnitStarted | UnitFinished | Event
-
-
-@attrs.frozen
-class BackfillSummary:
-    """Per label: units done, failed, skipped (already done); and totals."""
-
-    done: dict[str, int]
-    failed: dict[str, list[tuple[str, str]]]
-    skipped: dict[str, int]
-    bytes: int
-    requests: int
-    rate_limited: int
-    retries: int
-    files: int
-
-    @property
-    def ok(self) -> bool:
-        return not any(self.failed.values())
-
-
-@attrs.define
-class _Pending:
-    unit_id: str
-    part: Path
-    path: Path
-    size: int
-    committed: bool = False
-    error: Exception | None = None
-
-
-def _output_error(path: Path, error: OSError | ValueError) -> exc.OutputError:
-    """An OS refusal to write ``path`` (full disk, read-only folder, bad name) as the
-    unit's `OutputError`."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return exc.OutputError(path, reason)
-
-
-def _remove(part: Path) -> None:
-    """Remove a part file, if any; a folder that refuses even that keeps it."""
-    with suppress(OSError, ValueError):
-        part.unlink(missing_ok=True)
-
-
-class _ReportWriter:
-    """Writes report files with group commit.
-
-    Each unit's JSON goes to ``<file>.part`` on the event loop (a page-cache write).
-    Then one worker-thread call per batch fsyncs the parts, renames them into place,
-    fsyncs their folders and marks the units done in one checkpoint transaction. A thread
-    hop per unit cost about 1 ms of CPU, more than the request itself. A unit is done only
-    once its file is durable. A file that cannot be written fails its unit alone (an
-    `OutputError`, its part file removed); a checkpoint that cannot be written fails the
-    whole batch with `CheckpointError`. Only a crash can leave a ``.part`` file, which the
-    rerun of that unit overwrites.
-    """
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self._checkpoint = checkpoint
-        self._pending: list[_Pending] = []
-        self._lock = anyio.Lock()
-        self._folders: set[Path] = set()
-
-    def stage(self, unit_id: str, path: Path, payload: object) -> _Pending:
-        """Write ``payload`` as JSON to ``<file>.part``; `commit` then makes it final.
-        Nothing of the payload is kept: units waiting for their batch hold no data."""
-        # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
-        data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
-        part = path.with_name(path.name + ".part")
-        try:
-            if path.parent not in self._folders:  # one mkdir per folder, not per unit
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._folders.add(path.parent)
-            with open(part, "wb") as handle:
-                handle.write(data)
-        except (OSError, ValueError) as error:
-            _remove(part)
-            raise _output_error(path, error) from None
-        return _Pending(unit_id, part, path, len(data))
-
-    async def commit(self, entry: _Pending) -> int:
-        """Wait until the batch holding ``entry`` is durable and checkpointed; its size.
-        Cancelled before that, the entry leaves its batch and its part file is removed."""
-        self._pending.append(entry)
-        try:
-            async with self._lock:  # batches run one at a time; later arrivals form the next
-                if not entry.committed and entry.error is None:
-                    batch, self._pending = self._pending, []
-                    try:
-                        await anyio.to_thread.run_sync(self._commit, batch)
-                    except Exception as error:  # the checkpoint could not be written
-                        for other in batch:
-                            if not other.committed and other.error is None:
-                                other.error = error
-                                _remove(other.part)
-        except BaseException:
-            if not entry.committed:
-                if entry in self._pending:
-                    self._pending.remove(entry)
-                _remove(entry.part)
-            raise
-        if entry.error is not None:
-            raise entry.error
-        return entry.size
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        folders: dict[Path, list[_Pending]] = {}
-        for entry in batch:
-            try:
-                with open(entry.part, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(entry.part, entry.path)
-                folders.setdefault(entry.path.parent, []).append(entry)
-            except OSError as error:
-                entry.error = _output_error(entry.path, error)
-                _remove(entry.part)
-        for folder, entries in folders.items():
-            try:
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as error:  # the renames may not be durable: not done
-                for entry in entries:
-                    entry.error = _output_error(entry.path, error)
-        self._checkpoint.mark_done_many([(e.unit_id, e.size) for e in batch if e.error is None])
-        for entry in batch:
-            entry.committed = True
 
 
 def _describe(error: BaseException) -> str:
@@ -314,12 +69,16 @@ class _TokenRun:
         source: TokenSource,
         units: Sequence[Unit],
         checkpoint: Checkpoint,
-        writer: _ReportWriter,
+        writer: ReportWriter,
         overall: anyio.CapacityLimiter,
         emit: Callable[[BackfillEvent], None],
         registry: LimiterRegistry | None,
+        the_plan: Plan,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self.spec = spec
+        self.plan = the_plan
+        self.now = now
         self.source = source
         self.units = units
         self.checkpoint = checkpoint
@@ -362,6 +121,7 @@ class _TokenRun:
                 max_in_flight=_InFlight(self.overall, self._grow),
                 workflow_states_type=self.spec.workflow_states_type,
                 on_event=self.emit,
+                now=self.now,
             )
         )
         self._before = self.client.stats
@@ -437,6 +197,7 @@ class _TokenRun:
 
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)
+        final = not self.plan.is_provisional(unit)
         if not unit.is_export:
             nps = unit.name in ("nps_summary", "nps_volume")
             # No local holds the result: it is freed before the wait for the commit.
@@ -447,11 +208,12 @@ class _TokenRun:
                     await client.report(
                         unit.name,
                         unit.date_from,
-                        unit.date_to,
+                        unit.fetch_to,
                         form=self.spec.nps_form if nps else None,
                         nps_category=self.spec.nps_category if nps else None,
                     )
                 ),
+                final=final,
             )
             return await self.writer.commit(entry)
         spec = self._export_spec(unit.name)
@@ -480,7 +242,7 @@ class _TokenRun:
                 client,
                 spec.kind,
                 unit.date_from,
-                unit.date_to,
+                unit.fetch_to,
                 form=spec.form,
                 nps_category=spec.nps_category,
             )
@@ -489,9 +251,47 @@ class _TokenRun:
         try:
             size = await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
         except OSError as error:  # the download removed its part file
-            raise _output_error(path, error) from None
-        self.checkpoint.mark_done(unit.id, size)
+            raise output_error(path, error) from None
+        fetched_at = self.now().timestamp() if self.now is not None else None
+        self.checkpoint.mark_done(unit.id, size, final=final, fetched_at=fetched_at)
         return size
+
+
+def is_final(the_plan: Plan, unit: Unit, record: UnitRecord) -> bool:
+    """Whether a done unit's file is final. A checkpoint from before provisional windows
+    does not say: then final if its window had settled when it was fetched."""
+    if record.final is not None:
+        return record.final
+    fetched = record.fetched_at
+    settled_by = (unit.date_to + the_plan.spec.settle_period).timestamp()
+    return fetched is not None and fetched >= settled_by
+
+
+def _needs_refetch(
+    the_plan: Plan,
+    unit: Unit,
+    record: UnitRecord,
+    refresh: tuple[datetime, datetime] | None,
+) -> bool:
+    """Whether a done unit is fetched again (see `run_backfill`)."""
+    if refresh is not None and unit.date_from < refresh[1] and refresh[0] < unit.date_to:
+        return True
+    if not is_final(the_plan, unit, record) or the_plan.in_lookback(unit):
+        return True
+    if not file_matches(unit.path(the_plan.spec.output), record):
+        log.warning(
+            "backfill unit %s: its file is missing or truncated; fetching it again", unit.id
+        )
+        return True
+    return False
+
+
+def file_matches(path: Path, record: UnitRecord) -> bool:
+    """Whether a done unit's file is there with the size the checkpoint recorded."""
+    try:
+        return path.stat().st_size == record.bytes
+    except OSError:
+        return False
 
 
 GC_THRESHOLDS = (20_000, 50, 10)
@@ -530,25 +330,40 @@ async def run_backfill(
     on_event: Callable[[BackfillEvent], None] | None = None,
     registry: LimiterRegistry | None = None,
     tune_gc: bool = True,
+    refresh: tuple[datetime, datetime] | None = None,
+    now: Callable[[], datetime] | None = None,
 ) -> BackfillSummary:
-    """Run (or resume) a backfill. Units already done are skipped; failed units are
-    skipped too (and reported as failed again) unless ``retry_failed``, which reruns them
-    along with any unit a crash left unfinished. ``tune_gc`` raises the cyclic garbage
-    collector's thresholds for the run (see `gc_tuned`); pass False to leave them."""
-    the_plan = plan(spec)
+    """Run (or resume) a backfill.
+
+    Units done and final, whose files are in place, are skipped; so are failed units
+    (reported as failed again) unless ``retry_failed``, which reruns them along with any
+    unit a crash left unfinished. Refetched: provisional units (their window ends within
+    the spec's ``settle`` of now), units whose window ended within its ``lookback``,
+    units whose file is missing or not the size recorded, and units whose window
+    overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
+    the system's). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
+    run (see `gc_tuned`); pass False to leave them."""
+    if refresh is not None and (
+        any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
+    ):
+        raise exc.ValidationError("refresh needs (from, to) with UTC offsets, from before to")
+    the_plan = plan(spec, now=now() if now is not None else None)
+    for notice in the_plan.notices:
+        log.warning("backfill: %s", notice)
     if spec.redis_url is not None and registry is None:
-        from .limits_redis import check_redis
+        from ..limits_redis import check_redis
 
         await check_redis(spec.redis_url)  # fail the whole run early, clearly
     store = spec.limit_store
     if store is not None and store != "memory" and registry is None:
-        from .client import DEFAULT_TIMEOUT
-        from .limits_sqlite import store_registry
+        from ..client import DEFAULT_TIMEOUT
+        from ..limits_sqlite import store_registry
 
         # opened (and validated) now: an unusable store fails the run before any request
         registry = store_registry(store, lease_timeout=DEFAULT_TIMEOUT + 5.0)
     done: dict[str, int] = {s.label: 0 for s in spec.tokens}
     skipped: dict[str, int] = {s.label: 0 for s in spec.tokens}
+    provisional: dict[str, int] = {s.label: 0 for s in spec.tokens}
     failed: dict[str, list[tuple[str, str]]] = {s.label: [] for s in spec.tokens}
     totals = {"bytes": 0, "files": 0}
 
@@ -556,6 +371,8 @@ async def run_backfill(
         if isinstance(event, UnitFinished):
             if event.state == DONE:
                 done[event.unit.label] += 1
+                if the_plan.is_provisional(event.unit):
+                    provisional[event.unit.label] += 1
                 totals["bytes"] += event.size
                 totals["files"] += 1
             elif event.state == FAILED:
@@ -569,7 +386,7 @@ async def run_backfill(
     ):
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
-        writer = _ReportWriter(checkpoint)
+        writer = ReportWriter(checkpoint, now)
         runs = []
         for source in spec.tokens:
             todo = []
@@ -580,12 +397,19 @@ async def run_backfill(
                     failed[source.label].append((unit.id, record.error or "" if record else ""))
                 # A rerun does every unit not done, except that failed ones need
                 # --retry-failed; units a crash left unfinished always run.
-                if state == DONE or (state == FAILED and not retry_failed):
+                keep = state == DONE and record is not None
+                if keep and record is not None:
+                    keep = not _needs_refetch(the_plan, unit, record, refresh)
+                if keep or (state == FAILED and not retry_failed):
                     skipped[source.label] += 1
                     emit(UnitFinished(unit, "skipped"))
                 else:
                     todo.append(unit)
-            runs.append(_TokenRun(spec, source, todo, checkpoint, writer, overall, emit, registry))
+            runs.append(
+                _TokenRun(
+                    spec, source, todo, checkpoint, writer, overall, emit, registry, the_plan, now
+                )
+            )
         # One session for all tokens: connections are shared, not one pool per token.
         async with (
             api_session(connections=spec.total_concurrency) as session,
@@ -610,6 +434,7 @@ async def run_backfill(
         done=done,
         failed=failed,
         skipped=skipped,
+        provisional=provisional,
         bytes=totals["bytes"],
         files=totals["files"],
         requests=sum(r.stats[0] for r in runs),

@@ -1,0 +1,68 @@
+"""Bulk backfills: a spec (TOML or Python), a planner, and a checkpointed runner.
+
+A backfill pulls reports and exports for many tokens over a long span. The planner cuts
+the span into windows (default one calendar month) and makes one *unit* per token x
+window x report or export. The runner runs every token in parallel under its own limiter,
+writes each unit atomically to ``<output>/<label>/...`` and records it in a checkpoint,
+so a rerun after a crash skips finished units and polls in-flight export jobs again.
+A unit whose file cannot be written fails alone (`OutputError`); a checkpoint that
+cannot be used stops the run (`CheckpointError`).
+
+The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the floor),
+`runner` (per-token workers, orchestration), `writer` (group commit), `events` (unit
+events and the summary), `status` (where a backfill stands, without a request).
+Their public names are all importable from here.
+
+Output layout (keyed by label, never the token)::
+
+    <output>/<label>/reports/<type>/<from>_<to>.json
+    <output>/<label>/exports/<kind>/<from>_<to>.csv
+    <output>/.lexer-checkpoint.sqlite
+"""
+
+from __future__ import annotations
+
+from ..checkpoint import CheckpointError
+from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
+from .plan import EXPORT_POLLS_ESTIMATE, Plan, Unit, plan, rate_limit_floor
+from .runner import CHECKPOINT_NAME, GC_THRESHOLDS, gc_tuned, run_backfill
+from .spec import (
+    ALL_REPORTS,
+    DEFAULT_SETTLE,
+    MAX_NAME_LENGTH,
+    BackfillSpec,
+    ExportSpec,
+    SpecError,
+    TokenSource,
+    check_name,
+    parse_duration,
+)
+from .status import TokenStatus, backfill_status
+
+__all__ = [
+    "SpecError",
+    "TokenSource",
+    "ExportSpec",
+    "BackfillSpec",
+    "Unit",
+    "Plan",
+    "plan",
+    "rate_limit_floor",
+    "EXPORT_POLLS_ESTIMATE",
+    "UnitStarted",
+    "UnitFinished",
+    "BackfillEvent",
+    "BackfillSummary",
+    "run_backfill",
+    "gc_tuned",
+    "GC_THRESHOLDS",
+    "CHECKPOINT_NAME",
+    "ALL_REPORTS",
+    "MAX_NAME_LENGTH",
+    "check_name",
+    "CheckpointError",
+    "TokenStatus",
+    "backfill_status",
+    "DEFAULT_SETTLE",
+    "parse_duration",
+]
