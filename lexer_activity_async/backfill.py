@@ -22,7 +22,6 @@ import gc
 import json
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager, nullcontext, suppress
@@ -34,8 +33,8 @@ import anyio
 import attrs
 from anyio.abc import TaskGroup
 
+from . import durable, exports
 from . import exceptions as exc
-from . import exports
 from .checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError
 from .client import LexerClient, api_session
 from .events import Event
@@ -263,20 +262,14 @@ class _ReportWriter:
         folders: dict[Path, list[_Pending]] = {}
         for entry in batch:
             try:
-                with open(entry.part, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(entry.part, entry.path)
+                durable.commit_part(entry.part, entry.path)
                 folders.setdefault(entry.path.parent, []).append(entry)
             except OSError as error:
                 entry.error = _output_error(entry.path, error)
                 _remove(entry.part)
         for folder, entries in folders.items():
             try:
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                durable.sync_folder(folder)
             except OSError as error:  # the renames may not be durable: not done
                 for entry in entries:
                     entry.error = _output_error(entry.path, error)

@@ -30,6 +30,7 @@ from test_backfill import ENV_A, ENV_B, make_spec, states, token_env  # noqa: F4
 from lexer_activity_async import LimiterRegistry
 from lexer_activity_async import backfill as backfill_module
 from lexer_activity_async import checkpoint as checkpoint_module
+from lexer_activity_async import durable as durable_module
 from lexer_activity_async import exports as exports_module
 from lexer_activity_async.backfill import (
     CHECKPOINT_NAME,
@@ -161,7 +162,7 @@ class BrokenFolders:
                 raise sqlite3.OperationalError("unable to open database file")
             return real_connect(database, *args, **kwargs)
 
-        for module in (backfill_module, exports_module):
+        for module in (backfill_module, durable_module):
             self._monkeypatch.setattr(module, "open", faulty_open, raising=False)
         self._monkeypatch.setattr(checkpoint_module.sqlite3, "connect", faulty_connect)
 
