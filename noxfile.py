@@ -25,6 +25,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy")
     session.run("mypy", "--strict", "lexer_activity_async")
+    session.run("mypy", "--strict", "tests/typing_check.py")  # the report kinds' result types
 
 
 @nox.session
