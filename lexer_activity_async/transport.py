@@ -432,6 +432,8 @@ class Channel:
         # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
         self._in_flight = in_flight if in_flight is not None else contextlib.nullcontext()
         self._opener = opener
+        self._timeouts = Timeouts(total=timeout)
+        self._secret_headers = {wire.TOKEN_HEADER: token}
         self._api: Transport | None = None
         self._files: Transport | None = None
         self._limiter: Limiter | None = None
@@ -559,10 +561,10 @@ class Channel:
             request.method,
             base + request.path,
             headers=headers,
-            secret_headers={wire.TOKEN_HEADER: self._token},
+            secret_headers=self._secret_headers,
             body=None if request.json is None else json.dumps(request.json).encode(),
             params=request.params,
-            timeout=Timeouts(total=self.timeout),
+            timeout=self._timeouts,
             origin=request.origin,
         )
 

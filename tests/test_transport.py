@@ -14,18 +14,27 @@ import payloads as ref
 import pytest
 
 from lexer_activity_async import (
+    ClientClosedError,
+    ConfigurationError,
     LexerClient,
     LexerConnectionError,
     LimiterRegistry,
     RetryPolicy,
     ServerError,
     TokenMismatchError,
+    exports,
 )
 from lexer_activity_async import models as m
 from lexer_activity_async.events import Event, Retrying
 from lexer_activity_async.exports import DownloadPolicy
 from lexer_activity_async.kinds import Reports
-from lexer_activity_async.transport import HttpRequest, HttpResponse, MockTransport
+from lexer_activity_async.transport import (
+    Channel,
+    HttpRequest,
+    HttpResponse,
+    MockTransport,
+    Secret,
+)
 
 TOKEN = "mock-token-0123456789abcdef"
 NOW = datetime(2024, 6, 1, tzinfo=timezone.utc)
@@ -186,6 +195,7 @@ async def test_export_rows_stream_through_the_mock_without_a_file() -> None:
     assert rows == [{"a": "1", "b": "x,y"}, {"a": "2", "b": "z"}]
 
 
+PACKAGE = Path(exports.__file__).parent
 BELOW_THE_CLIENT = [
     "transport",
     "exports",
@@ -211,10 +221,10 @@ def test_no_module_below_the_client_imports_it(module: str) -> None:
         "import sys, importlib\n"
         "sys.modules['lexer_activity_async'] = type(sys)('lexer_activity_async')\n"
         "import lexer_activity_async as pkg, pathlib\n"
-        "pkg.__path__ = [str(pathlib.Path({!r}))]\n"
-        "importlib.import_module('lexer_activity_async.{}')\n"
+        f"pkg.__path__ = [str(pathlib.Path({str(PACKAGE)!r}))]\n"
+        f"importlib.import_module('lexer_activity_async.{module}')\n"
         "assert 'lexer_activity_async.client' not in sys.modules, sorted(sys.modules)\n"
-    ).format(str(Path(__import__("lexer_activity_async").__file__).parent), module)
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -223,3 +233,40 @@ def test_the_import_check_sees_a_module_that_does_import_the_client() -> None:
     """The check above can fail: the backfill, above the client, is caught by it."""
     with pytest.raises(AssertionError, match="client"):
         test_no_module_below_the_client_imports_it("backfill")
+
+
+async def test_exports_run_on_a_bare_channel_with_no_client() -> None:
+    """The exports need only the channel's public seam (send, emit, now, files)."""
+    seen: list[str] = []
+
+    def handler(request: HttpRequest) -> HttpResponse:
+        seen.append(f"{request.method} {request.url} {dict(request.params or {})}")
+        return HttpResponse(200, {}, b'{"status": "pending", "url": null, "token": "r7"}')
+
+    mock = MockTransport(handler)
+    channel = Channel(
+        token=Secret(TOKEN),
+        label="bare",
+        api_url="https://api.example/v1",
+        status_url="https://status.example/v1",
+        timeout=5.0,
+        retry=RetryPolicy(),
+        window=300.0,
+    )
+    channel.bind(mock, mock, LimiterRegistry().get(TOKEN, max_requests=100, window=300.0))
+    job = await exports.export_status(channel, "r7")
+    assert job == m.ExportJob("pending", None, "r7")
+    assert seen == ["GET https://status.example/v1/activity/reports/status {'token': 'r7'}"]
+    assert channel.limiter.stats.requests == 1
+
+
+async def test_a_passed_transport_is_the_callers_and_excludes_a_session() -> None:
+    mock = MockTransport(lambda request: HttpResponse(200, {}, b"[]"))
+    async with mock_client(mock) as client:
+        assert await client.users() == []
+    assert client.closed
+    assert not mock.closed  # the caller closes what it passed in
+    with pytest.raises(ClientClosedError):
+        await client.users()
+    with pytest.raises(ConfigurationError, match="session or transport"):
+        LexerClient(TOKEN, transport=mock, session=object())  # type: ignore[arg-type]
