@@ -60,6 +60,7 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, tests/ and benchmarks/ (`files` in pyproject.toml)."""
     session.install("-e", ".[test]", "mypy")
     session.run("mypy", "--strict")
+    session.run("mypy", "--strict", "tests/typing_check.py")  # the report kinds' result types
 
 
 @nox.session

@@ -34,11 +34,19 @@ from .exceptions import (
     UnexpectedResponseError,
     ValidationError,
 )
+from .kinds import ReportKind, Reports
 from .limits import LimiterRegistry, LimiterStats, SlidingWindowLimiter
 from .reports import ExportKind, NpsCategory, ReportType
 from .retry import RetryPolicy
+from .transport import HttpRequest, HttpResponse, MockTransport, Transport
 
 __all__ = [
+    "Reports",
+    "ReportKind",
+    "Transport",
+    "MockTransport",
+    "HttpRequest",
+    "HttpResponse",
     "__version__",
     "LexerClient",
     "RetryPolicy",

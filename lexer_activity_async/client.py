@@ -1,35 +1,32 @@
-"""`LexerClient`: one aiohttp session, one rate limiter per token, every endpoint.
+"""`LexerClient`: the façade over one token's `Channel` (transport, limiter, retries).
 
-The I/O lives here; what to send and how to read the answer live in `wire` and `reports`.
-Every request of a token goes through that token's limiter (shared in the process via a
-`LimiterRegistry`) and the retry loop in `LexerClient.send`.
+It validates its configuration, opens and closes the sessions, and turns each endpoint
+into a `wire.Request` and a decoder (the report kinds come from `kinds`). Sending lives
+in `transport`, the export pipeline in `exports`; neither imports this module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import logging
 import math
 import os
+import types
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Generic, Protocol, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 import attrs
-from aiohttp.http_exceptions import HttpProcessingError
 
 from . import exceptions as exc
 from . import exports, wire
 from . import models as m
-from ._version import __version__
-from .events import Event, EventHook, RateLimited, RateLimitWait, RequestSent, Retrying
+from .events import EventHook
+from .kinds import REPORT_KINDS, ReportKind, ReportResult, Reports
 from .limits import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_WINDOW,
@@ -46,96 +43,153 @@ from .reports import (
     ReportType,
     build_report_body,
 )
-from .retry import RetryPolicy, is_retryable
+from .retry import RetryPolicy
+from .transport import (
+    DEFAULT_TIMEOUT,
+    AiohttpTransport,
+    Channel,
+    Decoder,
+    Transport,
+    api_session,
+    files_session,
+    no_silent_resend,
+)
+from .transport import Secret as _Secret
 
 __all__ = ["LexerClient", "api_session", "DEFAULT_API_URL", "DEFAULT_STATUS_URL"]
 
-log = logging.getLogger("lexer_activity_async")
-
 DEFAULT_API_URL = "https://api.lexer.io/v1"
 DEFAULT_STATUS_URL = "https://clients.lexer.io/api/public/v1"
-DEFAULT_TIMEOUT = 60.0
 TOKEN_ENV = "LEXER_API_TOKEN"
 API_URL_ENV = "LEXER_API_URL"
 STATUS_URL_ENV = "LEXER_STATUS_URL"
 
-REDACTED_TEXT = "<redacted>"
-REDACTED = REDACTED_TEXT.encode()
-
 T = TypeVar("T")
-Decoder = Callable[[int, bytes], T]
+T_co = TypeVar("T_co", covariant=True)
+C = TypeVar("C")
 
 
-class _Secret:
-    """Holds the API token; its repr and str never show it, and `redact` removes it from
-    whatever a server sends back (a body or header that echoes it)."""
-
-    __slots__ = ("_forms", "_value")
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-        raw = value.encode()
-        escaped = json.dumps(value)[1:-1].encode()  # as it appears inside a JSON string
-        self._forms = (raw,) if escaped == raw else (raw, escaped)
-
-    def reveal(self) -> str:
-        return self._value
-
-    def redact(self, data: bytes) -> bytes:
-        """``data`` with every occurrence of the token replaced by ``<redacted>``."""
-        for form in self._forms:
-            if form in data:
-                data = data.replace(form, REDACTED)
-        return data
-
-    def redact_text(self, text: str) -> str:
-        return text.replace(self._value, REDACTED_TEXT) if self._value in text else text
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
+# -- the typed report methods, one per row of the report-kind table -----------------------
 
 
-def api_session(
-    *, connections: int = 100, timeout: float = DEFAULT_TIMEOUT
-) -> aiohttp.ClientSession:
-    """A session for the API and status hosts, as a client makes for itself: up to
-    ``connections`` kept-alive connections, no cookies (the token authenticates each
-    request, so nothing of one token's should ride along with another's), and
-    aiohttp's silent resend of a GET switched off (see `LexerClient.open`). Pass one to
-    many clients (``session=``) to share connections between tokens, as backfills do."""
-    session = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        headers={"User-Agent": f"lexer-activity-async/{__version__}"},
-    )
-    _no_silent_resend(session)
-    return session
+class PlainReport(Protocol[T_co]):
+    """The signature of a typed report method; a misspelt filter is a TypeError."""
+
+    def __call__(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> Awaitable[T_co]: ...
 
 
-def files_session() -> aiohttp.ClientSession:
-    """The session for export files, which live on a storage host: no default headers, no
-    cookies (per-request deadlines come from `exports.DownloadPolicy`)."""
-    return aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
-    )
+class NpsReport(Protocol[T_co]):
+    """The signature of a typed NPS report method: one survey as ``form``."""
+
+    def __call__(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int,
+        nps_category: NpsCategory | str = NpsCategory.ALL,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> Awaitable[T_co]: ...
 
 
-def _no_silent_resend(session: aiohttp.ClientSession) -> None:
-    """Switch off aiohttp's silent resend of a GET when a kept-alive connection drops (the
-    server would see two requests for one limiter slot). Its only switch is private, so a
-    release without it is refused rather than run without the guarantee."""
-    if not isinstance(session, aiohttp.ClientSession):
-        return  # a stand-in for aiohttp's session: it has no resend of its own
-    if not hasattr(session, "_retry_connection"):
-        raise exc.ConfigurationError(
-            f"aiohttp {aiohttp.__version__} has no switch for its silent resend of a"
-            " request on a dropped connection, so the rate limit could not be kept;"
-            " install aiohttp>=3.11"
+class _ReportMethod(Generic[C]):
+    """A method of `LexerClient` made from a row of the report-kind table: read on an
+    instance it is the bound call (typed ``C``); on the class, the plain function (so
+    ``help()`` and `inspect.signature` show its parameters)."""
+
+    def __init__(self, function: Callable[..., Awaitable[object]]) -> None:
+        self._function = function
+        self.__doc__ = function.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._function.__name__ = name
+        self._function.__qualname__ = f"{owner.__name__}.{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Callable[..., Awaitable[object]]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> C: ...
+    def __get__(
+        self, obj: object, owner: type | None = None
+    ) -> C | Callable[..., Awaitable[object]]:
+        if obj is None:
+            return self._function
+        return cast(C, types.MethodType(self._function, obj))
+
+
+def _plain(kind: ReportKind[T], doc: str) -> _ReportMethod[PlainReport[T]]:
+    async def method(
+        self: LexerClient,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T:
+        return await self.report(
+            kind,
+            date_from,
+            date_to,
+            users=users,
+            groups=groups,
+            forms=forms,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
         )
-    session._retry_connection = False
+
+    method.__doc__ = f"{doc} Filters as in `report`."
+    return _ReportMethod(method)
+
+
+def _nps(kind: ReportKind[T], doc: str) -> _ReportMethod[NpsReport[T]]:
+    async def method(
+        self: LexerClient,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int,
+        nps_category: NpsCategory | str = NpsCategory.ALL,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T:
+        return await self.report(
+            kind,
+            date_from,
+            date_to,
+            form=form,
+            nps_category=nps_category,
+            users=users,
+            groups=groups,
+            extra_filters=extra_filters,
+            max_retries=max_retries,
+            deadline=deadline,
+        )
+
+    method.__doc__ = f"{doc} Filters as in `report`."
+    return _ReportMethod(method)
 
 
 class LexerClient:
@@ -171,6 +225,8 @@ class LexerClient:
             (unpublished; see the README's "Known API ambiguities").
         on_event: called with `events` (rate-limit waits, 429s, retries, exports).
         now: wall clock used to validate ``date_from`` (not in the future).
+        transport, files_transport: carry the exchanges instead of aiohttp sessions (a
+            `MockTransport` in tests); ``files_transport`` defaults to ``transport``.
     """
 
     def __init__(
@@ -192,6 +248,8 @@ class LexerClient:
         workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
         on_event: EventHook | None = None,
         now: Callable[[], datetime] | None = None,
+        transport: Transport | None = None,
+        files_transport: Transport | None = None,
     ) -> None:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token or not token.strip():
@@ -211,6 +269,8 @@ class LexerClient:
             raise exc.ConfigurationError("max_requests must be an integer of at least 1")
         if not 0 < window < math.inf:
             raise exc.ConfigurationError("window must be a positive number of seconds")
+        if transport is not None and session is not None:
+            raise exc.ConfigurationError("pass either session or transport, not both")
         self._token = _Secret(token)
         self.label = label or f"token-{token_key(self._token.reveal())[:8]}"
         self.api_url = (api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
@@ -232,20 +292,27 @@ class LexerClient:
         self.redis_url = redis_url
         self.limit_store = limit_store
         self._registry = registry or default_registry
-        self._on_event = on_event
         if isinstance(max_in_flight, int):
             max_in_flight = anyio.CapacityLimiter(max_in_flight)
-        # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
-        self._in_flight: contextlib.AbstractAsyncContextManager[object] = (
-            max_in_flight if max_in_flight is not None else contextlib.nullcontext()
-        )
-        self._now = now or (lambda: datetime.now(timezone.utc))
         self._session = session
         self._owns_session = session is None
         self._files_session: aiohttp.ClientSession | None = None
-        self._limiter: Limiter | None = None
+        self._transport = transport
+        self._files_transport = files_transport or transport
         self._closed = False
-        self._warned_retry_after = False
+        self.channel = Channel(
+            token=self._token,
+            label=self.label,
+            api_url=self.api_url,
+            status_url=self.status_url,
+            timeout=timeout,
+            retry=self.retry,
+            window=window,
+            on_event=on_event,
+            now=now,
+            in_flight=max_in_flight,
+            opener=self.open,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -268,20 +335,26 @@ class LexerClient:
         await self.aclose()
 
     async def open(self) -> None:
-        """Create the session (if not given) and bind the token's limiter. Idempotent."""
+        """Create the sessions (unless given a session or transports) and bind the
+        token's limiter. Idempotent."""
         if self._closed:
             raise exc.ClientClosedError("this LexerClient is closed; create a new one")
-        if self._limiter is not None:
+        if self.channel.bound:
             return
         opened: list[aiohttp.ClientSession] = []
         try:
-            if self._session is None:
-                self._session = api_session(timeout=self.timeout)
-                opened.append(self._session)
-            _no_silent_resend(self._session)  # a caller's session too
-            if self._files_session is None:
-                self._files_session = files_session()
-                opened.append(self._files_session)
+            api, files = self._transport, self._files_transport
+            if api is None:
+                if self._session is None:
+                    self._session = api_session(timeout=self.timeout)
+                    opened.append(self._session)
+                no_silent_resend(self._session)  # a caller's session too
+                api = AiohttpTransport(self._session, owns_session=False)
+            if files is None:
+                if self._files_session is None:
+                    self._files_session = files_session()
+                    opened.append(self._files_session)
+                files = AiohttpTransport(self._files_session, owns_session=False)
             if self.redis_url is not None:
                 from .limits_redis import check_redis, shared_registry
 
@@ -292,7 +365,7 @@ class LexerClient:
                 from .limits_sqlite import store_registry
 
                 self._registry = store_registry(self.limit_store, lease_timeout=self.timeout + 5.0)
-            self._limiter = self._registry.get(
+            limiter = self._registry.get(
                 self._token.reveal(), max_requests=self.max_requests, window=self.window
             )
         except BaseException:
@@ -304,10 +377,13 @@ class LexerClient:
             if self._files_session in opened:
                 self._files_session = None
             raise
+        self.channel.bind(api, files, limiter)
 
     async def aclose(self) -> None:
-        """Close the owned session. A closed client cannot be used again."""
+        """Close the owned sessions. A closed client cannot be used again; transports
+        passed in are the caller's to close."""
         self._closed = True
+        self.channel.close()
         if self._owns_session and self._session is not None:
             await self._session.close()
         if self._files_session is not None:
@@ -320,9 +396,9 @@ class LexerClient:
 
     @property
     def limiter(self) -> Limiter:
-        if self._limiter is None:
+        if not self.channel.bound:
             raise exc.ClientClosedError("this LexerClient is not open; use `async with`")
-        return self._limiter
+        return self.channel.limiter
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -342,115 +418,11 @@ class LexerClient:
         """A snapshot of this token's counters (shared by its clients in the process)."""
         return attrs.evolve(self.limiter.stats)
 
-    # -- the one request path ----------------------------------------------------------
-
-    def _emit(self, event: Event) -> None:
-        if self._on_event is not None:
-            self._on_event(event)
-
-    def _on_wait(self, seconds: float) -> None:
-        until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
-        self._emit(RateLimitWait(self.label, seconds, until))
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """A rate-limit slot; a `RequestSent` event once it is taken."""
-        async with self.limiter.slot(self._on_wait):
-            self._emit(RequestSent(self.label))
-            yield
-
-    def _url(self, request: wire.Request) -> str:
-        base = self.api_url if request.origin == "api" else self.status_url
-        return base + request.path
-
     @property
     def max_retry_after(self) -> float:
         """The longest pause a 429's Retry-After may impose (`RetryPolicy.max_retry_after`,
         else the window)."""
-        limit = self.retry.max_retry_after
-        return self.window if limit is None else limit
-
-    def _check_retry_after(self, error: exc.RateLimitedError, headers: dict[str, str]) -> None:
-        """Warn, once per client, of a Retry-After that was sent but is unusable."""
-        unusable = error.retry_after is None and wire.retry_after_header(headers) is not None
-        if unusable and not self._warned_retry_after:
-            self._warned_retry_after = True
-            log.warning(
-                "429 for token %s came with an unusable Retry-After (not a delay in "
-                "seconds or an HTTP date); treating it as absent",
-                self.label,
-            )
-
-    def _headers(self, request: wire.Request) -> dict[str, str]:
-        headers = {wire.TOKEN_HEADER: self._token.reveal(), "Accept": "application/json"}
-        if request.json is not None:
-            headers["Content-Type"] = "application/json"
-        return headers
-
-    async def _exchange(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP exchange inside a limiter slot (`_http` returns before the slot is
-        released, so a failing release never has the response in its frames)."""
-        async with self._slot(), self._in_flight:
-            return await self._http(request)
-
-    async def _http(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
-        """Send ``request`` and read the whole answer. Redirects are not followed, so the
-        token is never carried to another host. Whatever the server echoes of the token
-        (in the body or a header) is redacted here, before anything reads it."""
-        async with self.session.request(
-            request.method,
-            self._url(request),
-            data=None if request.json is None else json.dumps(request.json).encode(),
-            params=request.params,
-            headers=self._headers(request),
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-        ) as response:
-            body = await response.read()
-            headers = {
-                key: self._token.redact_text(value) for key, value in response.headers.items()
-            }
-            return response.status, headers, self._token.redact(body)
-
-    async def _attempt(self, request: wire.Request) -> tuple[int, dict[str, str], bytes]:
-        """`_exchange`, with every aiohttp and OS error mapped to a `TransportError`.
-
-        aiohttp's errors hold the request's headers, token included (``request_info``),
-        so none is kept as a cause or context: the typed error is raised outside the
-        handler, and no frame in its traceback holds the request or the response."""
-        failure: exc.LexerError
-        origin = request.origin
-        try:
-            return await self._exchange(request)
-        except exc.LexerError as error:  # e.g. the limiter's backend failed meanwhile
-            if _cut_transport_context(error):
-                # The frames it passed (the slot's exit) hold the aiohttp error too.
-                raise error.with_traceback(None)  # noqa: B904 - the cause is cut on purpose
-            raise
-        except asyncio.TimeoutError:  # aiohttp's connect/read timeouts included
-            failure = exc.LexerTimeoutError(
-                f"no complete answer from the {origin} host within {self.timeout:g}s",
-                report_type=request.report_type,
-            )
-        except aiohttp.ClientConnectorError as error:
-            failure = exc.LexerConnectionError(
-                f"cannot connect to {origin} host: "
-                + self._token.redact_text(str(error.os_error or error)),
-                report_type=request.report_type,
-                request_sent=False,
-            )
-        except (aiohttp.ClientResponseError, HttpProcessingError) as error:
-            failure = exc.MalformedResponseError(
-                f"malformed HTTP response from the {origin} host: "
-                + self._token.redact_text(_parser_complaint(error)),
-                report_type=request.report_type,
-            )
-        except (aiohttp.ClientError, OSError) as error:
-            failure = exc.LexerConnectionError(
-                f"connection to the {origin} host failed: {type(error).__name__}",
-                report_type=request.report_type,
-            )
-        raise failure
+        return self.channel.max_retry_after
 
     async def send(
         self,
@@ -461,80 +433,14 @@ class LexerClient:
         max_retries: int | None = None,
         deadline: float | None = None,
     ) -> T:
-        """Send ``request`` under the limiter with retries, and decode its answer.
-
-        ``max_retries`` and ``deadline`` override the client's `RetryPolicy` for this call.
-        """
+        """Send ``request`` through the token's `Channel` (limiter, retries, typed errors)
+        and decode its answer; ``max_retries`` and ``deadline`` override the client's
+        `RetryPolicy` for this call."""
         if self._closed:
             raise exc.ClientClosedError("this LexerClient is closed; create a new one")
-        await self.open()
-        policy = self.retry
-        retries = policy.max_retries if max_retries is None else max_retries
-        limit = policy.deadline if deadline is None else deadline
-        if limit is None:  # no deadline: skip the cancel scope (it costs ~10% per call)
-            return await self._send_with_retries(request, decode, idempotent, retries)
-        try:
-            with anyio.fail_after(limit):
-                return await self._send_with_retries(request, decode, idempotent, retries)
-        except TimeoutError:
-            pass
-        # Raised outside the handler: the cancelled attempt is no part of its context.
-        raise exc.LexerTimeoutError(
-            f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
+        return await self.channel.send(
+            request, decode, idempotent=idempotent, max_retries=max_retries, deadline=deadline
         )
-
-    async def _send_with_retries(
-        self, request: wire.Request, decode: Decoder[T], idempotent: bool, retries: int
-    ) -> T:
-        attempt = rate_limited = 0
-        while True:
-            error: exc.LexerError
-            try:
-                status, headers, body = await self._attempt(request)
-            except (exc.LexerConnectionError, exc.LexerTimeoutError) as transport_error:
-                error = transport_error
-            else:
-                if 200 <= status < 300:
-                    return decode(status, body)
-                error = wire.map_error(
-                    status,
-                    body,
-                    headers,
-                    report_type=request.report_type,
-                    now=self._now,
-                    max_retry_after=self.max_retry_after,
-                )
-            if isinstance(error, exc.RateLimitedError):
-                self._check_retry_after(error, headers)
-                await self.limiter.penalize(error.retry_after)
-                self.limiter.stats.rate_limited += 1
-                log.warning(
-                    "429 rate limited for token %s; holding its requests for %s",
-                    self.label,
-                    f"{error.retry_after:g}s (Retry-After)"
-                    if error.retry_after is not None
-                    else f"a full window ({self.window:g}s)",
-                )
-                self._emit(RateLimited(self.label, error.retry_after))
-                rate_limited += 1
-                if rate_limited > self.retry.max_rate_limited:
-                    raise error
-                continue
-            if attempt >= retries or not is_retryable(error, idempotent=idempotent):
-                raise error
-            attempt += 1
-            self.limiter.stats.retries += 1
-            delay = self.retry.backoff(attempt)
-            log.info(
-                "retrying %s for token %s after %s (attempt %d, in %.2fs)",
-                request.report_type or request.path,
-                self.label,
-                type(error).__name__,
-                attempt,
-                delay,
-            )
-            self._emit(Retrying(self.label, attempt, delay, type(error).__name__))
-            await anyio.sleep(delay)
 
     # -- lists -------------------------------------------------------------------------
 
@@ -603,6 +509,24 @@ class LexerClient:
         name = self.workflow_states_type if kind is ReportType.WORKFLOW_STATES else kind.value
         return kind, name
 
+    @overload
+    async def report(
+        self,
+        report_type: ReportKind[T],
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T: ...
+
+    @overload
     async def report(
         self,
         report_type: ReportType | str,
@@ -617,13 +541,30 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
-    ) -> Any:
+    ) -> ReportResult: ...
+
+    async def report(
+        self,
+        report_type: ReportKind[T] | ReportType | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T | ReportResult:
         """Fetch any report; the typed methods below all come through here.
 
         Input is validated before anything is sent or any rate-limit slot is taken.
 
         Args:
-            report_type: a `ReportType` or its name (``summary``, ``nps_volume``, ...).
+            report_type: a `ReportKind` (``Reports.SUMMARY``: the result is typed), a
+                `ReportType` or its name (``summary``, ``nps_volume``, ...).
             date_from, date_to: timezone-aware; at most 12 months apart.
             users, groups: only these user / group ids (from `users` / `groups`).
             forms: only these form ids (from `forms`); not for NPS reports.
@@ -634,355 +575,75 @@ class LexerClient:
                 names above, and type/date_from/date_to, are refused here.
             max_retries, deadline: override the client's `RetryPolicy` for this call.
         """
-        kind, name = self.resolve_report_type(report_type)
+        if isinstance(report_type, ReportKind):
+            kind, name = self.resolve_report_type(report_type.report_type)
+            row: ReportKind[T] | ReportKind[ReportResult] = report_type
+        else:
+            kind, name = self.resolve_report_type(report_type)
+            row = REPORT_KINDS[kind]
         body = build_report_body(
             name,
             date_from,
             date_to,
-            needs_form=kind.needs_form,
+            needs_form=row.needs_form,
             form=form,
             nps_category=nps_category,
             users=users,
             groups=groups,
             forms=forms,
             extra_filters=extra_filters,
-            now=self._now(),
+            now=self.channel.now(),
         )
         tz = date_from.tzinfo or timezone.utc
 
-        def decode(status: int, raw: bytes) -> Any:
-            return wire.decode_report(kind, status, raw, tz=tz, report_type=name)
+        def decode(status: int, raw: bytes) -> T | ReportResult:
+            return wire.decode_report(row, status, raw, tz=tz, report_type=name)
 
         return await self.send(
             wire.report_request(body), decode, max_retries=max_retries, deadline=deadline
         )
 
-    # The typed methods share one keyword-only signature (NPS ones add form and
-    # nps_category) so a misspelt filter is a TypeError, never an unfiltered answer.
-
-    async def summary(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> m.Summary:
-        """``summary``: team-wide handling metrics. Filters as in `report`."""
-        result: m.Summary = await self.report(
-            ReportType.SUMMARY,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def states_volume(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> m.StatesVolume:
-        """``states_volume``: messages per workflow state per day (hourly under 4 days).
-        Filters as in `report`."""
-        result: m.StatesVolume = await self.report(
-            ReportType.STATES_VOLUME,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def workflow_states(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> list[m.WorkflowState]:
-        """Workflow-state totals (type name: ``workflow_states_type``, default ``states``).
-        Filters as in `report`."""
-        result: list[m.WorkflowState] = await self.report(
-            ReportType.WORKFLOW_STATES,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def classifications(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> list[m.Classification]:
-        """``classifications``: messages per classification and workflow state. Filters as
-        in `report`."""
-        result: list[m.Classification] = await self.report(
-            ReportType.CLASSIFICATIONS,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def response_volume(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> m.ResponseVolume:
-        """``response_volume``: average response time per day (hourly for 3 days or less).
-        Filters as in `report`."""
-        result: m.ResponseVolume = await self.report(
-            ReportType.RESPONSE_VOLUME,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def user_summary(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> list[m.UserSummary]:
-        """``user_summary`` (Team Summary): each agent's metrics. Filters as in `report`."""
-        result: list[m.UserSummary] = await self.report(
-            ReportType.USER_SUMMARY,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def user_volume(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> list[m.UserVolume]:
-        """``user_volume`` (Team Volume): each agent's messages by workflow state. Filters
-        as in `report`."""
-        result: list[m.UserVolume] = await self.report(
-            ReportType.USER_VOLUME,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def case_summary(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> m.CaseSummary:
-        """``case_summary``: case handling metrics. Filters as in `report`."""
-        result: m.CaseSummary = await self.report(
-            ReportType.CASE_SUMMARY,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def case_volume(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> m.CaseVolume:
-        """``case_volume``: open cases per day. Filters as in `report`."""
-        result: m.CaseVolume = await self.report(
-            ReportType.CASE_VOLUME,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def case_classifications(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        forms: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> list[m.CaseClassification]:
-        """``case_classifications``: classifications counted once per case. Filters as in
-        `report`."""
-        result: list[m.CaseClassification] = await self.report(
-            ReportType.CASE_CLASSIFICATIONS,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def nps_summary(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        form: int,
-        nps_category: NpsCategory | str = NpsCategory.ALL,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> m.NpsSummary:
-        """``nps_summary`` for the NPS survey ``form`` (an id from `forms`). Filters as in
-        `report`."""
-        result: m.NpsSummary = await self.report(
-            ReportType.NPS_SUMMARY,
-            date_from,
-            date_to,
-            form=form,
-            nps_category=nps_category,
-            users=users,
-            groups=groups,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
-
-    async def nps_volume(
-        self,
-        date_from: datetime,
-        date_to: datetime,
-        *,
-        form: int,
-        nps_category: NpsCategory | str = NpsCategory.ALL,
-        users: Sequence[int] | None = None,
-        groups: Sequence[int] | None = None,
-        extra_filters: Mapping[str, object] | None = None,
-        max_retries: int | None = None,
-        deadline: float | None = None,
-    ) -> list[m.NpsDay]:
-        """``nps_volume``: NPS counts per local day for the NPS survey ``form`` (an id
-        from `forms`). Filters as in `report`."""
-        result: list[m.NpsDay] = await self.report(
-            ReportType.NPS_VOLUME,
-            date_from,
-            date_to,
-            form=form,
-            nps_category=nps_category,
-            users=users,
-            groups=groups,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-        )
-        return result
+    # The typed methods, one per row of the table in `kinds`, share one keyword-only
+    # signature (NPS ones add form and nps_category) so a misspelt filter is a TypeError,
+    # never an unfiltered answer.
+    summary = _plain(Reports.SUMMARY, "``summary``: team-wide handling metrics.")
+    states_volume = _plain(
+        Reports.STATES_VOLUME,
+        "``states_volume``: messages per workflow state per day (hourly under 4 days).",
+    )
+    workflow_states = _plain(
+        Reports.WORKFLOW_STATES,
+        "Workflow-state totals (type name: ``workflow_states_type``, default ``states``).",
+    )
+    classifications = _plain(
+        Reports.CLASSIFICATIONS,
+        "``classifications``: messages per classification and workflow state.",
+    )
+    response_volume = _plain(
+        Reports.RESPONSE_VOLUME,
+        "``response_volume``: average response time per day (hourly for 3 days or less).",
+    )
+    user_summary = _plain(
+        Reports.USER_SUMMARY, "``user_summary`` (Team Summary): each agent's metrics."
+    )
+    user_volume = _plain(
+        Reports.USER_VOLUME,
+        "``user_volume`` (Team Volume): each agent's messages by workflow state.",
+    )
+    case_summary = _plain(Reports.CASE_SUMMARY, "``case_summary``: case handling metrics.")
+    case_volume = _plain(Reports.CASE_VOLUME, "``case_volume``: open cases per day.")
+    case_classifications = _plain(
+        Reports.CASE_CLASSIFICATIONS,
+        "``case_classifications``: classifications counted once per case.",
+    )
+    nps_summary = _nps(
+        Reports.NPS_SUMMARY, "``nps_summary`` for the NPS survey ``form`` (an id from `forms`)."
+    )
+    nps_volume = _nps(
+        Reports.NPS_VOLUME,
+        "``nps_volume``: NPS counts per local day for the NPS survey ``form`` (an id from "
+        "`forms`).",
+    )
 
     # -- exports (see `exports` for the pipeline) ------------------------------------------
 
@@ -1104,30 +765,6 @@ class LexerClient:
             poll=poll,
             policy=policy,
         )
-
-
-def _cut_transport_context(error: BaseException) -> bool:
-    """Detach any aiohttp error (it holds the request's headers) from ``error``'s chain;
-    True when there was one."""
-    cut = False
-    link: BaseException | None = error
-    seen: list[BaseException] = []
-    while link is not None and not any(link is s for s in seen):
-        seen.append(link)
-        for attr in ("__cause__", "__context__"):
-            if isinstance(getattr(link, attr), (aiohttp.ClientError, HttpProcessingError)):
-                setattr(link, attr, None)
-                cut = True
-        link = link.__cause__ or link.__context__
-    return cut
-
-
-def _parser_complaint(error: BaseException) -> str:
-    """What aiohttp's parser objected to ("Bad status line", "Invalid character in
-    Content-Length", ...): the text before its quote of the offending bytes."""
-    message = getattr(error, "message", None)
-    text = message if isinstance(message, str) and message else type(error).__name__
-    return text.splitlines()[0].partition(":")[0].strip()[:100] or type(error).__name__
 
 
 def _list_decoder(cls: type[T]) -> Decoder[list[T]]:

@@ -1,14 +1,15 @@
 """The export pipeline: start a job, poll its status economically, stream the CSV.
 
-The file lives on a third origin (a storage URL). It is fetched through a separate,
-bare session: no ``Auth-Api-Token``, none of the client's default headers, no cookies,
-and redirects followed by hand so plain-http hops are refused too.
+Every request goes through the token's `Channel` (it receives one, or a client that
+has one). The file lives on a third origin (a storage URL) and is fetched through the
+channel's credential-free file transport: no ``Auth-Api-Token``, none of the client's
+default headers, no cookies, and redirects followed by hand so plain-http hops are
+refused too. Files are written by `durable.write_atomically`.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
 import io
 import logging
@@ -19,17 +20,18 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
 import anyio
 import attrs
 
 from . import exceptions as exc
 from . import models as m
 from . import wire
-from .destinations import check_file_destination, output_error
+from .backoff import exponential
+from .destinations import check_file_destination
+from .durable import write_atomically as _write_atomically
 from .events import DownloadProgress, ExportState
 from .reports import (
     ExportKind,
@@ -39,10 +41,8 @@ from .reports import (
     validate_range,
     window_stamp,
 )
+from .transport import ChannelOwner, HttpRequest, HttpResponse, Timeouts
 from .wire import is_loopback_url
-
-if TYPE_CHECKING:
-    from .client import LexerClient
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -86,11 +86,20 @@ class PollPolicy:
 
     def delay(self, poll: int, rng: random.Random | None = None) -> float:
         """Seconds before poll number ``poll`` (0-based)."""
-        base = min(self.first_delay * self.factor**poll, self.cap)
-        return base * (rng or random).uniform(self.jitter_low, 1.0)
+        return exponential(
+            poll,
+            base=self.first_delay,
+            factor=self.factor,
+            cap=self.cap,
+            jitter_low=self.jitter_low,
+            rng=rng,
+        )
 
 
-def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+V = TypeVar("V")
+
+
+def _positive(_: object, attribute: attrs.Attribute[V], value: V) -> None:
     if value is None and attribute.name == "timeout":  # the one deadline that may be off
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -149,7 +158,7 @@ class _Params:
 
 
 def _export_body(
-    client: LexerClient,
+    client: ChannelOwner,
     kind: ExportKind,
     date_from: datetime,
     date_to: datetime,
@@ -166,12 +175,12 @@ def _export_body(
         groups=params.groups,
         forms=params.forms,
         extra_filters=params.extra_filters,
-        now=client._now(),
+        now=client.channel.now(),
     )
 
 
 async def start_export(
-    client: LexerClient,
+    client: ChannelOwner,
     kind: ExportKind | str,
     date_from: datetime,
     date_to: datetime,
@@ -196,13 +205,14 @@ async def start_export(
     def decode(status: int, raw: bytes) -> m.ExportJob:
         return wire.decode_export_job(status, raw, which.value)
 
-    job = await client.send(wire.report_request(body), decode, idempotent=False)
-    client._emit(ExportState(client.label, which.value, job.token, job.status))
+    channel = client.channel
+    job = await channel.send(wire.report_request(body), decode, idempotent=False)
+    channel.emit(ExportState(channel.label, which.value, job.token, job.status))
     return job
 
 
 async def _start(
-    client: LexerClient,
+    client: ChannelOwner,
     kind: ExportKind | str,
     date_from: datetime,
     date_to: datetime,
@@ -222,7 +232,7 @@ async def _start(
     )
 
 
-async def export_status(client: LexerClient, report_token: str) -> m.ExportJob:
+async def export_status(client: ChannelOwner, report_token: str) -> m.ExportJob:
     """One status poll, on the status host (it takes a limiter slot)."""
     if not report_token:
         raise exc.ValidationError("report_token must be a non-empty string")
@@ -230,11 +240,11 @@ async def export_status(client: LexerClient, report_token: str) -> m.ExportJob:
     def decode(status: int, raw: bytes) -> m.ExportJob:
         return wire.decode_export_job(status, raw)
 
-    return await client.send(wire.status_request(report_token), decode)
+    return await client.channel.send(wire.status_request(report_token), decode)
 
 
 async def wait_for_export(
-    client: LexerClient,
+    client: ChannelOwner,
     job: m.ExportJob,
     *,
     kind: str = "export",
@@ -260,7 +270,9 @@ async def wait_for_export(
                     on_poll(job)
                 if job.status != status:
                     status = job.status
-                    client._emit(ExportState(client.label, kind, job.token, job.status))
+                    client.channel.emit(
+                        ExportState(client.channel.label, kind, job.token, job.status)
+                    )
                 lowered = job.status.lower()
                 if lowered in FAILED_STATUSES:
                     raise exc.ExportFailedError(
@@ -270,7 +282,7 @@ async def wait_for_export(
                     seen_unknown.add(lowered)
                     log.warning(
                         "export job of token %s has undocumented status %r; polling on",
-                        client.label,
+                        client.channel.label,
                         job.status,
                     )
     except TimeoutError:
@@ -282,11 +294,11 @@ async def wait_for_export(
     )
 
 
-def _check_file_url(client: LexerClient, url: str) -> None:
+def _check_file_url(client: ChannelOwner, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and is_loopback_url(url) and is_loopback_url(client.api_url):
+    if parts.scheme == "http" and is_loopback_url(url) and is_loopback_url(client.channel.api_url):
         return
     raise exc.DownloadError(
         f"refusing export file URL with scheme {parts.scheme!r} on host {parts.hostname!r}: "
@@ -307,55 +319,58 @@ class _Transient(Exception):
 
 
 async def _open_file(
-    client: LexerClient, url: str, offset: int, policy: DownloadPolicy, remaining: float
-) -> aiohttp.ClientResponse:
+    client: ChannelOwner, url: str, offset: int, policy: DownloadPolicy, remaining: float
+) -> HttpResponse:
     """GET the file with no credentials, following redirects by hand (checked each hop)."""
     headers = {"Range": f"bytes={offset}-"} if offset else {}
+    timeout = Timeouts(
+        total=None if remaining == math.inf else remaining,
+        connect=policy.connect_timeout,
+        read=policy.read_timeout,
+    )
+    files = client.channel.files
     for _ in range(10):
         _check_file_url(client, url)
-        response = await client.files_session.get(
-            url,
-            headers=headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None if remaining == math.inf else remaining,
-                sock_connect=policy.connect_timeout,
-                sock_read=policy.read_timeout,
-            ),
+        request = HttpRequest(
+            "GET", url, headers=headers, timeout=timeout, stream=True, origin="file"
         )
+        response = await files.handle(request)
         if response.status in _REDIRECTS and "Location" in response.headers:
             url = urljoin(url, response.headers["Location"])
-            response.release()
+            await response.aclose()
             continue
-        if response.status in _EXPIRED:
-            response.release()
-            raise _Expired(response.status)
-        if response.status >= 500 or response.status == 408:
-            response.release()
-            raise _Transient(response.status)
         if response.status not in (200, 206) or (response.status == 206 and not offset):
-            response.release()
+            await response.aclose()
+            if response.status in _EXPIRED:
+                raise _Expired(response.status)
+            if response.status >= 500 or response.status == 408:
+                raise _Transient(response.status)
             raise exc.DownloadError(f"file host answered HTTP {response.status}")
         return response
     raise exc.DownloadError("too many redirects from the file host")
 
 
-def _total_size(response: aiohttp.ClientResponse, offset: int) -> int | None:
+def _total_size(response: HttpResponse, offset: int) -> int | None:
     """The whole file's size, from Content-Range (206) or Content-Length (200)."""
     if response.status == 206:
-        content_range = response.headers.get("Content-Range", "")
+        content_range = _header(response, "Content-Range") or ""
         unit, _, spec = content_range.partition(" ")
         span, _, total = spec.partition("/")
         start = span.partition("-")[0]
         if unit != "bytes" or not start.isdigit() or int(start) != offset:
             raise exc.DownloadError(f"file host sent a wrong Content-Range {content_range!r}")
         return int(total) if total.isdigit() else None
-    length = response.headers.get("Content-Length")
+    length = _header(response, "Content-Length")
     return int(length) if length and length.isdigit() else None
 
 
+def _header(response: HttpResponse, name: str) -> str | None:
+    lowered = name.lower()
+    return next((v for k, v in response.headers.items() if k.lower() == lowered), None)
+
+
 async def stream_file(
-    client: LexerClient,
+    client: ChannelOwner,
     url: str,
     *,
     refresh_url: Callable[[], Awaitable[str]] | None = None,
@@ -367,6 +382,7 @@ async def stream_file(
     already yielded), refreshing an expired URL through ``refresh_url``, and verifying
     the size against Content-Length/Content-Range."""
     policy = policy or DownloadPolicy()
+    channel = client.channel
     received = resumes = refreshes = 0
     total: int | None = None
     deadline = math.inf if policy.timeout is None else anyio.current_time() + policy.timeout
@@ -379,9 +395,8 @@ async def stream_file(
             resumes += 1
             if resumes > policy.max_resumes:
                 break
-            await anyio.sleep(
-                min(0.25 * 2**resumes, 5.0, max(0.0, deadline - anyio.current_time()))
-            )
+            pause = exponential(resumes, base=0.25, cap=5.0)
+            await anyio.sleep(min(pause, max(0.0, deadline - anyio.current_time())))
             problem = ""
         if expired:
             if refresh_url is None or refreshes >= policy.max_url_refreshes:
@@ -400,8 +415,8 @@ async def stream_file(
         except _Expired:
             expired = True
             continue
-        except (aiohttp.ClientError, OSError, TimeoutError, _Transient) as e:
-            timed_out, problem = isinstance(e, TimeoutError), _brief(e)
+        except (exc.TransportError, _Transient) as e:
+            timed_out, problem = isinstance(e, exc.LexerTimeoutError), _brief(e)
             continue
         try:
             size = _total_size(response, received)
@@ -409,7 +424,7 @@ async def stream_file(
                 raise exc.DownloadError(f"file size changed from {total} to {size} bytes")
             total = size if size is not None else total
             skip = received if response.status == 200 else 0
-            async for chunk in response.content.iter_chunked(policy.chunk_size):
+            async for chunk in _rechunked(response, policy.chunk_size):
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)
@@ -417,15 +432,15 @@ async def stream_file(
                     chunk, skip = chunk[skip:], 0
                 received += len(chunk)
                 yield chunk
-                client._emit(DownloadProgress(client.label, kind, received, total))
+                channel.emit(DownloadProgress(channel.label, kind, received, total))
             if skip or (total is not None and received < total):
                 timed_out, problem = False, "body ended early"
                 continue
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            timed_out, problem = isinstance(e, TimeoutError), _brief(e)
+        except exc.TransportError as e:
+            timed_out, problem = isinstance(e, exc.LexerTimeoutError), _brief(e)
             continue
         finally:
-            response.release()
+            await response.aclose()
         if total is not None and received != total:
             raise exc.DownloadError(f"got {received} bytes, Content-Length said {total}")
         return
@@ -440,90 +455,23 @@ async def stream_file(
     raise exc.DownloadError(f"file download failed: {problem}")
 
 
+async def _rechunked(response: HttpResponse, size: int) -> AsyncIterator[bytes]:
+    """The body in chunks of at most ``size`` bytes."""
+    async for chunk in response.aiter_bytes():
+        for start in range(0, len(chunk), size):
+            yield chunk[start : start + size]
+
+
 def _brief(error: BaseException) -> str:
-    """An error's class, and its status when it has one (never the URL: it may be signed)."""
-    status = getattr(error, "status", None)
+    """What went wrong, in the transport's words (they never quote the URL: it may be
+    signed), or the file host's status."""
     if isinstance(error, _Transient):
-        return f"file host answered HTTP {status}"
-    return f"{type(error).__name__}" + (f" (HTTP {status})" if status else "")
-
-
-def _part_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
-
-
-async def _fsync_and_replace(handle: io.BufferedWriter, part: Path, dest: Path) -> None:
-    def finish() -> None:
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        os.replace(part, dest)
-        try:
-            fd = os.open(dest.parent, os.O_RDONLY)
-        except OSError:  # some platforms cannot open directories
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    try:
-        await anyio.to_thread.run_sync(finish)
-    except OSError as error:
-        raise output_error(dest, error) from None
-
-
-_WRITE_BATCH = 1 << 20
-"""Bytes gathered before one write in a worker thread."""
-
-
-async def _write_atomically(dest: Path, chunks: AsyncIterator[bytes]) -> int:
-    """Write ``chunks`` to ``dest.part``, fsync, rename onto ``dest``. On any failure or
-    cancellation the part file is removed and ``dest`` is untouched.
-
-    Writes go to a worker thread, a batch of about `_WRITE_BATCH` bytes at a time: a
-    write blocks while the kernel flushes dirty pages to a slow disk, and on the event
-    loop that would stall every other task. A cancelled write finishes before the file
-    is closed and removed."""
-    part = _part_path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(part, "wb")  # noqa: SIM115, ASYNC230 - closed in finish() or below
-    except OSError as error:
-        raise output_error(dest, error) from None
-    written = 0
-    batch: list[bytes] = []
-    batched = 0
-    try:
-        async for chunk in chunks:
-            batch.append(chunk)
-            batched += len(chunk)
-            if batched >= _WRITE_BATCH:
-                await _on_disk(dest, handle.writelines, batch)
-                written += batched
-                batch, batched = [], 0
-        if batch:
-            await _on_disk(dest, handle.writelines, batch)
-            written += batched
-        await _fsync_and_replace(handle, part, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a full disk fails the final flush too
-            handle.close()
-        part.unlink(missing_ok=True)
-        raise
-    return written
-
-
-async def _on_disk(dest: Path, write: Callable[[list[bytes]], None], batch: list[bytes]) -> None:
-    """``write(batch)`` in a worker thread; an OS error (full disk, ...) is an `OutputError`."""
-    try:
-        await anyio.to_thread.run_sync(write, batch)
-    except OSError as error:
-        raise output_error(dest, error) from None
+        return f"file host answered HTTP {error.status}"
+    return str(error)
 
 
 def _url_refresher(
-    client: LexerClient, report_token: str, kind: str, poll: PollPolicy | None
+    client: ChannelOwner, report_token: str, kind: str, poll: PollPolicy | None
 ) -> Callable[[], Awaitable[str]]:
     """A fresh file URL for an expired one: poll the job's status again."""
 
@@ -538,7 +486,7 @@ def _url_refresher(
 
 
 async def download(
-    client: LexerClient,
+    client: ChannelOwner,
     job: m.ExportJob,
     dest: str | os.PathLike[str],
     *,
@@ -556,7 +504,7 @@ async def download(
 
 
 async def _run_one(
-    client: LexerClient,
+    client: ChannelOwner,
     kind: ExportKind,
     date_from: datetime,
     date_to: datetime,
@@ -583,7 +531,7 @@ def window_path(dest: Path, start: datetime, end: datetime) -> Path:
 
 
 async def export(
-    client: LexerClient,
+    client: ChannelOwner,
     kind: ExportKind | str,
     date_from: datetime,
     date_to: datetime,
@@ -613,7 +561,7 @@ async def export(
     written), so a bad path never starts a job or spends rate budget.
     """
     which = _kind(kind)
-    start, end = validate_range(date_from, date_to, now=client._now(), max_months=None)
+    start, end = validate_range(date_from, date_to, now=client.channel.now(), max_months=None)
     params = _Params(form, nps_category, users, groups, forms, extra_filters)
     # Validate every window's body before anything is sent.
     windows = (
@@ -724,7 +672,7 @@ def _last_record_end(text: str) -> int:
 
 
 async def export_rows(
-    client: LexerClient,
+    client: ChannelOwner,
     kind: ExportKind | str,
     date_from: datetime,
     date_to: datetime,

@@ -8,8 +8,9 @@ timestamps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NewType, get_args, get_origin
+from typing import NewType, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
@@ -244,7 +245,10 @@ class ExportJob:
     token: str
 
 
-def _structure_id(value: Any, _: object) -> Id:
+T = TypeVar("T")
+
+
+def _structure_id(value: object, _: object) -> Id:
     if isinstance(value, bool):
         raise TypeError(f"expected an id, got {value!r}")
     if isinstance(value, int):
@@ -254,7 +258,7 @@ def _structure_id(value: Any, _: object) -> Id:
     raise TypeError(f"expected an integer id, got {value!r}")
 
 
-def _structure_datetime(value: Any, _: object) -> datetime:
+def _structure_datetime(value: object, _: object) -> datetime:
     if isinstance(value, datetime):
         return value
     if isinstance(value, str):
@@ -262,8 +266,8 @@ def _structure_datetime(value: Any, _: object) -> datetime:
     raise TypeError(f"expected an ISO 8601 timestamp, got {value!r}")
 
 
-def _strict(kind: type[Any]) -> Any:
-    def structure(value: Any, _: object) -> Any:
+def _strict(kind: type[T]) -> Callable[[object, object], T]:
+    def structure(value: object, _: object) -> T:
         # bool is an int subclass: refuse it where another type is expected, not for bool.
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise TypeError(f"expected {kind.__name__}, got {value!r}")
@@ -272,13 +276,13 @@ def _strict(kind: type[Any]) -> Any:
     return structure
 
 
-def _structure_float(value: Any, _: object) -> float:
+def _structure_float(value: object, _: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {value!r}")
     return float(value)
 
 
-def _structure_int(value: Any, _: object) -> int:
+def _structure_int(value: object, _: object) -> int:
     if isinstance(value, bool):
         raise TypeError(f"expected an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
@@ -288,7 +292,7 @@ def _structure_int(value: Any, _: object) -> int:
     return value
 
 
-def _is_array_type(type_: Any) -> bool:
+def _is_array_type(type_: type) -> bool:
     args = get_args(type_)
     origin = get_origin(type_)
     return (origin is list and len(args) == 1) or (
@@ -296,19 +300,22 @@ def _is_array_type(type_: Any) -> bool:
     )
 
 
-def _array_hook_factory(conv: cattrs.Converter) -> Any:
+Hook = Callable[[object, object], object]
+
+
+def _array_hook_factory(conv: cattrs.Converter) -> Callable[[type], Hook]:
     """Lists and homogeneous tuples accept only a JSON array: cattrs' default would
     iterate a string (``"123"`` -> ``(1, 2, 3)``) or a dict's keys (``{}`` -> ``[]``)."""
 
-    def factory(type_: Any) -> Any:
+    def factory(type_: type) -> Hook:
         element = get_args(type_)[0]
         as_tuple = get_origin(type_) is tuple
         handler = conv.get_structure_hook(element)  # fetched once, not per item
 
-        def structure(value: Any, _: object) -> Any:
+        def structure(value: object, _: object) -> object:
             if not isinstance(value, list):
                 raise TypeError(f"expected an array, got {type(value).__name__}")
-            items: list[Any] = []
+            items: list[object] = []
             errors: list[Exception] = []
             for index, item in enumerate(value):
                 try:

@@ -62,7 +62,10 @@ class ReportType(str, enum.Enum):
 
     @property
     def needs_form(self) -> bool:
-        return self in (ReportType.NPS_SUMMARY, ReportType.NPS_VOLUME)
+        """An NPS report, which takes one survey as ``form`` (from the report-kind table)."""
+        from .kinds import report_kind  # the table imports this module
+
+        return report_kind(self).needs_form
 
 
 class ExportKind(str, enum.Enum):

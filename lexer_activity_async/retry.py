@@ -8,6 +8,7 @@ import random
 import attrs
 
 from . import exceptions as exc
+from .backoff import exponential
 
 __all__ = ["RetryPolicy", "is_retryable"]
 
@@ -43,10 +44,9 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
-        draw = (rng or random).uniform(self.jitter_low, 1.0)
-        # Exponent bounded: 2 ** 1100 overflows float (OverflowError) and any cap is smaller.
-        growth = 2.0 ** min(attempt - 1, 1000)
-        return float(min(self.base * growth, self.cap) * draw)
+        return exponential(
+            attempt - 1, base=self.base, cap=self.cap, jitter_low=self.jitter_low, rng=rng
+        )
 
 
 def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone, tzinfo
 from email.utils import parsedate_to_datetime
 from ipaddress import ip_address
-from typing import Any, Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
@@ -21,6 +21,7 @@ import cattrs
 
 from . import exceptions as exc
 from . import models as m
+from .kinds import REPORT_KINDS, ReportKind, ReportResult
 from .reports import ReportType
 
 __all__ = [
@@ -79,26 +80,13 @@ def report_request(body: Mapping[str, object]) -> Request:
 
 def status_request(report_token: str) -> Request:
     """The export status poll, on the status host."""
-    return Request(
-        "status", "GET", "/activity/reports/status", params={"token": report_token}
-    )
+    return Request("status", "GET", "/activity/reports/status", params={"token": report_token})
 
 
-RESULT_TYPES: dict[ReportType, Any] = {
-    ReportType.SUMMARY: m.Summary,
-    ReportType.STATES_VOLUME: m.StatesVolume,
-    ReportType.WORKFLOW_STATES: list[m.WorkflowState],
-    ReportType.CLASSIFICATIONS: list[m.Classification],
-    ReportType.RESPONSE_VOLUME: m.ResponseVolume,
-    ReportType.USER_SUMMARY: list[m.UserSummary],
-    ReportType.USER_VOLUME: list[m.UserVolume],
-    ReportType.CASE_SUMMARY: m.CaseSummary,
-    ReportType.CASE_VOLUME: m.CaseVolume,
-    ReportType.CASE_CLASSIFICATIONS: list[m.CaseClassification],
-    ReportType.NPS_SUMMARY: m.NpsSummary,
-    ReportType.NPS_VOLUME: list[m.NpsDay],
+RESULT_TYPES: Mapping[ReportType, object] = {
+    report_type: kind.result for report_type, kind in REPORT_KINDS.items()
 }
-"""What each report type decodes to."""
+"""What each report type decodes to (from the table in `kinds`)."""
 
 
 def _unexpected(
@@ -107,17 +95,17 @@ def _unexpected(
     return exc.UnexpectedResponseError(reason, status=status, report_type=report_type, body=body)
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"non-finite number {name} (not JSON)")
 
 
-def _loads(body: bytes | str) -> Any:
+def _loads(body: bytes | str) -> object:
     """`json.loads`, strict: ``NaN``/``Infinity`` (which Python accepts but JSON does not)
     raise ValueError, so no non-finite number ever reaches a result or an output file."""
     return json.loads(body, parse_constant=_reject_constant)
 
 
-def decode_json(status: int, body: bytes, report_type: str | None = None) -> Any:
+def decode_json(status: int, body: bytes, report_type: str | None = None) -> object:
     """Parse a JSON body, or raise `UnexpectedResponseError` (also for non-finite numbers
     and nesting too deep for the parser)."""
     reason: str
@@ -130,7 +118,9 @@ def decode_json(status: int, body: bytes, report_type: str | None = None) -> Any
     raise _unexpected(reason, status, body, report_type)
 
 
-def _structure(payload: Any, cls: Any, status: int, body: bytes, report_type: str | None) -> Any:
+def _structure(
+    payload: object, cls: type[T], status: int, body: bytes, report_type: str | None
+) -> T:
     detail: str
     try:
         return m.converter.structure(payload, cls)
@@ -160,7 +150,7 @@ def decode_list(cls: type[T], status: int, body: bytes) -> list[T]:
     return items
 
 
-def _local_time(text: Any, tz: tzinfo) -> datetime:
+def _local_time(text: object, tz: tzinfo) -> datetime:
     """A period start, ``"YYYY-MM-DD HH:MM"`` with no offset, read in ``tz``. (An offset,
     should the server ever send one, is kept.) fromisoformat is ~60x faster than strptime
     and accepts the reference's forms on Python 3.10+."""
@@ -174,25 +164,35 @@ def _local_time(text: Any, tz: tzinfo) -> datetime:
 
 
 def _points(
-    series: Any, tz: tzinfo, keep: tuple[str, ...], seen: dict[str, datetime]
-) -> list[dict[str, Any]]:
+    series: object, tz: tzinfo, keep: tuple[str, ...], seen: dict[str, datetime]
+) -> list[dict[str, object]]:
     """Flatten ``{..., "date_range": {"date_from": "YYYY-MM-DD HH:MM"}}`` points. ``seen``
     caches parsed period starts: every state's series repeats the same few."""
     if not isinstance(series, list):
         raise TypeError(f"expected a list of points, got {type(series).__name__}")
     out = []
     for point in series:
-        flat = {key: point[key] for key in keep}
-        text = point["date_range"]["date_from"]
+        if not isinstance(point, dict):
+            raise TypeError(f"expected a point object, got {type(point).__name__}")
+        flat: dict[str, object] = {key: point[key] for key in keep}
+        text = _member(point["date_range"], "date_from")
         moment = seen.get(text) if isinstance(text, str) else None
         if moment is None:
-            moment = seen[text] = _local_time(text, tz)
+            moment = _local_time(text, tz)
+            seen[str(text)] = moment
         flat["date_from"] = moment
         out.append(flat)
     return out
 
 
-def _prepare(kind: ReportType, payload: Any, tz: tzinfo) -> Any:
+def _member(value: object, key: str) -> object:
+    """``value[key]`` of a JSON object (TypeError when it is none, KeyError when absent)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object with {key!r}, got {type(value).__name__}")
+    return value[key]
+
+
+def _prepare(kind: ReportType, payload: object, tz: tzinfo) -> object:
     """Reshape the few payloads whose wire form differs from their model."""
     seen: dict[str, datetime] = {}
     if kind is ReportType.STATES_VOLUME:
@@ -200,45 +200,68 @@ def _prepare(kind: ReportType, payload: Any, tz: tzinfo) -> Any:
             raise TypeError("expected an object keyed by workflow state")
         return {"states": {k: _points(v, tz, ("state", "value"), seen) for k, v in payload.items()}}
     if kind is ReportType.RESPONSE_VOLUME:
-        return {"avg_response_time": _points(payload["avg_response_time"], tz, ("value",), seen)}
+        series = _member(payload, "avg_response_time")
+        return {"avg_response_time": _points(series, tz, ("value",), seen)}
     if kind is ReportType.CASE_VOLUME:
-        return {"open": _points(payload["open"], tz, ("value",), seen)}
+        return {"open": _points(_member(payload, "open"), tz, ("value",), seen)}
     return payload
 
 
+@overload
+def decode_report(
+    kind: ReportKind[T],
+    status: int,
+    body: bytes,
+    *,
+    tz: tzinfo = ...,
+    report_type: str | None = ...,
+) -> T: ...
+
+
+@overload
 def decode_report(
     kind: ReportType,
     status: int,
     body: bytes,
     *,
+    tz: tzinfo = ...,
+    report_type: str | None = ...,
+) -> ReportResult: ...
+
+
+def decode_report(
+    kind: ReportKind[T] | ReportType,
+    status: int,
+    body: bytes,
+    *,
     tz: tzinfo = timezone.utc,
     report_type: str | None = None,
-) -> Any:
-    """Decode a successful report response into its typed result (see `RESULT_TYPES`).
+) -> T | ReportResult:
+    """Decode a successful report response into its typed result (the kind's ``result``).
 
     ``tz`` is the UTC offset of the request's ``date_from``: series periods come without
     an offset and are read in it. Any deviation from the documented shape raises
     `UnexpectedResponseError`; no partly-built object escapes.
     """
-    name = report_type or kind.value
+    row = kind if isinstance(kind, ReportKind) else REPORT_KINDS[kind]
+    name = report_type or row.name
     payload = decode_json(status, body, name)
     detail: str
     try:
-        prepared = _prepare(kind, payload, tz)
+        prepared = _prepare(row.report_type, payload, tz)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         detail = repr(error)
     except RecursionError:
         detail = "nested too deeply"
     else:
-        return _structure(prepared, RESULT_TYPES[kind], status, body, name)
+        return _structure(prepared, row.result, status, body, name)
     raise _unexpected(f"wrong shape: {detail}", status, body, name)
 
 
 def decode_export_job(status: int, body: bytes, report_type: str | None = None) -> m.ExportJob:
     """Decode an export start or status answer: ``{"status", "url", "token"}``."""
     payload = decode_json(status, body, report_type)
-    job: m.ExportJob = _structure(payload, m.ExportJob, status, body, report_type)
-    return job
+    return _structure(payload, m.ExportJob, status, body, report_type)
 
 
 def _message(body: bytes) -> str | None:

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from lexer_activity_async import exports
+from lexer_activity_async import durable
 from lexer_activity_async.cli import main
 
 
@@ -40,7 +40,7 @@ def install(limit: int) -> None:
         handle = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - returned open
         return _FillingFile(handle, limit) if "w" in mode else handle
 
-    exports.open = filling_open  # type: ignore[attr-defined]
+    durable.open = filling_open  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from conftest import TOKEN_A, TOKEN_B
 from test_backfill import ENV_A, ENV_B, make_spec, states, token_env  # noqa: F401
 
 from lexer_activity_async import LimiterRegistry
+from lexer_activity_async import durable as durable_module
 from lexer_activity_async import exports as exports_module
 from lexer_activity_async.backfill import (
     CHECKPOINT_NAME,
@@ -160,7 +161,7 @@ class BrokenFolders:
                 raise sqlite3.OperationalError("unable to open database file")
             return real_connect(database, *args, **kwargs)
 
-        for module in (writer_module, exports_module):
+        for module in (writer_module, durable_module):
             self._monkeypatch.setattr(module, "open", faulty_open, raising=False)
         self._monkeypatch.setattr(sqlite3, "connect", faulty_connect)
 

@@ -1424,7 +1424,7 @@ async def test_waiting_on_the_rate_limit_holds_no_in_flight_slot(
             if isinstance(event, RateLimitWait):
                 waiting.set()
 
-        a._on_event = on_event
+        a.channel.on_event = on_event
         async with anyio.create_task_group() as group:
             group.start_soon(a.groups)  # blocks for the rest of A's 300 s window
             await waiting.wait()

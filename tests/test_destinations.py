@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from lexer_activity_async import LexerClient, OutputError
-from lexer_activity_async import exports as exports_module
+from lexer_activity_async import durable as durable_module
 from lexer_activity_async.destinations import check_directory, check_file_destination
 from lexer_activity_async.sandbox import Sandbox
 
@@ -89,7 +89,7 @@ async def test_a_full_disk_is_an_output_error_and_leaves_nothing(
         handle = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - returned open
         return _FullDisk(handle, 100) if "w" in mode else handle
 
-    monkeypatch.setattr(exports_module, "open", filling_open, raising=False)
+    monkeypatch.setattr(durable_module, "open", filling_open, raising=False)
     dest = tmp_path / "out" / "cases.csv"
     async with make_client() as client:
         with pytest.raises(OutputError) as caught:

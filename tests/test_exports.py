@@ -44,6 +44,7 @@ from lexer_activity_async import (
     RetryPolicy,
     ServerError,
     ValidationError,
+    durable,
     exports,
 )
 from lexer_activity_async import models as m
@@ -709,23 +710,23 @@ async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
     outcomes: list[bool]
     entered, release, outcomes = threading.Event(), threading.Event(), []
     monkeypatch.setattr(
-        exports, "open",
+        durable, "open",
         lambda path, mode: _BlockingFile(path, mode, entered, release, outcomes),
         raising=False,
     )
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(3):
-            yield b"x" * (exports._WRITE_BATCH // 2 + 1)
+            yield b"x" * (durable.WRITE_BATCH // 2 + 1)
 
     dest = tmp_path / "out.csv"
     async with anyio.create_task_group() as group:
-        group.start_soon(exports._write_atomically, dest, chunks())
+        group.start_soon(durable.write_atomically, dest, chunks())
         await anyio.to_thread.run_sync(entered.wait)
         release.set()
     assert outcomes
     assert all(outcomes)
-    assert dest.stat().st_size == 3 * (exports._WRITE_BATCH // 2 + 1)
+    assert dest.stat().st_size == 3 * (durable.WRITE_BATCH // 2 + 1)
     assert os.listdir(tmp_path) == [dest.name]
 
 

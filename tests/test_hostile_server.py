@@ -47,9 +47,9 @@ from lexer_activity_async import (
     UnexpectedResponseError,
 )
 from lexer_activity_async import client as client_module
-from lexer_activity_async.client import _Secret
 from lexer_activity_async.exports import DownloadPolicy, export_status, stream_file
 from lexer_activity_async.limits import SlidingWindowLimiter
+from lexer_activity_async.transport import Secret as _Secret
 
 TOKEN = "hostile-token-5f3c9a7e1b2d4c6f8a0e"
 ECHO = b"{TOKEN" + b"_" * (len(TOKEN) - 7) + b"}"

@@ -13,6 +13,7 @@ import pytest
 from conftest import TOKEN_A
 
 from lexer_activity_async import LexerClient
+from lexer_activity_async.backfill import BackfillSpec, SpecError
 from lexer_activity_async.exceptions import ConfigurationError, LimitStoreError
 from lexer_activity_async.limits import token_key
 from lexer_activity_async.limits_sqlite import (
@@ -23,7 +24,6 @@ from lexer_activity_async.limits_sqlite import (
     open_store,
 )
 from lexer_activity_async.sandbox import Sandbox
-from lexer_activity_async.backfill import BackfillSpec, SpecError
 
 N, W, LEASE = 3, 300.0, 60.0
 KEY = "k" * 64

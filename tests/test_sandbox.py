@@ -9,7 +9,7 @@ import io
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -96,7 +96,7 @@ async def finished_export(
 ) -> dict[str, Any]:
     status, raw = await post(sb, s, {"type": kind, **APRIL, **body})
     assert status == 200
-    job = wire.decode_json(status, raw)
+    job: dict[str, Any] = cast(dict[str, Any], wire.decode_json(status, raw))
     assert job["status"] == "pending"
     assert job["url"] is None
     for _ in range(200):
@@ -565,7 +565,7 @@ async def test_user_summary_consistency(
     sandbox: Sandbox, session: aiohttp.ClientSession, token: str
 ) -> None:
     status, raw = await post(sandbox, session, {"type": "user_summary", **APRIL}, token)
-    for u in wire.decode_json(status, raw):
+    for u in cast(list[dict[str, Any]], wire.decode_json(status, raw)):
         responded = u["responded_to"]
         assert u["total_responded_to"] == responded <= u["mentions_assigned"]
         assert u["fraction_responded_to"] == pytest.approx(_frac(responded, u["mentions_assigned"]))

@@ -356,8 +356,8 @@ async def run_backfill(
         await check_redis(spec.redis_url)  # fail the whole run early, clearly
     store = spec.limit_store
     if store is not None and store != "memory" and registry is None:
-        from ..client import DEFAULT_TIMEOUT
         from ..limits_sqlite import store_registry
+        from ..transport import DEFAULT_TIMEOUT
 
         # opened (and validated) now: an unusable store fails the run before any request
         registry = store_registry(store, lease_timeout=DEFAULT_TIMEOUT + 5.0)

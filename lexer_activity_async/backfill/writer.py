@@ -4,7 +4,6 @@ batches (fsync, rename, folder fsync) and checkpointed in one transaction (group
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
@@ -13,6 +12,7 @@ from pathlib import Path
 import anyio
 import attrs
 
+from .. import durable
 from .. import exceptions as exc
 from ..checkpoint import Checkpoint
 
@@ -110,20 +110,14 @@ class ReportWriter:
         folders: dict[Path, list[_Pending]] = {}
         for entry in batch:
             try:
-                with open(entry.part, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(entry.part, entry.path)
+                durable.commit_part(entry.part, entry.path)
                 folders.setdefault(entry.path.parent, []).append(entry)
             except OSError as error:
                 entry.error = output_error(entry.path, error)
                 _remove(entry.part)
         for folder, entries in folders.items():
             try:
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                durable.sync_folder(folder)
             except OSError as error:  # the renames may not be durable: not done
                 for entry in entries:
                     entry.error = output_error(entry.path, error)

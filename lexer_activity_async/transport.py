@@ -1,0 +1,662 @@
+"""The transport: the one way a request reaches a host, below the client and the exports.
+
+A `Transport` carries one HTTP exchange and raises only typed `TransportError`s
+(`AiohttpTransport` over aiohttp; `MockTransport` answers in memory, for tests). A
+`Channel` sends API and status requests through it: the token's limiter, the in-flight
+cap, retries with backoff, the token added and any echo of it redacted, errors mapped.
+Export files go through a second, credential-free transport of the same channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Protocol, TypeVar
+
+import aiohttp
+import anyio
+import attrs
+from aiohttp.http_exceptions import HttpProcessingError
+
+from . import exceptions as exc
+from . import wire
+from ._version import __version__
+from .events import Event, RateLimited, RateLimitWait, RequestSent, Retrying
+from .limits import Limiter
+from .retry import RetryPolicy, is_retryable
+
+__all__ = [
+    "Secret",
+    "Timeouts",
+    "HttpRequest",
+    "HttpResponse",
+    "Transport",
+    "AiohttpTransport",
+    "MockTransport",
+    "Channel",
+    "ChannelOwner",
+    "Decoder",
+    "api_session",
+    "files_session",
+    "DEFAULT_TIMEOUT",
+]
+
+log = logging.getLogger("lexer_activity_async")
+
+DEFAULT_TIMEOUT = 60.0
+REDACTED_TEXT = "<redacted>"
+REDACTED = REDACTED_TEXT.encode()
+
+T = TypeVar("T")
+Decoder = Callable[[int, bytes], T]
+"""Turns a 2xx answer (status, body) into a result, or raises a typed error."""
+
+
+class Secret:
+    """Holds the API token; its repr and str never show it, and `redact` removes it from
+    whatever a server sends back (a body or header that echoes it)."""
+
+    __slots__ = ("_forms", "_value")
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        raw = value.encode()
+        escaped = json.dumps(value)[1:-1].encode()  # as it appears inside a JSON string
+        self._forms = (raw,) if escaped == raw else (raw, escaped)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def redact(self, data: bytes) -> bytes:
+        """``data`` with every occurrence of the token replaced by ``<redacted>``."""
+        for form in self._forms:
+            if form in data:
+                data = data.replace(form, REDACTED)
+        return data
+
+    def redact_text(self, text: str) -> str:
+        return text.replace(self._value, REDACTED_TEXT) if self._value in text else text
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+# -- one exchange ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Timeouts:
+    """Deadlines of one exchange in seconds (None: unbounded): ``total``, ``connect`` for
+    the TCP and TLS handshakes, ``read`` of silence while the answer arrives."""
+
+    total: float | None = DEFAULT_TIMEOUT
+    connect: float | None = None
+    read: float | None = None
+
+
+@attrs.frozen
+class HttpRequest:
+    """One HTTP request as a transport sends it. ``secret_headers`` are revealed only as
+    the request goes out; ``stream`` asks for the body to be read as it is iterated
+    rather than before `Transport.handle` returns; ``origin`` names the host in errors."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    secret_headers: Mapping[str, Secret] = attrs.field(factory=dict)
+    body: bytes | None = None
+    params: Mapping[str, str] | None = None
+    timeout: Timeouts = Timeouts()
+    stream: bool = False
+    origin: str = "api"
+
+    def redact(self, data: bytes) -> bytes:
+        """``data`` with every echo of a secret header's value cut out."""
+        for secret in self.secret_headers.values():
+            data = secret.redact(data)
+        return data
+
+    def redact_text(self, text: str) -> str:
+        for secret in self.secret_headers.values():
+            text = secret.redact_text(text)
+        return text
+
+
+class HttpResponse:
+    """An answer: ``status``, ``headers`` and a body, given whole (``content``) or as a
+    stream of chunks. `read` returns the whole body; `aiter_bytes` yields it once;
+    `aclose` releases the connection (idempotent)."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | AsyncIterable[bytes] = b"",
+        *,
+        on_close: Callable[[], object] | None = None,
+    ) -> None:
+        self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+        self._content = content
+        self._on_close = on_close
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        if isinstance(self._content, bytes):
+            if self._content:
+                yield self._content
+            return
+        async for chunk in self._content:
+            yield chunk
+
+    async def read(self) -> bytes:
+        if isinstance(self._content, bytes):
+            return self._content
+        body = b"".join([chunk async for chunk in self.aiter_bytes()])
+        self._content = body
+        return body
+
+    async def aclose(self) -> None:
+        close, self._on_close = self._on_close, None
+        if close is not None:
+            done = close()
+            if inspect.isawaitable(done):
+                await done
+
+    def __repr__(self) -> str:
+        return f"<HttpResponse {self.status}>"
+
+
+class Transport(Protocol):
+    """Carries one exchange. `handle` returns once the headers are in (with the body read
+    too unless ``request.stream``) and raises only `TransportError`s: `LexerTimeoutError`,
+    `LexerConnectionError` (``request_sent=False`` when no connection was made),
+    `MalformedResponseError`. Iterating a streamed body raises only those too."""
+
+    async def handle(self, request: HttpRequest) -> HttpResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+# -- aiohttp -----------------------------------------------------------------------------
+
+
+def api_session(
+    *, connections: int = 100, timeout: float = DEFAULT_TIMEOUT
+) -> aiohttp.ClientSession:
+    """A session for the API and status hosts, as a client makes for itself: up to
+    ``connections`` kept-alive connections, no cookies (the token authenticates each
+    request, so nothing of one token's should ride along with another's), and
+    aiohttp's silent resend of a GET switched off. Pass one to many clients
+    (``session=``) to share connections between tokens, as backfills do."""
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": f"lexer-activity-async/{__version__}"},
+    )
+    no_silent_resend(session)
+    return session
+
+
+def files_session() -> aiohttp.ClientSession:
+    """The session for export files, which live on a storage host: no default headers, no
+    cookies (per-request deadlines come from the request's `Timeouts`)."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+    )
+
+
+def no_silent_resend(session: aiohttp.ClientSession) -> None:
+    """Switch off aiohttp's silent resend of a GET after a kept-alive connection drops (the
+    server would see two requests for one limiter slot). Its only switch is private, so a
+    release without it is refused rather than run without the guarantee."""
+    if not isinstance(session, aiohttp.ClientSession):
+        return  # a stand-in for aiohttp's session: it has no resend of its own
+    if not hasattr(session, "_retry_connection"):
+        raise exc.ConfigurationError(
+            f"aiohttp {aiohttp.__version__} has no switch for its silent resend of a"
+            " request on a dropped connection, so the rate limit could not be kept;"
+            " install aiohttp>=3.11"
+        )
+    session._retry_connection = False
+
+
+class AiohttpTransport:
+    """`Transport` over an aiohttp session. Redirects are never followed (the caller
+    decides, hop by hop), so a secret header never travels to another host. aiohttp's
+    errors hold the request's headers (``request_info``), so none is kept as a cause or
+    context of the typed error: it is raised outside the handler, from a frame that holds
+    neither the request's headers nor the response."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, owns_session: bool = True) -> None:
+        self.session = session
+        self._owns = owns_session
+
+    async def aclose(self) -> None:
+        if self._owns:
+            await self.session.close()
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        failure: exc.TransportError
+        try:
+            return await self._exchange(request)
+        except asyncio.TimeoutError:  # aiohttp's connect/read timeouts included
+            failure = exc.LexerTimeoutError(_timed_out(request))
+        except aiohttp.ClientConnectorError as error:
+            failure = exc.LexerConnectionError(
+                f"cannot connect to {request.origin} host: "
+                + request.redact_text(str(error.os_error or error)),
+                request_sent=False,
+            )
+        except (aiohttp.ClientResponseError, HttpProcessingError) as error:
+            failure = _malformed(request, error)
+        except (aiohttp.ClientError, OSError) as error:
+            failure = _dropped(request, error)
+        raise failure
+
+    async def _exchange(self, request: HttpRequest) -> HttpResponse:
+        timeout = request.timeout
+        opening = self.session.request(
+            request.method,
+            request.url,
+            data=request.body,
+            params=request.params,
+            headers={
+                **request.headers,
+                **{key: secret.reveal() for key, secret in request.secret_headers.items()},
+            },
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(
+                total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
+            ),
+        )
+        if not request.stream:
+            async with opening as response:
+                body = await response.read()
+                headers = {k: request.redact_text(v) for k, v in response.headers.items()}
+                return HttpResponse(response.status, headers, request.redact(body))
+        response = await opening.__aenter__()
+        headers = {k: request.redact_text(v) for k, v in response.headers.items()}
+        return HttpResponse(
+            response.status,
+            headers,
+            _chunks(response.content, request),
+            on_close=lambda: opening.__aexit__(None, None, None),
+        )
+
+
+async def _chunks(content: aiohttp.StreamReader, request: HttpRequest) -> AsyncIterator[bytes]:
+    """A streamed body's chunks as they arrive, its failures typed like `handle`'s."""
+    while True:
+        failure: exc.TransportError
+        try:
+            chunk = await content.readany()
+        except asyncio.TimeoutError:
+            failure = exc.LexerTimeoutError(_timed_out(request))
+        except (aiohttp.ClientResponseError, HttpProcessingError) as error:
+            failure = _malformed(request, error)
+        except (aiohttp.ClientError, OSError) as error:
+            failure = _dropped(request, error)
+        else:
+            if not chunk:
+                return
+            yield request.redact(chunk)
+            continue
+        raise failure
+
+
+def _timed_out(request: HttpRequest) -> str:
+    limit = request.timeout.total
+    within = f" within {limit:g}s" if limit is not None else " in time"
+    return f"no complete answer from the {request.origin} host{within}"
+
+
+def _malformed(request: HttpRequest, error: BaseException) -> exc.MalformedResponseError:
+    return exc.MalformedResponseError(
+        f"malformed HTTP response from the {request.origin} host: "
+        + request.redact_text(_parser_complaint(error))
+    )
+
+
+def _dropped(request: HttpRequest, error: BaseException) -> exc.LexerConnectionError:
+    return exc.LexerConnectionError(
+        f"connection to the {request.origin} host failed: {type(error).__name__}"
+    )
+
+
+def _parser_complaint(error: BaseException) -> str:
+    """What aiohttp's parser objected to ("Bad status line", "Invalid character in
+    Content-Length", ...): the text before its quote of the offending bytes."""
+    message = getattr(error, "message", None)
+    text = message if isinstance(message, str) and message else type(error).__name__
+    return text.splitlines()[0].partition(":")[0].strip()[:100] or type(error).__name__
+
+
+def cut_transport_context(error: BaseException) -> bool:
+    """Detach any aiohttp error (it holds the request's headers) from ``error``'s chain;
+    True when there was one."""
+    cut = False
+    link: BaseException | None = error
+    seen: list[BaseException] = []
+    while link is not None and not any(link is s for s in seen):
+        seen.append(link)
+        for attr in ("__cause__", "__context__"):
+            if isinstance(getattr(link, attr), (aiohttp.ClientError, HttpProcessingError)):
+                setattr(link, attr, None)
+                cut = True
+        link = link.__cause__ or link.__context__
+    return cut
+
+
+# -- in memory ---------------------------------------------------------------------------
+
+
+Handler = Callable[[HttpRequest], "HttpResponse | Awaitable[HttpResponse]"]
+
+
+class MockTransport:
+    """A `Transport` that answers in memory: ``handler(request)`` (plain or async)
+    returns the `HttpResponse`, or raises a `TransportError` to play a failed exchange.
+    Secret headers are redacted from the answer as the aiohttp transport does. No socket
+    is opened, so a test of client behaviour needs no server."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.closed = False
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        answer = self.handler(request)
+        response = await answer if inspect.isawaitable(answer) else answer
+        assert isinstance(response, HttpResponse), "a MockTransport handler returns HttpResponse"
+        headers = {key: request.redact_text(value) for key, value in response.headers.items()}
+        if request.stream:
+            return HttpResponse(
+                response.status, headers, _redacted(response, request), on_close=response.aclose
+            )
+        body = request.redact(await response.read())
+        await response.aclose()
+        return HttpResponse(response.status, headers, body)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def _redacted(response: HttpResponse, request: HttpRequest) -> AsyncIterator[bytes]:
+    async for chunk in response.aiter_bytes():
+        yield request.redact(chunk)
+
+
+# -- the channel: limiter, retries, errors -----------------------------------------------
+
+
+class ChannelOwner(Protocol):
+    """Anything that sends through a `Channel` (a `LexerClient`, or the channel itself)."""
+
+    @property
+    def channel(self) -> Channel: ...
+
+
+class Channel:
+    """Sends one token's requests: each attempt takes a slot of the token's limiter (a
+    `RequestSent` event once taken), then the in-flight cap, then one exchange on the
+    transport; 429s penalise the limiter, retryable failures back off and retry, error
+    statuses become typed `LexerError`s. It is also what exports receive: the token's
+    ``label``, the event hook (`emit`), the clock (`now`) and the file transport.
+
+    ``opener`` is awaited before a request when the channel is not yet bound to its
+    transports (`bind`): a client opens itself lazily on first use."""
+
+    def __init__(
+        self,
+        *,
+        token: Secret,
+        label: str,
+        api_url: str,
+        status_url: str,
+        timeout: float,
+        retry: RetryPolicy,
+        window: float,
+        on_event: Callable[[Event], None] | None = None,
+        now: Callable[[], datetime] | None = None,
+        in_flight: contextlib.AbstractAsyncContextManager[object] | None = None,
+        opener: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._token = token
+        self.label = label
+        self.api_url = api_url
+        self.status_url = status_url
+        self.timeout = timeout
+        self.retry = retry
+        self.window = window
+        self.on_event = on_event
+        self._now = now or (lambda: datetime.now(timezone.utc))
+        # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
+        self._in_flight = in_flight if in_flight is not None else contextlib.nullcontext()
+        self._opener = opener
+        self._timeouts = Timeouts(total=timeout)
+        self._secret_headers = {wire.TOKEN_HEADER: token}
+        self._api: Transport | None = None
+        self._files: Transport | None = None
+        self._limiter: Limiter | None = None
+        self.closed = False
+        self._warned_retry_after = False
+
+    def __repr__(self) -> str:
+        return f"Channel(label={self.label!r}, api_url={self.api_url!r}, token=<redacted>)"
+
+    @property
+    def channel(self) -> Channel:
+        return self
+
+    # -- binding ---------------------------------------------------------------------
+
+    def bind(self, api: Transport, files: Transport, limiter: Limiter) -> None:
+        """Attach the transports and the token's limiter (done by `LexerClient.open`)."""
+        self._api, self._files, self._limiter = api, files, limiter
+
+    def close(self) -> None:
+        """Refuse further requests (`ClientClosedError`)."""
+        self.closed = True
+        self._api = self._files = self._limiter = None
+
+    @property
+    def bound(self) -> bool:
+        return self._limiter is not None
+
+    def _closed_error(self) -> exc.ClientClosedError:
+        if self.closed:
+            return exc.ClientClosedError("this LexerClient is closed; create a new one")
+        return exc.ClientClosedError("this LexerClient is not open; use `async with`")
+
+    @property
+    def limiter(self) -> Limiter:
+        if self._limiter is None:
+            raise self._closed_error()
+        return self._limiter
+
+    @property
+    def api(self) -> Transport:
+        """The transport to the API and status hosts."""
+        if self._api is None:
+            raise self._closed_error()
+        return self._api
+
+    @property
+    def files(self) -> Transport:
+        """The credential-free transport to the export file host."""
+        if self._files is None:
+            raise self._closed_error()
+        return self._files
+
+    # -- what exports receive ----------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Pass ``event`` to the client's ``on_event`` hook, if any."""
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def now(self) -> datetime:
+        """The client's wall clock (it validates that a range does not start in the future)."""
+        return self._now()
+
+    @property
+    def max_retry_after(self) -> float:
+        """The longest pause a 429's Retry-After may impose (`RetryPolicy.max_retry_after`,
+        else the window)."""
+        limit = self.retry.max_retry_after
+        return self.window if limit is None else limit
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def ensure_open(self) -> None:
+        if self.closed:
+            raise self._closed_error()
+        if not self.bound and self._opener is not None:
+            await self._opener()
+
+    async def send(
+        self,
+        request: wire.Request,
+        decode: Decoder[T],
+        *,
+        idempotent: bool = True,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T:
+        """Send ``request`` under the limiter with retries, and decode its answer.
+
+        ``max_retries`` and ``deadline`` override the `RetryPolicy` for this call."""
+        await self.ensure_open()
+        policy = self.retry
+        retries = policy.max_retries if max_retries is None else max_retries
+        limit = policy.deadline if deadline is None else deadline
+        if limit is None:  # no deadline: skip the cancel scope (it costs ~10% per call)
+            return await self._send_with_retries(request, decode, idempotent, retries)
+        try:
+            with anyio.fail_after(limit):
+                return await self._send_with_retries(request, decode, idempotent, retries)
+        except TimeoutError:
+            pass
+        # Raised outside the handler: the cancelled attempt is no part of its context.
+        raise exc.LexerTimeoutError(
+            f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
+        )
+
+    def _on_wait(self, seconds: float) -> None:
+        until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        self.emit(RateLimitWait(self.label, seconds, until))
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A rate-limit slot; a `RequestSent` event once it is taken."""
+        async with self.limiter.slot(self._on_wait):
+            self.emit(RequestSent(self.label))
+            yield
+
+    def _http_request(self, request: wire.Request) -> HttpRequest:
+        base = self.api_url if request.origin == "api" else self.status_url
+        headers = {"Accept": "application/json"}
+        if request.json is not None:
+            headers["Content-Type"] = "application/json"
+        return HttpRequest(
+            request.method,
+            base + request.path,
+            headers=headers,
+            secret_headers=self._secret_headers,
+            body=None if request.json is None else json.dumps(request.json).encode(),
+            params=request.params,
+            timeout=self._timeouts,
+            origin=request.origin,
+        )
+
+    async def _exchange(self, request: wire.Request) -> HttpResponse:
+        """One exchange inside a limiter slot; the answer is whole (read and redacted by
+        the transport) before the slot is released."""
+        async with self._slot(), self._in_flight:
+            return await self.api.handle(self._http_request(request))
+
+    async def _attempt(self, request: wire.Request) -> HttpResponse:
+        """`_exchange`; a transport error carries the request's report type."""
+        try:
+            return await self._exchange(request)
+        except exc.TransportError as error:
+            error.report_type = error.report_type or request.report_type
+            raise
+        except exc.LexerError as error:  # e.g. the limiter's backend failed meanwhile
+            if cut_transport_context(error):
+                # The frames it passed (the slot's exit) hold the aiohttp error too.
+                raise error.with_traceback(None)  # noqa: B904 - the cause is cut on purpose
+            raise
+
+    async def _send_with_retries(
+        self, request: wire.Request, decode: Decoder[T], idempotent: bool, retries: int
+    ) -> T:
+        attempt = rate_limited = 0
+        while True:
+            error: exc.LexerError
+            headers: dict[str, str] = {}
+            try:
+                response = await self._attempt(request)
+            except (exc.LexerConnectionError, exc.LexerTimeoutError) as transport_error:
+                error = transport_error
+            else:
+                headers, body = response.headers, await response.read()
+                if 200 <= response.status < 300:
+                    return decode(response.status, body)
+                error = wire.map_error(
+                    response.status,
+                    body,
+                    headers,
+                    report_type=request.report_type,
+                    now=self._now,
+                    max_retry_after=self.max_retry_after,
+                )
+            if isinstance(error, exc.RateLimitedError):
+                self._check_retry_after(error, headers)
+                await self.limiter.penalize(error.retry_after)
+                self.limiter.stats.rate_limited += 1
+                log.warning(
+                    "429 rate limited for token %s; holding its requests for %s",
+                    self.label,
+                    f"{error.retry_after:g}s (Retry-After)"
+                    if error.retry_after is not None
+                    else f"a full window ({self.window:g}s)",
+                )
+                self.emit(RateLimited(self.label, error.retry_after))
+                rate_limited += 1
+                if rate_limited > self.retry.max_rate_limited:
+                    raise error
+                continue
+            if attempt >= retries or not is_retryable(error, idempotent=idempotent):
+                raise error
+            attempt += 1
+            self.limiter.stats.retries += 1
+            delay = self.retry.backoff(attempt)
+            log.info(
+                "retrying %s for token %s after %s (attempt %d, in %.2fs)",
+                request.report_type or request.path,
+                self.label,
+                type(error).__name__,
+                attempt,
+                delay,
+            )
+            self.emit(Retrying(self.label, attempt, delay, type(error).__name__))
+            await anyio.sleep(delay)
+
+    def _check_retry_after(self, error: exc.RateLimitedError, headers: dict[str, str]) -> None:
+        """Warn, once per channel, of a Retry-After that was sent but is unusable."""
+        unusable = error.retry_after is None and wire.retry_after_header(headers) is not None
+        if unusable and not self._warned_retry_after:
+            self._warned_retry_after = True
+            log.warning(
+                "429 for token %s came with an unusable Retry-After (not a delay in "
+                "seconds or an HTTP date); treating it as absent",
+                self.label,
+            )
