@@ -107,7 +107,9 @@ class Sandbox:
         self.config: SandboxConfig = attrs.evolve(base, **overrides) if overrides else base
         self.stats = SandboxStats()
         self.faults = Faults()
-        self._store = ExportStore(self.config.export_rows, self.config.export_size_bytes)
+        self._store = ExportStore(
+            self.config.export_rows, self.config.export_size_bytes, self.config.daily_volume
+        )
         self._windows: dict[str, deque[float]] = {}
         self._runners: list[web.AppRunner] = []
         self._urls: tuple[str, str, str] | None = None
@@ -337,6 +339,10 @@ class Sandbox:
         if start > self._now():
             raise _BadReport(MSG_FUTURE)
         params = {k: v for k, v in body.items() if k not in ("type", "date_from", "date_to")}
+        try:
+            _data.filters_from(params)
+        except ValueError:
+            raise _NotFound from None
         if kind.needs_form:
             form, category = params.get("form"), params.setdefault("nps_category", "all")
             if (
@@ -349,11 +355,22 @@ class Sandbox:
                 raise _NotFound
         if isinstance(kind, reports.ExportKind):
             job = self._store.start(
-                key, kind.value, start, end, params, self._clock(), self.faults.take_job_failure()
+                key,
+                kind.value,
+                start,
+                end,
+                params,
+                self._clock(),
+                self.faults.take_job_failure(),
+                self._now(),
             )
             self.stats.exports_started += 1
             return _json({"status": "pending", "url": None, "token": job.report_token})
-        return _json(_data.build_report(kind, key, start, end, params))
+        return _json(
+            _data.build_report(
+                kind, key, start, end, params, now=self._now(), volume=self.config.daily_volume
+            )
+        )
 
     # -- status origin -----------------------------------------------------------------
 
