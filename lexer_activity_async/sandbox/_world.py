@@ -144,7 +144,8 @@ class Survey(NamedTuple):
 
 
 class Day(NamedTuple):
-    """One UTC day of a token's world, each list sorted by its time."""
+    """The conversations started on one UTC day of a token's world, each list sorted by its
+    time (a conversation's later messages may arrive up to 12 hours into the next day)."""
 
     messages: tuple[Message, ...]
     message_times: tuple[int, ...]
@@ -331,10 +332,11 @@ def messages(
     last = min(last, now)
     if last < first:
         return
-    for ordinal in _days(first, last):
+    # A conversation's later messages may arrive the next day: look one day back.
+    for ordinal in range(first // DAY - 1, last // DAY + 1):
         d = day(key, ordinal, volume)
-        lo = bisect_left(d.message_times, first) if ordinal == first // DAY else 0
-        hi = bisect_right(d.message_times, last) if ordinal == last // DAY else len(d.messages)
+        lo = bisect_left(d.message_times, first) if ordinal <= first // DAY else 0
+        hi = bisect_right(d.message_times, last) if ordinal >= last // DAY - 1 else None
         for m in d.messages[lo:hi]:
             if filters.message(m):
                 yield m
