@@ -47,8 +47,9 @@ __all__ = [
 ]
 
 DAY = 86_400
-DAY_CACHE_SIZE = 4096
-"""Generated days kept in memory (all tokens together): about 6 MB at the default volume."""
+DAY_CACHE_SIZE = 1024
+"""Generated days kept in memory, all tokens together (about 25 KB each at the default
+volume: some 25 MB; a 12-month query of one token needs 373)."""
 LAG_DAYS = 7
 """Every event of a conversation happens within this many days of its start."""
 SLA_SECONDS = 3600
