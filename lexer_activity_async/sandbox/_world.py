@@ -21,7 +21,9 @@ state is the last one reached).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -184,8 +186,6 @@ def epoch(moment: datetime) -> int:
 
 
 def _seed(key: str, ordinal: int, volume: int) -> int:
-    import hashlib
-
     blob = f"world|{key}|{ordinal}|{volume}".encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:16], "big")
 
@@ -194,8 +194,6 @@ def _seed(key: str, ordinal: int, volume: int) -> int:
 def day(key: str, ordinal: int, volume: int) -> Day:
     """UTC day ``ordinal`` (days since 1970-01-01) of token ``key``'s world, with about
     ``volume`` messages (fewer at weekends)."""
-    import random
-
     rng = random.Random(_seed(key, ordinal, volume))
     start = ordinal * DAY
     weekend = (ordinal + 3) % 7 >= 5  # 1970-01-01 was a Thursday
