@@ -669,7 +669,8 @@ async def test_export_methods_send_their_filters(
         return original(owner, kind, start, end, params, *rest)
 
     monkeypatch.setattr(sandbox._store, "start", spy)
-    filters = {"users": [123], "groups": [456, 789], "forms": [55]}
+    # Jane Remington (12345) is in both groups: the filtered export has rows.
+    filters = {"users": [12345], "groups": [456, 789], "forms": [55]}
     extra = {"channel": "twitter"}
     async with make_client() as client:
         if name == "export_rows":

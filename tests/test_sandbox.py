@@ -399,14 +399,24 @@ def test_parse_range() -> None:
     assert parse_range("bytes=-20", 10) == (0, 10)
 
 
+EXPORT_COUNTS = {
+    "case_details": ("case_summary", "total_cases", {}),
+    "nps_submissions": ("nps_summary", "total_received", NPS),
+    "mention_sla_export": ("summary", "total_volume", {}),
+}
+"""Each export kind: the report and field counting its rows, and the body it needs."""
+
+
 async def test_export_csv_content(sandbox: Sandbox, session: aiohttp.ClientSession) -> None:
-    for kind, extra in (("case_details", {}), ("nps_submissions", NPS), ("mention_sla_export", {})):
+    for kind, (counted_by, field, extra) in EXPORT_COUNTS.items():
         done = await finished_export(sandbox, session, kind, **extra)
         _, _, body = await download(session, done["url"])
         text = body.decode("utf-8")
         rows = list(csv.reader(io.StringIO(text, newline="")))
         assert tuple(rows[0]) == COLUMNS[kind]
-        assert len(rows) == 1 + sandbox.config.export_rows
+        count = (await report(sandbox, session, counted_by, **extra))[field]
+        assert count > 0
+        assert len(rows) == 1 + count
         assert all(len(row) == len(rows[0]) for row in rows)
         joined = "".join(row[-1] for row in rows) + "".join(r[-2] for r in rows)
         for needle in ('"', "\n", ",", "é", "日本", "🎉"):

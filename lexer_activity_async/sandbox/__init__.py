@@ -3,8 +3,9 @@
 Three loopback origins, like the real service: the API (``/v1/...``), the export status
 host (``/api/public/v1/activity/reports/status``) and a file host serving finished export
 CSVs at unguessable URLs (it refuses any request carrying the API token). Rate limit,
-documented errors, deterministic data and fault injection are described in `Sandbox`,
-`SandboxConfig` and `Faults`.
+documented errors and fault injection are described in `Sandbox`, `SandboxConfig` and
+`Faults`; the data, one deterministic world of events per token from which every report
+and export row is computed, in `_world` and `_data`.
 
     async with Sandbox(max_requests=5) as sb:
         ...  # point a client at sb.api_url / sb.status_url

@@ -1,10 +1,24 @@
-"""Export jobs and their CSV files: deterministic generation into a temp dir, job states,
+"""Export jobs and their CSV files, written from the token's world (`_world`), job states,
 and the unguessable download URLs the file host serves.
 
-A file is generated once per distinct request (token key, kind, range, params, size
+Rows (the reference does not publish the columns; these are ours, see `COLUMNS`):
+- ``case_details``: one row per case closed in the range (as many as case_summary's
+  ``total_cases``): case_id, created_at, closed_at, first_reply_time and resolution_time
+  (seconds), agent (the first to reply), agent_interactions (replies), classification
+  (names joined by ``"; "``), channel, customer, notes;
+- ``mention_sla_export``: one row per message arriving in the range (as many as summary's
+  ``total_volume``): mention_id, received_at, responded_at (empty if not yet), agent
+  (empty if unassigned), customer_wait_time and agent_response_time (seconds, empty if not
+  answered), state (reached by "now"), classification, channel, notes;
+- ``nps_submissions``: one row per answered invitation of the form sent in the range, of
+  the requested category (as many as nps_summary's ``total_received``): submission_id,
+  submitted_at, form_id, score, category (promoter/passive/detractor), customer, comment.
+Times are ISO 8601 UTC; free text has commas, quotes, newlines and non-ASCII text.
+
+A file is generated once per distinct request (token key, kind, range, params, "now", size
 settings), in a worker thread so the event loop keeps serving, and written to disk: the
 file host then streams it in chunks and seeks for Range requests without holding it in
-memory (benchmarks ask for 1 GiB).
+memory (benchmarks ask for 1 GiB, by padding: see `write_export`).
 """
 
 from __future__ import annotations
@@ -19,15 +33,24 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
-from ._data import CLASSIFICATIONS, USERS, rng_for
+from . import _world as w
+from ._data import CLASSIFICATIONS, USERS, filters_from, nps_category
 
-__all__ = ["COLUMNS", "ExportFile", "ExportJob", "ExportStore", "parse_range", "write_export"]
+__all__ = [
+    "COLUMNS",
+    "ExportFile",
+    "ExportJob",
+    "ExportStore",
+    "parse_range",
+    "world_rows",
+    "write_export",
+]
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "case_details": (
@@ -67,28 +90,13 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 }
 """Header of each export kind; the first column is the row id, the last free text."""
 
-TEXTS = (
-    "Thanks, all sorted",
-    'Customer said "this is the worst" twice',
-    "Line one\nline two",
-    "Café crème — très bien",
-    "日本語のコメントです",
-    "Great service 🎉👍",
-    "",
-    "plain note",
-    'Refund, "urgent"\r\nsecond line, with émoji 😀',
-)
-"""Free-text values chosen to exercise CSV parsing: commas, doubled quotes, newlines and
-non-ASCII UTF-8."""
-
-CUSTOMERS = ("@jsmith", "Renée O'Brien", "李小龍", "Smith, John", '"Big" Bob', "anonymous")
-CHANNELS = ("twitter", "facebook", "instagram", "email", "webchat")
-POOL = 2048
-"""Distinct row bodies generated per file; larger files cycle through them with fresh ids."""
+_NAMES = {user["id"]: f"{user['first_name']} {user['last_name']}" for user in USERS}
+_CLASS_NAMES = dict(CLASSIFICATIONS)
+_SINGULAR = {"promoters": "promoter", "passives": "passive", "detractors": "detractor"}
 
 
-def _stamp(moment: datetime) -> str:
-    return moment.isoformat(timespec="seconds")
+def _stamp(moment: float) -> str:
+    return datetime.fromtimestamp(int(moment), timezone.utc).isoformat()
 
 
 def _encode(fields: list[object]) -> bytes:
@@ -97,90 +105,123 @@ def _encode(fields: list[object]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _fields(
-    kind: str, rng: Any, start: datetime, end: datetime, params: Mapping[str, Any]
-) -> list[object]:
-    """One row's fields after the id column, the free-text field last."""
-    span = max(1.0, (end - start).total_seconds())
-    at = start + timedelta(seconds=rng.uniform(0.0, span))
-    agent = rng.choice(USERS)
-    agent_name = f"{agent['first_name']} {agent['last_name']}"
-    text = rng.choice(TEXTS)
+def world_rows(
+    kind: str,
+    key: str,
+    volume: int,
+    start: datetime,
+    end: datetime,
+    params: Mapping[str, Any],
+    now: datetime,
+) -> list[tuple[int, list[object]]]:
+    """(row id, the other fields) of every row of export ``kind``, from the world."""
+    first, last, at = w.epoch(start), w.epoch(end), w.epoch(now)
+    filters = filters_from(params)
+    out: list[tuple[int, list[object]]] = []
     if kind == "case_details":
-        first = rng.uniform(30.0, 90_000.0)
-        resolution = first + rng.uniform(0.0, 200_000.0)
-        return [
-            _stamp(at),
-            _stamp(at + timedelta(seconds=resolution)),
-            round(first, 3),
-            round(resolution, 3),
-            agent_name,
-            rng.randint(1, 6),
-            rng.choice(CLASSIFICATIONS)[1],
-            rng.choice(CHANNELS),
-            rng.choice(CUSTOMERS),
-            text,
-        ]
-    if kind == "nps_submissions":
-        category = str(params.get("nps_category", "all"))
-        scores = {"promoters": (9, 10), "passives": (7, 8), "detractors": (0, 6)}
-        low, high = scores.get(category, (0, 10))
-        score = rng.randint(low, high)
-        name = "promoter" if score >= 9 else "passive" if score >= 7 else "detractor"
-        return [_stamp(at), params.get("form", ""), score, name, rng.choice(CUSTOMERS), text]
-    wait = rng.uniform(5.0, 100_000.0)
-    return [
-        _stamp(at),
-        _stamp(at + timedelta(seconds=wait)),
-        agent_name,
-        round(wait, 3),
-        round(rng.uniform(1.0, wait), 3),
-        rng.choice(("closed", "responded", "assigned")),
-        rng.choice(CLASSIFICATIONS)[1],
-        rng.choice(CHANNELS),
-        text,
-    ]
+        stop = min(last, at)
+        for c in w.cases(key, volume, first, stop, at, filters):
+            if c.closed_at > stop:
+                continue
+            out.append(
+                (
+                    c.id,
+                    [
+                        _stamp(c.created_at),
+                        _stamp(c.closed_at),
+                        round(c.first_reply_at - c.created_at, 3),
+                        round(c.last_reply_at - c.created_at, 3),
+                        _NAMES[c.agents[0]],
+                        len(c.agents),
+                        "; ".join(_CLASS_NAMES[cid] for cid in c.classes),
+                        c.channel,
+                        c.customer,
+                        c.note,
+                    ],
+                )
+            )
+        out.sort(key=lambda row: row[0])
+    elif kind == "nps_submissions":
+        wanted = str(params.get("nps_category", "all"))
+        for s in w.surveys(key, volume, int(params["form"]), first, last, at, filters):
+            if not 0 < s.submitted_at <= at:
+                continue
+            category = nps_category(s.score)
+            if wanted in ("all", category):
+                out.append(
+                    (
+                        s.id,
+                        [
+                            _stamp(s.submitted_at),
+                            s.form,
+                            s.score,
+                            _SINGULAR[category],
+                            s.customer,
+                            s.comment,
+                        ],
+                    )
+                )
+    else:
+        for m in w.messages(key, volume, first, last, at, filters):
+            answered = 0 < m.responded_at <= at
+            agent = m.agent if 0 < m.assigned_at <= at else 0
+            out.append(
+                (
+                    m.id,
+                    [
+                        _stamp(m.at),
+                        _stamp(m.responded_at) if answered else "",
+                        _NAMES[agent] if agent else "",
+                        round(m.responded_at - m.at, 3) if answered else "",
+                        round(m.responded_at - m.assigned_at, 3) if answered else "",
+                        m.state(at),
+                        "; ".join(_CLASS_NAMES[cid] for cid in m.classes),
+                        m.channel,
+                        m.note,
+                    ],
+                )
+            )
+    return out
 
 
 def write_export(
     path: Path,
     kind: str,
-    seed: tuple[object, ...],
-    start: datetime,
-    end: datetime,
-    params: Mapping[str, Any],
-    rows: int,
+    found: list[tuple[int, list[object]]],
+    rows: int | None,
     size: int | None,
 ) -> int:
-    """Write the CSV for one export and return its size in bytes (blocking; run in a thread).
+    """Write the CSV of rows ``found`` and return its size in bytes (blocking; run in a thread).
 
-    With ``size`` the file is exactly that many bytes: whole rows, then one last row whose
-    free-text field is padded with ``x``. A ``size`` smaller than header plus one padded
-    row yields the header truncated/padded to ``size`` (not valid CSV; only for tiny sizes).
+    Padding, for tests and benchmarks only: with ``rows`` the file has exactly that many rows,
+    ``found`` repeated in order (each repeat's ids moved up by a multiple of 10**13) or cut
+    short; with ``size`` it is exactly that many bytes: whole repeated rows, then one last
+    row whose free-text field is filled with ``x``. A ``size`` smaller than header plus one
+    padded row yields the header truncated/padded to ``size`` (not valid CSV; tiny sizes
+    only). With no rows in range, padding repeats a row of empty fields.
     """
-    rng = rng_for("export", kind, *seed)
     header = _encode(list(COLUMNS[kind]))
-    pool = [
-        _encode(_fields(kind, rng, start, end, params))
-        for _ in range(min(POOL, max(rows, 1)) if size is None else POOL)
-    ]
-    base_id = 10_000_000 + rng.randint(0, 9_999_999)
+    if not found and (rows is not None or size is not None):
+        found = [(1, [""] * (len(COLUMNS[kind]) - 1))]
+    ids = [ident for ident, _ in found]
+    pool = [_encode(fields) for _, fields in found]
+    count = len(pool)
+
+    def row(i: int) -> bytes:
+        return b"%d,%b" % (ids[i % count] + i // count * 10**13, pool[i % count])
+
     with path.open("wb") as out:
         out.write(header)
         if size is None:
-            for first in range(0, rows, 10_000):
-                out.write(
-                    b"".join(
-                        b"%d,%b" % (base_id + i, pool[i % len(pool)])
-                        for i in range(first, min(rows, first + 10_000))
-                    )
-                )
+            total = count if rows is None else rows
+            for first in range(0, total, 10_000):
+                out.write(b"".join(row(i) for i in range(first, min(total, first + 10_000))))
             return out.tell()
-        pad_tail = _encode([*_fields(kind, rng, start, end, params)[:-1], ""])[:-2]
-        longest = max(len(tail) for tail in pool) + 12
+        pad_tail = _encode([*found[0][1][:-1], ""])[:-2]
+        longest = max(len(tail) for tail in pool) + 16
         reserve = 2 * longest + len(pad_tail)
         remaining = size - len(header)
-        if remaining < len(pad_tail) + 12:
+        if remaining < len(pad_tail) + 16:
             out.seek(0)
             out.truncate()
             out.write((header + b"x" * size)[:size])
@@ -188,11 +229,11 @@ def write_export(
         i = 0
         while remaining > reserve + longest:
             batch = min(10_000, (remaining - reserve) // longest)
-            chunk = b"".join(b"%d,%b" % (base_id + j, pool[j % POOL]) for j in range(i, i + batch))
+            chunk = b"".join(row(j) for j in range(i, i + batch))
             out.write(chunk)
             remaining -= len(chunk)
             i += batch
-        last = b"%d,%b" % (base_id + i, pad_tail)
+        last = b"%d,%b" % (ids[i % count] + i // count * 10**13, pad_tail)
         out.write(last + b"x" * (remaining - len(last) - 2) + b"\r\n")
         return out.tell()
 
@@ -243,9 +284,10 @@ class ExportJob:
 class ExportStore:
     """Jobs by report token, files by content key, and download URL ids (live or expired)."""
 
-    def __init__(self, rows: int, size: int | None) -> None:
+    def __init__(self, rows: int | None, size: int | None, volume: int) -> None:
         self.rows = rows
         self.size = size
+        self.volume = volume
         self.jobs: dict[str, ExportJob] = {}
         self._files: dict[str, asyncio.Task[ExportFile]] = {}
         self._urls: dict[str, ExportFile] = {}
@@ -267,16 +309,23 @@ class ExportStore:
             self._dir = None
 
     def _file_for(
-        self, owner: str, kind: str, start: datetime, end: datetime, params: Mapping[str, Any]
+        self,
+        owner: str,
+        kind: str,
+        start: datetime,
+        end: datetime,
+        params: Mapping[str, Any],
+        now: datetime,
     ) -> asyncio.Task[ExportFile]:
         seed: tuple[object, ...] = (
             owner,
             start.isoformat(),
             end.isoformat(),
             json.dumps(params, sort_keys=True, default=str),
+            w.epoch(now),
         )
         content = hashlib.sha256(
-            json.dumps([kind, *seed, self.rows, self.size], default=str).encode()
+            json.dumps([kind, *seed, self.rows, self.size, self.volume], default=str).encode()
         ).hexdigest()
         task = self._files.get(content)
         if task is None:
@@ -286,10 +335,12 @@ class ExportStore:
             name = f"{kind}-{start:%Y%m%d}-{end:%Y%m%d}.csv"
             path = directory / f"{content[:32]}.csv"
 
+            def write() -> int:
+                found = world_rows(kind, owner, self.volume, start, end, params, now)
+                return write_export(path, kind, found, self.rows, self.size)
+
             async def generate() -> ExportFile:
-                size = await asyncio.to_thread(
-                    write_export, path, kind, seed, start, end, params, self.rows, self.size
-                )
+                size = await asyncio.to_thread(write)
                 return ExportFile(path, size, name, f'"{content[:32]}"')
 
             task = self._files[content] = asyncio.ensure_future(generate())
@@ -304,14 +355,16 @@ class ExportStore:
         params: Mapping[str, Any],
         now: float,
         doomed: bool,
+        present: datetime,
     ) -> ExportJob:
-        """Register a new job (pending) and begin generating its file."""
+        """Register a new job (pending) and begin generating its file from the world as it
+        stands at ``present``."""
         job = ExportJob(
             secrets.token_hex(16),
             owner,
             kind,
             now,
-            self._file_for(owner, kind, start, end, params),
+            self._file_for(owner, kind, start, end, params, present),
             doomed,
         )
         self.jobs[job.report_token] = job

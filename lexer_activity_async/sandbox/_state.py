@@ -25,10 +25,15 @@ class SandboxConfig:
     """Valid API tokens; None accepts any non-empty token."""
     export_pending_seconds: float = 0.5
     """How long an export job stays "pending" after it is started."""
-    export_rows: int = 1000
-    """Data rows in each export CSV ..."""
+    export_rows: int | None = None
+    """None: an export has one row per case / message / NPS submission of the token's world
+    in its range. A number: padding for tests and benchmarks: exactly that many rows, the
+    world's rows repeated with fresh ids (or cut short) ..."""
     export_size_bytes: int | None = None
-    """... or the exact size of each export CSV in bytes (overrides ``export_rows``)."""
+    """... or padding to an exact file size in bytes (overrides ``export_rows``): the world's
+    rows repeated, the last one's free text filled with ``x``."""
+    daily_volume: int = 24
+    """Messages each token's world receives on an average weekday (60 % at weekends)."""
     latency: float = 0.0
     """Seconds added before answering each API/status request."""
     host: str = "127.0.0.1"
@@ -36,7 +41,8 @@ class SandboxConfig:
     status_port: int = 0
     files_port: int = 0
     now: Callable[[], datetime] | None = None
-    """Wall clock for the "future date" rule; default ``datetime.now(timezone.utc)``."""
+    """Wall clock for the "future date" rule and the world's present (nothing exists after
+    it); default ``datetime.now(timezone.utc)``."""
     clock: Callable[[], float] | None = None
     """Monotonic clock for the rate window; default the running loop's ``time()``."""
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
