@@ -89,8 +89,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         os.environ[f"BENCH_BACKFILL_{label.upper()}"] = token
     output = Path(tempfile.mkdtemp(prefix="bench-backfill-", dir=args.output_dir))
     spec = BackfillSpec(
-        tokens=tuple(TokenSource(label, env=f"BENCH_BACKFILL_{label.upper()}")
-                     for label in labels),
+        tokens=tuple(TokenSource(label, env=f"BENCH_BACKFILL_{label.upper()}") for label in labels),
         date_from=add_months(DATE_TO, -args.months),
         date_to=DATE_TO,
         output=output,
@@ -176,7 +175,6 @@ def scaled_window(tokens: int, max_requests: int, quick: bool = False) -> float:
     return max(step, math.ceil(needed / step) * step)
 
 
-
 def listen_drops() -> int | None:
     """SYNs the kernel dropped because a listen queue was full (``ListenDrops``), or None."""
     try:
@@ -190,15 +188,35 @@ def listen_drops() -> int | None:
     return None
 
 
-def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int, window: float,
-            client_cpu: int | None) -> dict[str, Any]:
+def one_run(
+    args: argparse.Namespace,
+    sb: c.SandboxProcess,
+    tokens: int,
+    window: float,
+    client_cpu: int | None,
+) -> dict[str, Any]:
     cmd = [
-        sys.executable, __file__, "--worker",
-        "--api-url", sb.api_url, "--status-url", sb.status_url,
-        "--output-dir", str(args.output_dir),
-        "--tokens", str(tokens), "--months", str(args.months),
-        "--max-requests", str(args.max_requests), "--window", str(window),
-        "--per-token", str(args.per_token), "--total", str(args.total),
+        sys.executable,
+        __file__,
+        "--worker",
+        "--api-url",
+        sb.api_url,
+        "--status-url",
+        sb.status_url,
+        "--output-dir",
+        str(args.output_dir),
+        "--tokens",
+        str(tokens),
+        "--months",
+        str(args.months),
+        "--max-requests",
+        str(args.max_requests),
+        "--window",
+        str(window),
+        "--per-token",
+        str(args.per_token),
+        "--total",
+        str(args.total),
     ]
     if client_cpu is not None:
         cmd += ["--cpu", str(client_cpu)]
@@ -214,11 +232,13 @@ def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int, window:
     floor = max(floors.values())
     per_token = [
         c.ratio(result["finished_at_s"][label], floors[label])
-        for label in floors if floors[label] > 0
+        for label in floors
+        if floors[label] > 0
     ]
     keys = result["keys"].values()
-    server_requests = {label: stats["requests"].get(key, 0)
-                       for label, key in result["keys"].items()}
+    server_requests = {
+        label: stats["requests"].get(key, 0) for label, key in result["keys"].items()
+    }
     wall = result["wall_s"]
     server_cpu = (server_cpu1 - server_cpu0) if server_cpu0 is not None and server_cpu1 else None
     return {
@@ -290,17 +310,30 @@ def main() -> None:
         return
     parser = c.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
-    parser.add_argument("--months", type=int, default=None,
-                        help="months backfilled (12 report requests per month per token)")
-    parser.add_argument("--window", type=float, default=None,
-                        help="rate window W (s) for every token count (default: scaled_window)")
+    parser.add_argument(
+        "--months",
+        type=int,
+        default=None,
+        help="months backfilled (12 report requests per month per token)",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="rate window W (s) for every token count (default: scaled_window)",
+    )
     parser.add_argument("--max-requests", type=int, default=100, help="rate limit N")
     parser.add_argument("--per-token", type=int, default=100, help="per-token unit cap")
     parser.add_argument("--total", type=int, default=100, help="overall unit cap")
-    parser.add_argument("--big-runs", type=int, default=3,
-                        help="runs for token counts making over 20,000 requests")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where the children write (default /dev/shm, else the temp dir)")
+    parser.add_argument(
+        "--big-runs", type=int, default=3, help="runs for token counts making over 20,000 requests"
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where the children write (default /dev/shm, else the temp dir)",
+    )
     args = parser.parse_args()
     quick = args.quick
     args.runs = args.runs or (1 if quick else 3)
@@ -316,8 +349,10 @@ def main() -> None:
     print(
         f"backfill: {len(ALL_REPORTS)} reports x {args.months} months = {per_token_requests} "
         f"requests per token; N={args.max_requests}; W (floor) by token count: "
-        + ", ".join(f"{k}: {w:g}s ({rate_limit_floor(per_token_requests, args.max_requests, w):g}s)"
-                    for k, w in windows.items())
+        + ", ".join(
+            f"{k}: {w:g}s ({rate_limit_floor(per_token_requests, args.max_requests, w):g}s)"
+            for k, w in windows.items()
+        )
         + f"; {args.runs} run(s) each; caps {args.per_token}/token, "
         f"{args.total} total; output under {args.output_dir}; "
         f"pinning client/server to CPUs {client_cpu}/{server_cpu}",
@@ -326,8 +361,9 @@ def main() -> None:
     all_runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.tokens}
     with ExitStack() as stack:
         sandboxes = {
-            w: stack.enter_context(c.SandboxProcess(max_requests=args.max_requests, window=w,
-                                                    cpu=server_cpu))
+            w: stack.enter_context(
+                c.SandboxProcess(max_requests=args.max_requests, window=w, cpu=server_cpu)
+            )
             for w in sorted(set(windows.values()))
         }
         for run in range(args.runs):
@@ -338,65 +374,130 @@ def main() -> None:
                 window = windows[tokens]
                 result = one_run(args, sandboxes[window], tokens, window, client_cpu)
                 all_runs[tokens].append(result)
-                print(f"  run {run + 1}: {tokens:4d} tokens  W {window:g}s  wall "
-                      f"{result['wall_s']:7.2f}s  floor {result['floor_s']:6.2f}s  ratio "
-                      f"{result['ratio']:.3f}  rss {result['peak_rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"  run {run + 1}: {tokens:4d} tokens  W {window:g}s  wall "
+                    f"{result['wall_s']:7.2f}s  floor {result['floor_s']:6.2f}s  ratio "
+                    f"{result['ratio']:.3f}  rss {result['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
     summaries = [summarise(all_runs[k]) for k in args.tokens]
     c.print_table(
         f"Backfill wall time vs the rate-limit floor (medians of {args.runs}; target "
         f"ratio <= {TARGET})",
-        ["tokens", "W s", "runs", "requests", "floor s", "wall s", "ratio", "ratio min-max",
-         "excess s", "per-token med", "req/s", "client CPU %", "client CPU ms/req",
-         "CPU share %", "server CPU %", "429s", "max/W", "SYN drops"],
-        [[s["tokens"], s["window_s"], s["runs"], int(s["requests_total"]), s["floor_s"],
-          s["wall_s"],
-          s["ratio"], "{:.3f}-{:.3f}".format(*s["ratio_min_max"]),
-          s["wall_s"] - s["floor_s"], s["per_token_ratio_median"], s["requests_per_s"],
-          s["client_cpu_pct"], s["client_cpu_ms_per_request"], s["cpu_share_pct"],
-          s["server_cpu_pct"],
-          s["client_429"] + s["server_429"], s["max_in_window"], s["syn_drops"]]
-         for s in summaries],
+        [
+            "tokens",
+            "W s",
+            "runs",
+            "requests",
+            "floor s",
+            "wall s",
+            "ratio",
+            "ratio min-max",
+            "excess s",
+            "per-token med",
+            "req/s",
+            "client CPU %",
+            "client CPU ms/req",
+            "CPU share %",
+            "server CPU %",
+            "429s",
+            "max/W",
+            "SYN drops",
+        ],
+        [
+            [
+                s["tokens"],
+                s["window_s"],
+                s["runs"],
+                int(s["requests_total"]),
+                s["floor_s"],
+                s["wall_s"],
+                s["ratio"],
+                "{:.3f}-{:.3f}".format(*s["ratio_min_max"]),
+                s["wall_s"] - s["floor_s"],
+                s["per_token_ratio_median"],
+                s["requests_per_s"],
+                s["client_cpu_pct"],
+                s["client_cpu_ms_per_request"],
+                s["cpu_share_pct"],
+                s["server_cpu_pct"],
+                s["client_429"] + s["server_429"],
+                s["max_in_window"],
+                s["syn_drops"],
+            ]
+            for s in summaries
+        ],
     )
     c.print_table(
         "Peak RSS of the backfill process (MB, medians)",
         ["tokens", "peak RSS MB", "min-max", "MB per token over 1 token"],
-        [[s["tokens"], s["peak_rss_mb"], "{:.0f}-{:.0f}".format(*s["peak_rss_mb_min_max"]),
-          c.ratio(s["peak_rss_mb"] - summaries[0]["peak_rss_mb"], s["tokens"] - 1)
-          if s["tokens"] > 1 else float("nan")] for s in summaries],
+        [
+            [
+                s["tokens"],
+                s["peak_rss_mb"],
+                "{:.0f}-{:.0f}".format(*s["peak_rss_mb_min_max"]),
+                c.ratio(s["peak_rss_mb"] - summaries[0]["peak_rss_mb"], s["tokens"] - 1)
+                if s["tokens"] > 1
+                else float("nan"),
+            ]
+            for s in summaries
+        ],
     )
     missed = [s for s in summaries if not s["within_target"]]
     for s in missed:
         used = s["client_cpu_pct"] / max(s["cpu_share_pct"], 1e-9)
         burst_cpu = s["tokens"] * args.max_requests * s["client_cpu_ms_per_request"] / 1000
-        bound = ("client CPU-bound throughout" if used >= 0.85 else
-                 "server CPU-bound" if (s["server_cpu_pct"] or 0) >= 0.85 * s["cpu_share_pct"]
-                 else f"client CPU-bound during each window's burst: {s['tokens']} tokens x "
-                 f"N={args.max_requests} requests x {s['client_cpu_ms_per_request']:.2f} ms "
-                 f"= {burst_cpu:.1f} s of client CPU per window, vs "
-                 f"{s['wall_s'] - s['floor_s']:.1f} s over the floor")
-        print(f"\n{s['tokens']} tokens: {s['over_target_pct']:.1f}% over the floor "
-              f"(target <= {(TARGET - 1) * 100:.0f}%); client CPU {s['client_cpu_pct']:.0f}% "
-              f"and server CPU {s['server_cpu_pct']:.0f}% of a core, where a busy loop got "
-              f"{s['cpu_share_pct']:.0f}%: {bound}; {s['requests_per_s']:.0f} requests/s "
-              f"achieved vs {s['requests_total'] / max(s['floor_s'], 1e-9):.0f} needed to "
-              f"meet the floor; {s['syn_drops']} SYNs dropped by the sandbox's listen queue")
-    c.write_results("backfill", {
-        "config": {
-            "months": args.months, "reports": len(ALL_REPORTS),
-            "requests_per_token": per_token_requests, "max_requests": args.max_requests,
-            "window_s": windows, "per_token_cap": args.per_token,
-            "total_cap": args.total, "runs": args.runs, "big_runs": args.big_runs,
-            "quick": quick,
-            "output_dir": str(args.output_dir), "client_cpu": client_cpu,
-            "server_cpu": server_cpu, "target_ratio": TARGET,
+        bound = (
+            "client CPU-bound throughout"
+            if used >= 0.85
+            else "server CPU-bound"
+            if (s["server_cpu_pct"] or 0) >= 0.85 * s["cpu_share_pct"]
+            else f"client CPU-bound during each window's burst: {s['tokens']} tokens x "
+            f"N={args.max_requests} requests x {s['client_cpu_ms_per_request']:.2f} ms "
+            f"= {burst_cpu:.1f} s of client CPU per window, vs "
+            f"{s['wall_s'] - s['floor_s']:.1f} s over the floor"
+        )
+        print(
+            f"\n{s['tokens']} tokens: {s['over_target_pct']:.1f}% over the floor "
+            f"(target <= {(TARGET - 1) * 100:.0f}%); client CPU {s['client_cpu_pct']:.0f}% "
+            f"and server CPU {s['server_cpu_pct']:.0f}% of a core, where a busy loop got "
+            f"{s['cpu_share_pct']:.0f}%: {bound}; {s['requests_per_s']:.0f} requests/s "
+            f"achieved vs {s['requests_total'] / max(s['floor_s'], 1e-9):.0f} needed to "
+            f"meet the floor; {s['syn_drops']} SYNs dropped by the sandbox's listen queue"
+        )
+    c.write_results(
+        "backfill",
+        {
+            "config": {
+                "months": args.months,
+                "reports": len(ALL_REPORTS),
+                "requests_per_token": per_token_requests,
+                "max_requests": args.max_requests,
+                "window_s": windows,
+                "per_token_cap": args.per_token,
+                "total_cap": args.total,
+                "runs": args.runs,
+                "big_runs": args.big_runs,
+                "quick": quick,
+                "output_dir": str(args.output_dir),
+                "client_cpu": client_cpu,
+                "server_cpu": server_cpu,
+                "target_ratio": TARGET,
+            },
+            "summary": summaries,
+            "runs": all_runs,
         },
-        "summary": summaries,
-        "runs": all_runs,
-    })
-    if any(not s["all_ok"] or s["client_429"] or s["server_429"]
-           or s["max_in_window"] > args.max_requests for s in summaries):
-        print("FAILED: a run had failures, 429s or more than N requests in a window",
-              file=sys.stderr)
+    )
+    if any(
+        not s["all_ok"]
+        or s["client_429"]
+        or s["server_429"]
+        or s["max_in_window"] > args.max_requests
+        for s in summaries
+    ):
+        print(
+            "FAILED: a run had failures, 429s or more than N requests in a window", file=sys.stderr
+        )
         sys.exit(1)
 
 

@@ -275,9 +275,9 @@ class LimiterRegistry:
 
     def __init__(self, factory: LimiterFactory = _in_process) -> None:
         self._factory = factory
-        self._tables: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, Limiter]
-        ] = weakref.WeakKeyDictionary()
+        self._tables: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Limiter]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def get(
         self,

@@ -200,7 +200,10 @@ async def test_polls_share_a_strict_limit(
     strict = await sandbox_factory(max_requests=4, window=1.0, export_pending_seconds=0.4)
     async with client_for(strict) as client:
         result = await client.export(
-            "case_details", JAN, FEB, tmp_path / "c.csv",
+            "case_details",
+            JAN,
+            FEB,
+            tmp_path / "c.csv",
             poll=PollPolicy(first_delay=0.01, factor=1.0, cap=0.01, timeout=30.0),
         )
         stats = client.stats
@@ -285,8 +288,12 @@ async def test_failed_window_of_a_long_export(
         # Raised as itself (like a one-window export), not wrapped in an ExceptionGroup.
         with pytest.raises(ExportFailedError) as info:
             await client.export(
-                "case_details", datetime(2024, 12, 1, tzinfo=timezone.utc), datetime(
-                    2026, 6, 1, tzinfo=timezone.utc), dest, poll=POLL, window_months=3,
+                "case_details",
+                datetime(2024, 12, 1, tzinfo=timezone.utc),
+                datetime(2026, 6, 1, tzinfo=timezone.utc),
+                dest,
+                poll=POLL,
+                window_months=3,
             )
     assert info.value.status == "failed"
     assert list(tmp_path.iterdir()) == []  # no dest, no window files, no .part
@@ -334,7 +341,10 @@ async def test_undocumented_statuses_are_logged_once_each(
     assert "'processing'" in warnings[0]
     assert "'queued'" in warnings[1]
     assert [e.status for e in events if isinstance(e, ExportState)] == [
-        "processing", "PROCESSING", "queued", "complete"
+        "processing",
+        "PROCESSING",
+        "queued",
+        "complete",
     ]
     calls = mock_http.requests[("GET", URL(url))]
     assert len(calls) == 6
@@ -400,9 +410,10 @@ async def test_sandbox_exports_never_leak(
     assert sandbox.stats.leaks == 0
     # The counter works: a request with the token is refused and counted.
     job_url = await _any_file_url(sandbox, make_client)
-    async with aiohttp.ClientSession() as session, session.get(
-        job_url, headers={"Auth-Api-Token": TOKEN_A}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(job_url, headers={"Auth-Api-Token": TOKEN_A}) as response,
+    ):
         assert response.status == 403
     assert sandbox.stats.leaks == 1
 
@@ -506,7 +517,11 @@ async def test_an_existing_dest_is_replaced_only_on_success(
     async with make_client() as client:
         with pytest.raises(DownloadError):
             await client.export(
-                "case_details", JAN, FEB, dest, poll=POLL,
+                "case_details",
+                JAN,
+                FEB,
+                dest,
+                poll=POLL,
                 policy=DownloadPolicy(max_url_refreshes=0),
             )
         assert dest.read_bytes() == b"old contents"
@@ -649,7 +664,11 @@ async def test_more_expiries_than_refreshes(
     async with make_client() as client:
         with pytest.raises(DownloadError, match="expired"):
             await client.export(
-                "case_details", JAN, FEB, dest, poll=POLL,
+                "case_details",
+                JAN,
+                FEB,
+                dest,
+                poll=POLL,
                 policy=DownloadPolicy(max_url_refreshes=2),
             )
     [polls] = sandbox.stats.status_polls.values()
@@ -693,8 +712,14 @@ async def test_cancellation_mid_download_leaves_nothing(
 class _BlockingFile:
     """A real file whose writes block (as on a slow, saturated disk) until released."""
 
-    def __init__(self, path: Any, mode: str, entered: threading.Event,
-                 release: threading.Event, outcomes: list[bool]) -> None:
+    def __init__(
+        self,
+        path: Any,
+        mode: str,
+        entered: threading.Event,
+        release: threading.Event,
+        outcomes: list[bool],
+    ) -> None:
         self._file = open(path, mode)  # noqa: SIM115 - closed through close()
         self._entered, self._release, self._outcomes = entered, release, outcomes
 
@@ -723,7 +748,8 @@ async def test_a_blocked_disk_write_does_not_stall_the_event_loop(
     outcomes: list[bool]
     entered, release, outcomes = threading.Event(), threading.Event(), []
     monkeypatch.setattr(
-        durable, "open",
+        durable,
+        "open",
         lambda path, mode: _BlockingFile(path, mode, entered, release, outcomes),
         raising=False,
     )
@@ -780,7 +806,8 @@ async def test_export_rows_survive_a_dropped_connection(
     dest = tmp_path / "c.csv"
     async with make_client() as client:
         rows = [
-            r async for r in client.export_rows(
+            r
+            async for r in client.export_rows(
                 "mention_sla_export", JAN, FEB, poll=POLL, policy=DownloadPolicy(chunk_size=500)
             )
         ]
@@ -790,14 +817,14 @@ async def test_export_rows_survive_a_dropped_connection(
 
 
 TRICKY = (
-    'id,text,name\r\n'
+    "id,text,name\r\n"
     '1,"a, b","x ""y"" z"\r\n'
     '2,"line1\nline2\r\nline3",café 😀\r\n'
     '3,,"日本語"\r\n'
     '4,"ends with quote ""","Renée O\'Brien"\r\n'
     '5,"",\r\n'
     '6,"\r\n",""""\n'
-    '7,plain,no newline at the end'
+    "7,plain,no newline at the end"
 ).encode()
 
 
@@ -902,7 +929,7 @@ async def test_long_export_merged_with_default_monthly_windows(
     parts = [await fetch(job.url or "") for job in result.jobs]
     header = parts[0].split(b"\r\n", 1)[0] + b"\r\n"
     assert all(p.startswith(header) for p in parts)
-    assert dest.read_bytes() == parts[0] + b"".join(p[len(header):] for p in parts[1:])
+    assert dest.read_bytes() == parts[0] + b"".join(p[len(header) :] for p in parts[1:])
     assert dest.read_bytes().count(header) == 1
     assert len(read_rows(dest)) == 18 * 20
     assert result.bytes == dest.stat().st_size
@@ -937,8 +964,9 @@ async def test_long_export_in_three_month_windows(
         assert sorted(p.name for p in dest.parent.iterdir()) == ["cases.csv"]
         rows = read_rows(dest)
         assert len(rows) == 6 * 20
-        assert rows == [r for data in direct for r in csv.DictReader(io.StringIO(
-            data.decode(), newline=""))]
+        assert rows == [
+            r for data in direct for r in csv.DictReader(io.StringIO(data.decode(), newline=""))
+        ]
     else:
         expected_paths = tuple(exports.window_path(dest, lo, hi) for lo, hi in windows)
         assert result.paths == expected_paths
@@ -960,8 +988,11 @@ async def test_exactly_twelve_months_is_one_job(
             "case_details", start, add_months(start, 12), tmp_path / "y.csv", poll=POLL
         )
         longer = await client.export(
-            "case_details", start, add_months(start, 12) + timedelta(seconds=1),
-            tmp_path / "z.csv", poll=POLL,
+            "case_details",
+            start,
+            add_months(start, 12) + timedelta(seconds=1),
+            tmp_path / "z.csv",
+            poll=POLL,
         )
     assert len(result.jobs) == 1
     # One second more: split into monthly windows, the last one a second long.
@@ -981,7 +1012,10 @@ async def test_fifty_exports_across_ten_tokens(
     results: dict[tuple[int, int], exports.ExportResult] = {}
     clients = [
         LexerClient(
-            token, api_url=sb.api_url, status_url=sb.status_url, registry=registry,
+            token,
+            api_url=sb.api_url,
+            status_url=sb.status_url,
+            registry=registry,
             now=lambda: NOW,
         )
         for token in tokens

@@ -33,11 +33,23 @@ async def test_four_processes_share_one_token_limit(redis_url: str) -> None:
         env = {**os.environ, "LEXER_API_TOKEN": TOKEN}
         procs = [
             await asyncio.create_subprocess_exec(
-                sys.executable, str(WORKER),
-                "--api-url", sb.api_url, "--status-url", sb.status_url,
-                "--redis-url", redis_url, "--count", str(count),
-                "--max-requests", str(N), "--window", str(W),
-                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                str(WORKER),
+                "--api-url",
+                sb.api_url,
+                "--status-url",
+                sb.status_url,
+                "--redis-url",
+                redis_url,
+                "--count",
+                str(count),
+                "--max-requests",
+                str(N),
+                "--window",
+                str(W),
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             for count in counts
         ]

@@ -384,7 +384,7 @@ def _check_poll(where: str, poll: PollPolicy) -> None:
 
 def _check_limit_store(store: object) -> None:
     if store is not None and (not isinstance(store, (str, Path)) or str(store) in ("", ".")):
-        raise SpecError(f"`limit_store` must be a file path or \"memory\", got {shown(store)}")
+        raise SpecError(f'`limit_store` must be a file path or "memory", got {shown(store)}')
 
 
 def _check_url(key: str, url: object, schemes: tuple[str, ...]) -> None:
