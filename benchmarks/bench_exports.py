@@ -1,4 +1,4 @@
-"""Export download throughput, peak memory, and status polls per job (issue 4, item 9).
+"""Export download throughput, peak memory, and status polls per job.
 
 The sandbox serves the export file from a separate process (pinned to CPU 1; this process
 and its children to CPU 0).

@@ -1,5 +1,5 @@
 """Rate-limit efficiency and report fan-out, in real time against the sandbox
-(issue 3, items 9 and 10).
+.
 
 The sandbox runs in a separate process (pinned to CPU 1; this process to CPU 0) and
 enforces a strict sliding window of N requests per W seconds per token on arrival. Its

@@ -1,5 +1,5 @@
 """Report throughput of `LexerClient` against a bare aiohttp loop, and the cost of
-structuring each response (issue 2, item 10).
+structuring each response.
 
 1. Throughput. A sandbox with its rate limit lifted runs in a separate process (pinned to
    CPU 1; this process to CPU 0), so its CPU does not compete inside the measured loop.

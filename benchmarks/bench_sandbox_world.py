@@ -1,5 +1,5 @@
 """The sandbox's world: memory stays bounded however many tokens and years are queried, and
-what a report costs to compute (issue 13, item 5).
+what a report costs to compute.
 
 In one process, for ``--tokens`` tokens, every month of ``--years`` years is queried as a
 summary and a case_summary (calling the sandbox's report builder directly, no HTTP), so every
