@@ -6,6 +6,7 @@ signals, files left behind), against sandboxes on a loop in a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,7 +82,7 @@ def read_only_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here")
+        _mount_failed("a read-only tmpfs")
     try:
         yield folder, "Read-only file system"
     finally:
@@ -265,6 +266,39 @@ def interrupt(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, stderr
 
 
+# A shell starts background jobs with SIGINT ignored, and Python keeps it ignored: the
+# child first restores the handler a terminal's Ctrl-C meets, then runs the CLI.
+_WITH_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'lexer-activity'; runpy.run_module('lexer_activity_async', run_name='__main__')"
+)
+
+
+@contextlib.contextmanager
+def interruptible(args: list[str], child_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """The CLI as a child process that Ctrl-C (SIGINT) reaches; killed if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WITH_SIGINT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _mount_failed(what: str) -> None:
+    """Where a tmpfs cannot be mounted: skip locally, fail under CI (root can mount there)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"cannot mount {what} under CI")
+    pytest.skip(f"cannot mount {what} here")
+
+
 def test_ctrl_c_during_a_backfill_exits_130_with_one_line(
     tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
 ) -> None:
@@ -285,15 +319,9 @@ def test_ctrl_c_during_a_backfill_exits_130_with_one_line(
             "poll": {"first_delay": 0.05, "cap": 0.2},
         },
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lexer_activity_async", "backfill", str(spec), "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(**{ENV_A: TOKEN_A}),
-    )
-    read_json_lines(proc, lambda line: line.get("event") == "RateLimitWait")
-    status, stderr = interrupt(proc)
+    with interruptible(["backfill", str(spec), "--json"], env(**{ENV_A: TOKEN_A})) as proc:
+        read_json_lines(proc, lambda line: line.get("event") == "RateLimitWait")
+        status, stderr = interrupt(proc)
     assert status == 130
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines() == ["interrupted"]
@@ -305,30 +333,13 @@ def test_ctrl_c_during_an_export_leaves_no_file(
 ) -> None:
     sb = sandbox_in_thread(export_pending_seconds=3600)
     dest = tmp_path / "cases.csv"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lexer_activity_async",
-            "export",
-            "case_details",
-            *WINDOW,
-            "-o",
-            str(dest),
-            "--api-url",
-            sb.api_url,
-            "--status-url",
-            sb.status_url,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(LEXER_API_TOKEN=TOKEN_A),
-    )
-    assert proc.stderr is not None
-    first = proc.stderr.readline()  # printed once the job is started
-    assert first.strip() == "case_details: export pending"
-    status, stderr = interrupt(proc)
+    args = ["export", "case_details", *WINDOW, "-o", str(dest)]
+    args += ["--api-url", sb.api_url, "--status-url", sb.status_url]
+    with interruptible(args, env(LEXER_API_TOKEN=TOKEN_A)) as proc:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # printed once the job is started
+        assert first.strip() == "case_details: export pending"
+        status, stderr = interrupt(proc)
     assert status == 130
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines() == ["interrupted"]
@@ -347,7 +358,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+        _mount_failed("a tmpfs")
     try:
         yield folder
     finally:
