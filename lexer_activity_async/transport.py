@@ -577,10 +577,15 @@ class Channel:
         )
 
     async def _exchange(self, request: wire.Request) -> HttpResponse:
-        """One exchange inside a limiter slot; the answer is whole (read and redacted by
-        the transport) before the slot is released."""
+        """One exchange inside a limiter slot; the answer is read whole before the slot
+        is released, and redacted here too, so a caller's own `Transport` that does not
+        redact still never lets an echoed token reach an error or a log."""
         async with self._slot(), self._in_flight:
-            return await self.api.handle(self._http_request(request))
+            http = self._http_request(request)
+            response = await self.api.handle(http)
+            body = http.redact(await response.read())
+        headers = {key: http.redact_text(value) for key, value in response.headers.items()}
+        return HttpResponse(response.status, headers, body)
 
     async def _attempt(self, request: wire.Request) -> HttpResponse:
         """`_exchange`; a transport error carries the request's report type."""

@@ -125,6 +125,34 @@ async def test_an_echoed_token_is_redacted_before_the_error_is_built() -> None:
     assert "<redacted>" in str(caught.value)
 
 
+class EchoingTransport:
+    """A caller's own `Transport` that redacts nothing: it echoes the token back."""
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        echoed = request.secret_headers["Auth-Api-Token"].reveal()
+        return HttpResponse(401, {"X-Echo": echoed}, f"not matching: {echoed}".encode())
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_channel_redacts_what_a_callers_own_transport_lets_through() -> None:
+    transport = EchoingTransport()
+    client = LexerClient(
+        TOKEN,
+        api_url="https://api.example/v1",
+        registry=LimiterRegistry(),
+        transport=transport,
+        now=lambda: NOW,
+    )
+    async with client:
+        with pytest.raises(TokenMismatchError) as caught:
+            await client.users()
+    assert TOKEN not in str(caught.value)
+    assert TOKEN not in repr(caught.value.args)
+    assert "<redacted>" in str(caught.value)
+
+
 @pytest.mark.looptime
 async def test_an_export_start_is_retried_only_when_it_never_left() -> None:
     starts = 0
