@@ -215,7 +215,8 @@ def _read_token(token_env: str, token_file: Path | None) -> str:
 IN_PROCESS = "memory"
 _LIMIT_STORE_HELP = (
     "SQLite file keeping each token's rate limit across runs and processes on this host "
-    "(default: $LEXER_LIMIT_STORE or ~/.cache/lexer-activity/limits.sqlite3); "
+    "(default: $LEXER_LIMIT_STORE, else lexer-activity/limits.sqlite3 under "
+    "$XDG_CACHE_HOME or ~/.cache); "
     "`memory` keeps it in this process only."
 )
 
