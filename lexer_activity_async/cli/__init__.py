@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -48,7 +49,7 @@ from ..limits_sqlite import default_store_path
 from ..models import converter
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
-from ._errors import BadUsage, Main, describe
+from ._errors import BAD_USAGE, Main, fail_for
 from ._progress import BackfillView, WaitView, fit_lines, size
 
 __all__ = ["main"]
@@ -202,6 +203,13 @@ def _rate_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _read_token(token_env: str, token_file: Path | None) -> str:
+    """The token from ``--token-file`` or ``--token-env``; both given is a usage error."""
+    ctx = click.get_current_context()
+    if token_file is not None and ctx.get_parameter_source("token_env") not in (
+        None,
+        click.core.ParameterSource.DEFAULT,
+    ):
+        raise click.UsageError("give either --token-file or --token-env, not both")
     label = "cli"
     source = (
         TokenSource(label, file=token_file) if token_file else TokenSource(label, env=token_env)
@@ -493,9 +501,7 @@ def _writable(check: Callable[[Path], object], path: Path) -> None:
     try:
         check(path)
     except exc.OutputError as error:
-        if click.get_current_context().find_root().params.get("debug"):
-            raise
-        raise BadUsage(describe(error)) from None
+        raise fail_for(error, BAD_USAGE) from None
 
 
 def _view(spec: BackfillSpec, as_json: bool) -> BackfillView:
@@ -669,7 +675,13 @@ def backfill(
         spec = attrs.evolve(spec, limit_store=default_store_path())
     the_plan = _plan_of(spec, spec_path)
     for notice in the_plan.notices:
-        err.print(f"Note: {notice}", markup=False, highlight=False)
+        if as_json:
+            click.echo(json.dumps({"event": "notice", "message": notice}))
+        else:
+            err.print(f"Note: {notice}", markup=False, highlight=False)
+    if as_json:
+        # The JSON lines carry every 429 already; no plain log lines on stderr.
+        logging.getLogger("lexer_activity_async").addHandler(logging.NullHandler())
     if dry_run:
         _print_plan(spec, the_plan)
         problems = _unreadable_tokens(spec)
@@ -806,7 +818,7 @@ DEMO_MARKER = ".lexer-demo"
 @click.option("--months", type=click.IntRange(1, 120), default=18, show_default=True)
 @click.option(
     "--window",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=15.0,
     show_default=True,
     help="The sandbox's rate window in seconds (the real API: 300).",
@@ -824,6 +836,8 @@ def demo(
     limit_store: str | None,
 ) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
+    # Every option is checked before the earlier output is touched.
+    limits = _where_limits_live(limit_store, None).get("limit_store", IN_PROCESS)
     _writable(check_directory, output)
     if output.exists() and not resume and any(output.iterdir()):
         # Only a directory an earlier demo marked may be deleted: a real backfill's output
@@ -869,7 +883,7 @@ def demo(
                 max_requests=100,
                 window=window,
                 poll=PollPolicy(first_delay=0.5, cap=2.0),
-                limit_store=_where_limits_live(limit_store, None).get("limit_store", IN_PROCESS),
+                limit_store=limits,
             )
             with _view(spec, as_json) as view:
                 summary = await run_backfill(spec, on_event=view)

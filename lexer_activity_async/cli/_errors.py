@@ -7,7 +7,9 @@ No traceback unless ``--debug`` is given.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
 import traceback
 from typing import Any
 
@@ -16,7 +18,17 @@ import click
 from .. import exceptions as exc
 from ..checkpoint import CheckpointError
 
-__all__ = ["BAD_USAGE", "FAILED", "INTERRUPTED", "BadUsage", "Fail", "Main", "describe", "fail"]
+__all__ = [
+    "BAD_USAGE",
+    "FAILED",
+    "INTERRUPTED",
+    "BadUsage",
+    "Fail",
+    "Main",
+    "describe",
+    "fail",
+    "fail_for",
+]
 
 BAD_USAGE, FAILED, INTERRUPTED = 2, 1, 130
 
@@ -54,12 +66,45 @@ def _debug(ctx: click.Context) -> bool:
     return bool(ctx.find_root().params.get("debug"))
 
 
+def fail_for(error: BaseException, code: int) -> Fail:
+    """The one-line `Fail` for ``error`` with status ``code``; with ``--debug`` the
+    traceback is printed first, and the status stays the same."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and _debug(ctx):
+        traceback.print_exception(type(error), error, error.__traceback__)
+    return fail(describe(error), code)
+
+
+def _broken_pipe(error: BaseException) -> bool:
+    """``error`` is a closed stdout pipe, alone or as every leaf of an exception group
+    (a progress event written from inside a task group)."""
+    inner = getattr(error, "exceptions", None)
+    if isinstance(inner, tuple) and inner:
+        return all(_broken_pipe(e) for e in inner)
+    return isinstance(error, BrokenPipeError)
+
+
+def _quiet_after_broken_pipe() -> None:
+    """The reader of stdout went away (``... | head``): send whatever is still buffered
+    to devnull, so that flushing at exit does not fail again (the Python docs' advice)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # pragma: no cover - stdout without a descriptor
+        pass
+    finally:
+        os.close(devnull)
+
+
 class Main(click.Group):
     """The root command: turns whatever a user can cause into one line and a status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, not at exit
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -68,10 +113,15 @@ class Main(click.Group):
             click.echo("interrupted", err=True)
             ctx.exit(INTERRUPTED)
         except (exc.ValidationError, exc.ConfigurationError) as error:
-            if _debug(ctx):
-                raise
-            raise fail(describe(error), BAD_USAGE) from None
+            raise fail_for(error, BAD_USAGE) from None
         except (exc.LexerError, OSError, sqlite3.Error) as error:
-            if _debug(ctx):
+            if not _broken_pipe(error):
+                raise fail_for(error, FAILED) from None
+            # Like `ls | head`: a reader that stopped reading is no error of ours.
+            _quiet_after_broken_pipe()
+            ctx.exit(0)
+        except Exception as error:
+            if not _broken_pipe(error):
                 raise
-            raise fail(describe(error), FAILED) from None
+            _quiet_after_broken_pipe()
+            ctx.exit(0)

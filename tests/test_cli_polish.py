@@ -1,0 +1,207 @@
+"""What a new user of ``lexer-activity`` ran into: options checked before anything is
+touched, a closed stdout pipe, ``--debug`` keeping the exit status, token sources, quiet
+JSON runs, NaN filters and error messages that name the options typed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from conftest import TOKEN_A, TOKEN_B
+
+from lexer_activity_async.cli import DEMO_MARKER, main
+from lexer_activity_async.limits_sqlite import STORE_ENV
+from lexer_activity_async.sandbox import Sandbox
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_A, ENV_B = "LEXER_TEST_POLISH_A", "LEXER_TEST_POLISH_B"
+NOWHERE = "http://127.0.0.1:9/v1"
+"""An API URL nothing listens on, for commands that must fail before sending."""
+WINDOW = ["--from", "2024-01-01", "--to", "2024-02-01"]
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env={"COLUMNS": "200", **(env or {})})
+
+
+def no_traceback(result: Result) -> None:
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if not k.startswith("LEXER_") or k == STORE_ENV}
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), out.get("PYTHONPATH")]))
+    out.update(extra)
+    return out
+
+
+def spec_for(sb: Sandbox, out: Path) -> dict[str, object]:
+    return {
+        "date_from": "2024-01-01",
+        "date_to": "2024-03-01",
+        "reports": ["summary", "nps_volume"],
+        "nps": {"form": 55},
+        "exports": [{"kind": "case_details"}],
+        "tokens": [{"label": "a", "env": ENV_A}, {"label": "b", "env": ENV_B}],
+        "poll": {"first_delay": 0.05, "cap": 0.2},
+        "api_url": sb.api_url,
+        "status_url": sb.status_url,
+        "output": str(out),
+    }
+
+
+# -- 1: every option is checked before an earlier demo output is deleted ---------------------
+
+
+@pytest.mark.parametrize("window", ["0", "-1"])
+def test_demo_with_a_bad_window_names_it_and_keeps_the_earlier_output(
+    tmp_path: Path, window: str
+) -> None:
+    earlier = tmp_path / "d2"
+    earlier.mkdir()
+    (earlier / DEMO_MARKER).write_text("demo\n")
+    (earlier / "kept.csv").write_text("a,b\n")
+    result = invoke("demo", "--window", window, "-o", str(earlier))
+    assert result.exit_code == 2, result.output
+    assert "'--window'" in result.output
+    assert "rate_limit" not in result.output
+    no_traceback(result)
+    assert sorted(p.name for p in earlier.iterdir()) == sorted([DEMO_MARKER, "kept.csv"])
+
+
+# -- 2: a closed stdout pipe ends quietly --------------------------------------------------
+
+
+def run_into_a_closed_pipe(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI with stdout a pipe whose reader has already gone (as after ``| head``
+    stops reading): its first write fails with EPIPE, deterministically."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "lexer_activity_async", *args],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            env=cli_env(**env),
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+
+
+def test_backfill_json_into_a_closed_pipe_ends_quietly(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
+) -> None:
+    sb = sandbox_in_thread()
+    spec = write_spec(tmp_path / "spec.toml", spec_for(sb, tmp_path / "out"))
+    done = run_into_a_closed_pipe(
+        "backfill", str(spec), "--json", **{ENV_A: TOKEN_A, ENV_B: TOKEN_B}
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+
+
+def test_users_into_a_closed_pipe_ends_quietly(
+    sandbox_in_thread: Callable[..., Sandbox],
+) -> None:
+    sb = sandbox_in_thread()
+    done = run_into_a_closed_pipe("users", "--api-url", sb.api_url, LEXER_API_TOKEN=TOKEN_A)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+
+
+def test_backfill_json_writes_nothing_to_stderr_even_when_rate_limited(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
+) -> None:
+    sb = sandbox_in_thread()
+    sb.faults.fail_next(429, retry_after="1")
+    spec = write_spec(tmp_path / "spec.toml", spec_for(sb, tmp_path / "out"))
+    done = subprocess.run(
+        [sys.executable, "-m", "lexer_activity_async", "backfill", str(spec), "--json"],
+        capture_output=True,
+        text=True,
+        env=cli_env(**{ENV_A: TOKEN_A, ENV_B: TOKEN_B}),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"RateLimited"' in done.stdout  # the 429 is in the JSON lines...
+    assert done.stderr == ""  # ...and not repeated as a log line
+
+
+# -- 3: --debug adds the traceback and keeps the status ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["export", "case_details", *WINDOW, "-o", "{blocker}/out.csv", "--api-url", NOWHERE], 2),
+        (["backfill", "{spec}", "-o", "{blocker}/out"], 2),
+    ],
+    ids=["export-unwritable", "backfill-unwritable"],
+)
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(
+    tmp_path: Path, write_spec: Callable[..., Path], args: list[str], status: int
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder\n")
+    spec = write_spec(
+        tmp_path / "spec.toml",
+        {
+            "date_from": "2024-01-01",
+            "date_to": "2024-02-01",
+            "reports": ["summary"],
+            "tokens": [{"label": "a", "env": ENV_A}],
+            "api_url": NOWHERE,
+        },
+    )
+    argv = [a.format(blocker=blocker, spec=spec) for a in args]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lexer_activity_async", *extra, *argv],
+            capture_output=True,
+            text=True,
+            env=cli_env(LEXER_API_TOKEN=TOKEN_A, **{ENV_A: TOKEN_A}),
+            timeout=120,
+            check=False,
+        )
+
+    plain, debug = run(), run("--debug")
+    assert plain.returncode == debug.returncode == status, (plain.stderr, debug.stderr)
+    assert "Traceback" not in plain.stderr
+    assert "Traceback" in debug.stderr
+    assert "not a directory" in plain.stderr.lower()
+    assert [ln for ln in plain.stderr.splitlines() if ln.startswith("Error:")] == [
+        ln for ln in debug.stderr.splitlines() if ln.startswith("Error:")
+    ]
+
+
+# -- 9: one token source -------------------------------------------------------------------
+
+
+def test_token_file_and_token_env_together_is_a_usage_error(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN_A + "\n")
+    result = invoke(
+        "users",
+        "--token-file",
+        str(token_file),
+        "--token-env",
+        "MY_TOKEN",
+        "--api-url",
+        NOWHERE,
+        env={"MY_TOKEN": TOKEN_B},
+    )
+    assert result.exit_code == 2, result.output
+    assert "--token-file or --token-env, not both" in result.output
+    assert TOKEN_A not in result.output
+    assert TOKEN_B not in result.output
+    no_traceback(result)
