@@ -623,11 +623,11 @@ class Channel:
                 await self.limiter.penalize(error.retry_after)
                 self.limiter.stats.rate_limited += 1
                 log.warning(
-                    "429 rate limited for token %s; holding its requests for %s",
+                    "HTTP 429 for %s: holding its requests %s",
                     self.label,
                     f"{error.retry_after:g}s (Retry-After)"
                     if error.retry_after is not None
-                    else f"a full window ({self.window:g}s)",
+                    else f"{self.window:g}s (a full window)",
                 )
                 self.emit(RateLimited(self.label, error.retry_after))
                 rate_limited += 1

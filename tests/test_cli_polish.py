@@ -205,3 +205,71 @@ def test_token_file_and_token_env_together_is_a_usage_error(tmp_path: Path) -> N
     assert TOKEN_A not in result.output
     assert TOKEN_B not in result.output
     no_traceback(result)
+
+
+# -- 4: piped output fits 80 columns and never cuts an error ------------------------------------
+
+
+def test_the_piped_summary_table_wraps_a_long_error_whole(tmp_path: Path) -> None:
+    import io
+    from datetime import datetime, timezone
+
+    from rich.console import Console
+
+    from lexer_activity_async.backfill import BackfillSpec, BackfillSummary, TokenSource
+    from lexer_activity_async.cli import _summary_table
+
+    error = (
+        "TokenMismatchError: HTTP 401: Unauthorized - api token not matching "
+        "(report type 'summary', window 2024-01-01 to 2024-02-01, form 55)"
+    )
+    assert len(error) > 80
+    spec = BackfillSpec(
+        tokens=(TokenSource("marketing", env=ENV_A),),
+        date_from=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        date_to=datetime(2024, 2, 1, tzinfo=timezone.utc),
+        output=tmp_path,
+        reports=("summary",),
+    )
+    summary = BackfillSummary(
+        done={"marketing": 0},
+        failed={"marketing": [("unit", error)]},
+        skipped={"marketing": 0},
+        bytes=0,
+        requests=1,
+        rate_limited=0,
+        retries=0,
+        files=0,
+    )
+    console = Console(file=io.StringIO(), width=80)
+    console.print(_summary_table(summary, spec))
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert all(len(line) <= 80 for line in lines)
+    cells = [line.strip("│").split("│") for line in lines if line.startswith("│")]
+    wrapped = " ".join(row[4].strip() for row in cells if row[0].strip() != "token")
+    assert wrapped == error  # whole, broken between words only
+    assert "…" not in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_piped_backfill_says_a_429_in_at_most_80_columns(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
+) -> None:
+    sb = sandbox_in_thread(tokens=frozenset({TOKEN_A}))
+    sb.faults.fail_next(429, retry_after="1")
+    data = spec_for(sb, tmp_path / "out")
+    data["tokens"] = [{"label": "token-d26b0dc4", "env": ENV_A}]
+    spec = write_spec(tmp_path / "spec.toml", data)
+    done = subprocess.run(
+        [sys.executable, "-m", "lexer_activity_async", "backfill", str(spec)],
+        capture_output=True,
+        text=True,
+        env=cli_env(COLUMNS="80", **{ENV_A: TOKEN_A}),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "429" in line]
+    assert said, done.stderr
+    assert "HTTP 429 for token-d26b0dc4: holding its requests 1s (Retry-After)" in said
+    assert all(len(line) <= 80 for line in done.stderr.splitlines()), done.stderr
+    assert "waiting 0s" not in done.stderr

@@ -312,12 +312,13 @@ def main(debug: bool) -> None:
 
 def _table(title: str | None, columns: Sequence[str], free: Sequence[str] = ()) -> Table:
     """A table that fits the console without breaking a word: the first column (a label)
-    is cut at 24 columns, columns in ``free`` (long text) wrap between words in what is
-    left, the rest (figures) keep their header's width."""
+    is cut at 24 columns, columns in ``free`` (long text, errors) wrap between words in
+    what is left (a longer word is folded, never cut), the rest (figures) keep their
+    header's width."""
     table = Table(title=title)
     for i, column in enumerate(columns):
         if column in free:
-            table.add_column(column, overflow="ellipsis")
+            table.add_column(column, overflow="fold")
         elif i == 0:
             table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=24)
         else:
@@ -522,7 +523,7 @@ def _summary_table(summary: BackfillSummary, spec: BackfillSpec) -> Table:
             str(summary.done[source.label]),
             str(summary.skipped[source.label]),
             str(len(failures)),
-            failures[0][1][:80] if failures else "",
+            failures[0][1] if failures else "",  # wrapped, never cut
         )
     return table
 
