@@ -273,3 +273,46 @@ def test_a_piped_backfill_says_a_429_in_at_most_80_columns(
     assert "HTTP 429 for token-d26b0dc4: holding its requests 1s (Retry-After)" in said
     assert all(len(line) <= 80 for line in done.stderr.splitlines()), done.stderr
     assert "waiting 0s" not in done.stderr
+
+
+# -- 7: strict JSON filters, and messages that name what the user typed ---------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("5", 5)],
+)
+def test_filter_values_are_strict_json_else_strings(raw: str, value: object) -> None:
+    from lexer_activity_async.cli import _filters
+
+    parsed = _filters(None, None, [f"x={raw}"])  # type: ignore[arg-type]
+    assert parsed == {"x": value}
+    assert type(parsed["x"]) is type(value)
+
+
+def test_from_after_to_names_the_options() -> None:
+    result = invoke(
+        "report",
+        "summary",
+        "--from",
+        "2024-03-01",
+        "--to",
+        "2024-02-01",
+        "--api-url",
+        NOWHERE,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 2, result.output
+    assert "--from 2024-03-01T00:00:00+00:00 must be before --to 2024-02-01" in result.output
+    assert "date_from" not in result.output
+    no_traceback(result)
+
+
+def test_a_spec_that_is_not_toml_names_its_path_once(tmp_path: Path) -> None:
+    spec = tmp_path / "t.toml"
+    spec.write_text("this is = = not toml\n")
+    result = invoke("backfill", str(spec))
+    assert result.exit_code == 2, result.output
+    assert "is not valid TOML" in result.output
+    assert result.output.count(str(spec)) == 1, result.output
+    no_traceback(result)

@@ -115,10 +115,23 @@ def _filters(
             hint = f"--{key.replace('_', '-')}" if key not in {"type"} else "the argument"
             raise click.BadParameter(f"{key!r} is set by {hint}, not --filter")
         try:
-            parsed[key] = json.loads(raw)
+            parsed[key] = json.loads(raw, parse_constant=_not_json)
         except ValueError:
             parsed[key] = raw
     return parsed or None
+
+
+def _not_json(constant: str) -> object:
+    """``NaN`` and ``Infinity`` are not JSON (RFC 8259): such a value is a string."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _check_range(date_from: datetime, date_to: datetime) -> None:
+    """``--from`` after ``--to``: a usage error naming the options, before anything is sent."""
+    if date_from >= date_to:
+        raise click.UsageError(
+            f"--from {date_from.isoformat()} must be before --to {date_to.isoformat()}"
+        )
 
 
 def _port(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -401,6 +414,7 @@ def report(
             f"{report_type} is an export (a CSV file), not a report; use "
             f"`lexer-activity export {report_type} --from ... --to ... -o FILE`"
         )
+    _check_range(date_from, date_to)
     if report_type in (ReportType.NPS_SUMMARY.value, ReportType.NPS_VOLUME.value):
         _need_form(report_type, form)
     view = WaitView(report_type, err, live=err.is_terminal)
@@ -463,6 +477,7 @@ def export(
     connect: Callable[..., LexerClient],
 ) -> None:
     """Run an export job and stream its CSV to a file."""
+    _check_range(date_from, date_to)
     if ExportKind(kind).needs_form:
         _need_form(kind, form)
     _writable(check_file_destination, output)  # before the job: no rate budget spent
@@ -566,7 +581,10 @@ def _load_spec(spec_path: Path, overrides: dict[str, Any]) -> BackfillSpec:
     try:
         return BackfillSpec.from_toml(spec_path, **overrides)
     except exc.ValidationError as error:
-        raise click.UsageError(f"{spec_path}: {error}") from None
+        message = str(error)
+        if str(spec_path) not in message:  # say the path once
+            message = f"{spec_path}: {message}"
+        raise click.UsageError(message) from None
 
 
 def _plan_of(spec: BackfillSpec, spec_path: Path) -> Plan:
