@@ -316,3 +316,54 @@ def test_a_spec_that_is_not_toml_names_its_path_once(tmp_path: Path) -> None:
     assert "is not valid TOML" in result.output
     assert result.output.count(str(spec)) == 1, result.output
     no_traceback(result)
+
+
+# -- 6, 12, 13: dry-run JSON, sandbox help, the [redis] hint ------------------------------------
+
+
+def test_dry_run_json_prints_the_plan_as_json(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
+) -> None:
+    import json
+
+    sb = sandbox_in_thread()
+    spec = write_spec(tmp_path / "spec.toml", spec_for(sb, tmp_path / "out"))
+    result = invoke("backfill", str(spec), "--dry-run", "--json", env={ENV_A: TOKEN_A})
+    assert result.exit_code == 1, result.output  # b's token variable is not set
+    record = json.loads(result.stdout)
+    assert record["event"] == "plan"
+    assert record["units"] == 12
+    assert [t["label"] for t in record["tokens"]] == ["a", "b"]
+    assert [t["units"] for t in record["tokens"]] == [6, 6]
+    assert all(t["requests"] >= t["units"] for t in record["tokens"])
+    assert len(record["unreadable_tokens"]) == 1
+    assert ENV_B in record["unreadable_tokens"][0]
+    assert sb.stats.requests == {}  # nothing sent
+
+
+def test_sandbox_help_explains_every_option_and_port_0() -> None:
+    result = invoke("sandbox", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "0: three free ports" in text
+    assert "Requests each token may send per window" in text
+    assert "Rows per export file" in text
+
+
+def test_a_missing_redis_extra_is_a_setup_error_with_both_install_commands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    result = invoke(
+        "users",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--api-url",
+        NOWHERE,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 2, result.output
+    assert "pip install 'lexer-activity-async[redis]'" in result.output
+    assert "pip install -e '.[redis]'" in result.output
+    no_traceback(result)

@@ -637,6 +637,26 @@ def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
     Console().print(table)
 
 
+def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) -> dict[str, Any]:
+    """The plan of ``--dry-run --json``: the figures of `_print_plan`, and the token
+    sources that cannot be read."""
+    return {
+        "event": "plan",
+        "units": len(the_plan.units),
+        "windows": len(the_plan.windows),
+        "tokens": [
+            {
+                "label": source.label,
+                "units": len(the_plan.units_of(source.label)),
+                "requests": the_plan.requests_of(source.label),
+                "least_seconds": the_plan.least_seconds(source.label),
+            }
+            for source in spec.tokens
+        ],
+        "unreadable_tokens": list(problems),
+    }
+
+
 @main.command()
 @click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option(
@@ -702,8 +722,11 @@ def backfill(
         # The JSON lines carry every 429 already; no plain log lines on stderr.
         logging.getLogger("lexer_activity_async").addHandler(logging.NullHandler())
     if dry_run:
-        _print_plan(spec, the_plan)
         problems = _unreadable_tokens(spec)
+        if as_json:
+            click.echo(json.dumps(_plan_record(spec, the_plan, problems)))
+        else:
+            _print_plan(spec, the_plan)
         for problem in problems:
             err.print(f"Error: {problem}", markup=False, highlight=False)
         sys.exit(1 if problems else 0)
@@ -766,15 +789,22 @@ def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
     default=8080,
     show_default=True,
     callback=_port,
-    help="API port; the status host gets PORT+1 and the file host PORT+2.",
+    help="API port; the status host gets PORT+1 and the file host PORT+2 "
+    "(0: three free ports, printed at start).",
 )
-@click.option("--max-requests", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--max-requests",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Requests each token may send per window before a 429 (the real API: 100).",
+)
 @click.option(
     "--window",
     type=click.FloatRange(min=0, min_open=True),
     default=300.0,
     show_default=True,
-    help="Seconds.",
+    help="The rate-limit window in seconds (the real API: 300).",
 )
 @click.option(
     "--export-pending",
@@ -787,8 +817,8 @@ def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
     "--export-rows",
     type=click.IntRange(min=0),
     default=None,
-    help="Padding for tests and benchmarks: exactly this many rows per export, the world's "
-    "rows repeated; default: one row per case, message or NPS submission.",
+    help="Rows per export file: exactly this many, the simulated rows repeated (for "
+    "tests and benchmarks); default: one row per case, message or NPS submission.",
 )
 @click.option(
     "--tokens-file",

@@ -114,6 +114,14 @@ class Main(click.Group):
             ctx.exit(INTERRUPTED)
         except (exc.ValidationError, exc.ConfigurationError) as error:
             raise fail_for(error, BAD_USAGE) from None
+        except exc.LimiterBackendError as error:
+            if not isinstance(error.__cause__, ImportError):
+                raise fail_for(error, FAILED) from None
+            # A missing extra is a setup problem (status 2); say how from a clone too.
+            clone = " (from a clone of the repository: pip install -e '.[redis]')"
+            if _debug(ctx):
+                traceback.print_exception(type(error), error, error.__traceback__)
+            raise fail(describe(error) + clone, BAD_USAGE) from None
         except (exc.LexerError, OSError, sqlite3.Error) as error:
             if not _broken_pipe(error):
                 raise fail_for(error, FAILED) from None
