@@ -618,6 +618,9 @@ class Channel:
                     now=self._now,
                     max_retry_after=self.max_retry_after,
                 )
+            if isinstance(error, exc.NotFoundError):  # a wrong base URL shows as a 404
+                error.origin = request.origin
+                error.url = self.api_url if request.origin == "api" else self.status_url
             if isinstance(error, exc.RateLimitedError):
                 self._check_retry_after(error, headers)
                 await self.limiter.penalize(error.retry_after)

@@ -367,3 +367,60 @@ def test_a_missing_redis_extra_is_a_setup_error_with_both_install_commands(
     assert "pip install 'lexer-activity-async[redis]'" in result.output
     assert "pip install -e '.[redis]'" in result.output
     no_traceback(result)
+
+
+# -- 10, 11: a 404 says which host answered, and points at `forms` for a form ------------------
+
+
+def test_a_404_names_the_host_that_answered(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox]
+) -> None:
+    sb = sandbox_in_thread()
+    no_v1 = sb.api_url.removesuffix("/v1")
+    result = invoke("users", "--api-url", no_v1, env={"LEXER_API_TOKEN": TOKEN_A})
+    assert result.exit_code == 1, result.output
+    assert f"HTTP 404 from the API {no_v1}" in result.output
+    assert "check --api-url (it ends in /v1)" in result.output
+    no_traceback(result)
+
+    wrong_status = sb.status_url + "/nothing-here"
+    result = invoke(
+        "export",
+        "case_details",
+        *WINDOW,
+        "-o",
+        str(tmp_path / "cases.csv"),
+        "--api-url",
+        sb.api_url,
+        "--status-url",
+        wrong_status,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 1, result.output
+    assert f"HTTP 404 from the status host {wrong_status}" in result.output
+    assert "check --status-url" in result.output
+    assert TOKEN_A not in result.output
+    assert not (tmp_path / "cases.csv").exists()
+    no_traceback(result)
+
+
+@pytest.mark.parametrize("form", ["57", "9999"])
+def test_an_nps_report_for_a_form_that_is_not_nps_points_at_forms(
+    sandbox_in_thread: Callable[..., Sandbox], form: str
+) -> None:
+    sb = sandbox_in_thread()
+    result = invoke(
+        "report",
+        "nps_volume",
+        *WINDOW,
+        "--form",
+        form,
+        "--api-url",
+        sb.api_url,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 1, result.output
+    assert "HTTP 404" in result.output
+    assert f"is --form {form} one of the account's NPS forms?" in result.output
+    assert "`lexer-activity forms`" in result.output
+    no_traceback(result)

@@ -9,6 +9,7 @@ the traceback instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -17,7 +18,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,7 +50,7 @@ from ..limits_sqlite import default_store_path
 from ..models import converter
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
-from ._errors import BAD_USAGE, Main, fail_for
+from ._errors import BAD_USAGE, FAILED, Main, fail, fail_for
 from ._progress import BackfillView, WaitView, fit_lines, size
 
 __all__ = ["main"]
@@ -316,6 +317,23 @@ def _need_form(kind: str, form: int | None) -> None:
         )
 
 
+@contextlib.contextmanager
+def _form_hint(form: int | None) -> Iterator[None]:
+    """A 404 from the API for a request with ``--form``: most often the form is not one
+    of the account's NPS forms, so say where to look."""
+    try:
+        yield
+    except exc.NotFoundError as error:
+        if form is None or error.origin != "api":
+            raise
+        fail_for(error, FAILED)  # the traceback, with --debug
+        raise fail(
+            f"{error}: is --form {form} one of the account's NPS forms? list them with "
+            f"`lexer-activity forms` (or check --api-url {error.url})",
+            FAILED,
+        ) from None
+
+
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lexer-activity")
 @click.option("--debug", is_flag=True, help="Show the Python traceback when a command fails.")
@@ -432,7 +450,7 @@ def report(
                 extra_filters=extra_filters,
             )
 
-    with view:
+    with view, _form_hint(form):
         result = _run(fetch())
     click.echo(json.dumps(converter.unstructure(result), indent=2))
 
@@ -499,7 +517,7 @@ def export(
                 extra_filters=extra_filters,
             )
 
-    with view:
+    with view, _form_hint(form):
         result = _run(go())
     for path in result.paths:
         click.echo(str(path))

@@ -57,6 +57,13 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError):
         where = f" {error.filename}" if error.filename else ""
         return f"cannot use{where}: {error.strerror or type(error).__name__}"
+    if isinstance(error, exc.NotFoundError) and error.origin is not None:
+        host, option = (
+            ("the API", "--api-url (it ends in /v1)")
+            if error.origin == "api"
+            else ("the status host", "--status-url")
+        )
+        return f"HTTP 404 from {host} {error.url}: {error.message} - check {option}"
     if isinstance(error, sqlite3.Error):
         return f"checkpoint database error: {error}"
     return " ".join(str(error).split()) or type(error).__name__
