@@ -424,3 +424,43 @@ def test_an_nps_report_for_a_form_that_is_not_nps_points_at_forms(
     assert f"is --form {form} one of the account's NPS forms?" in result.output
     assert "`lexer-activity forms`" in result.output
     no_traceback(result)
+
+
+# -- 5: export destinations ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a Linux /proc")
+def test_export_into_a_folder_that_refuses_files_gives_the_true_reason() -> None:
+    result = invoke(
+        "export",
+        "case_details",
+        *WINDOW,
+        "-o",
+        "/proc/x.csv",
+        "--api-url",
+        NOWHERE,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot write /proc/x.csv: /proc exists but refuses new files" in result.output
+    no_traceback(result)
+
+
+def test_export_to_dash_is_a_usage_error_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "export",
+        "case_details",
+        *WINDOW,
+        "-o",
+        "-",
+        "--api-url",
+        NOWHERE,
+        env={"LEXER_API_TOKEN": TOKEN_A},
+    )
+    assert result.exit_code == 2, result.output
+    assert "'-' (stdout) is not supported" in result.output
+    assert list(tmp_path.iterdir()) == []
+    no_traceback(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -495,6 +496,11 @@ def export(
     connect: Callable[..., LexerClient],
 ) -> None:
     """Run an export job and stream its CSV to a file."""
+    if str(output) == "-":
+        # The CSV is written to a temporary file and renamed whole, never half-written.
+        raise click.BadParameter(
+            "'-' (stdout) is not supported: give a file name", param_hint="'-o' / '--output'"
+        )
     _check_range(date_from, date_to)
     if ExportKind(kind).needs_form:
         _need_form(kind, form)
@@ -535,7 +541,22 @@ def _writable(check: Callable[[Path], object], path: Path) -> None:
     try:
         check(path)
     except exc.OutputError as error:
-        raise fail_for(error, BAD_USAGE) from None
+        raise fail_for(_true_reason(error), BAD_USAGE) from None
+
+
+def _true_reason(error: exc.OutputError) -> exc.OutputError:
+    """A folder that exists yet refuses new files (``/proc``, ``/sys``) makes the OS say
+    "No such file or directory", which reads as if the folder were missing."""
+    missing = os.strerror(errno.ENOENT)
+    reason = error.reason
+    if not reason.startswith(f"{missing} (") or not reason.endswith(")"):
+        return error
+    folder = Path(reason[len(missing) + 2 : -1])
+    if not folder.is_dir():
+        return error
+    return exc.OutputError(
+        error.path, f"{folder} exists but refuses new files (the OS says: {missing})"
+    )
 
 
 def _view(spec: BackfillSpec, as_json: bool) -> BackfillView:
