@@ -4,6 +4,7 @@ JSON runs, NaN filters and error messages that name the options typed."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -464,3 +465,23 @@ def test_export_to_dash_is_a_usage_error_and_writes_nothing(
     assert "'-' (stdout) is not supported" in result.output
     assert list(tmp_path.iterdir()) == []
     no_traceback(result)
+
+
+# -- 8: help wraps between words --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["", "users", "forms", "report", "export", "backfill", "status", "sandbox", "demo"],
+)
+def test_help_at_80_columns_never_breaks_a_word_or_cuts_a_line(command: str) -> None:
+    result = CliRunner().invoke(main, [*command.split(), "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    for line, after in itertools.pairwise(lines):
+        broken = line.endswith("-") and line[-2:-1].isalnum() and after.strip()[:1].isalnum()
+        assert not broken, (line, after)
+    listed = [line for line in lines if line.startswith("  ") and not line.startswith("   ")]
+    assert not any(line.endswith("...") for line in listed), result.output  # no cut summary
+    assert "\ue000" not in result.output

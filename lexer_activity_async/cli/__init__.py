@@ -797,7 +797,7 @@ def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
     return table
 
 
-@main.command()
+@main.command(short_help="Final, provisional, failed and pending units of a spec.")
 @click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token.")
 @click.option(
@@ -898,7 +898,7 @@ DEMO_MARKER = ".lexer-demo"
 """The file that marks a directory as a demo's output, which a later demo may delete."""
 
 
-@main.command()
+@main.command(short_help="Try it: a backfill from an embedded sandbox, demo tokens.")
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), default=DEMO_OUTPUT, show_default=True
 )

@@ -17,6 +17,7 @@ import click
 
 from .. import exceptions as exc
 from ..checkpoint import CheckpointError
+from ._help import HelpCommand, HelpContext
 
 __all__ = [
     "BAD_USAGE",
@@ -105,6 +106,9 @@ def _quiet_after_broken_pipe() -> None:
 
 class Main(click.Group):
     """The root command: turns whatever a user can cause into one line and a status."""
+
+    context_class = HelpContext
+    command_class = HelpCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
