@@ -116,7 +116,15 @@ class MissingTokenError(UnauthorizedError):
 
 
 class NotFoundError(APIError):
-    """404 "Not found": the API's general error for a malformed request."""
+    """404 "Not found": the API's general error for a malformed request.
+
+    Attributes:
+        origin: which host answered, ``"api"`` or ``"status"`` (None if unknown).
+        url: that host's base URL as configured (never holds the API token).
+    """
+
+    origin: str | None = None
+    url: str | None = None
 
 
 class RateLimitedError(APIError):

@@ -623,16 +623,19 @@ class Channel:
                     now=self._now,
                     max_retry_after=self.max_retry_after,
                 )
+            if isinstance(error, exc.NotFoundError):  # a wrong base URL shows as a 404
+                error.origin = request.origin
+                error.url = self.api_url if request.origin == "api" else self.status_url
             if isinstance(error, exc.RateLimitedError):
                 self._check_retry_after(error, headers)
                 await self.limiter.penalize(error.retry_after)
                 self.limiter.stats.rate_limited += 1
                 log.warning(
-                    "429 rate limited for token %s; holding its requests for %s",
+                    "HTTP 429 for %s: holding its requests %s",
                     self.label,
                     f"{error.retry_after:g}s (Retry-After)"
                     if error.retry_after is not None
-                    else f"a full window ({self.window:g}s)",
+                    else f"{self.window:g}s (a full window)",
                 )
                 self.emit(RateLimited(self.label, error.retry_after))
                 rate_limited += 1

@@ -223,7 +223,7 @@ def test_missing_spec_file_exits_2(tmp_path: Path) -> None:
         (
             ["report", "summary", "--from", "2024-03-01", "--to", "2024-01-01"],
             {"LEXER_API_TOKEN": TOKEN_A},
-            "must be before date_to",
+            "must be before --to",
         ),
         (
             ["report", "summary", "--from", "2099-01-01", "--to", "2099-02-01"],

@@ -20,8 +20,10 @@ from rich.console import Console
 from lexer_activity_async import LexerClient
 from lexer_activity_async.backfill import BackfillSpec, TokenSource, Unit, UnitFinished
 from lexer_activity_async.cli._progress import (
+    COUNTDOWN_INTERVAL,
     PLAIN_INTERVAL,
     PLAIN_WIDTH,
+    WAIT_WORTH_SAYING,
     BackfillView,
     WaitView,
     duration,
@@ -340,3 +342,61 @@ def test_eta_within_one_window_is_under_a_second_not_zero(tmp_path: Path) -> Non
     for month in (1, 2, 3):
         progress(finished("a", month))
     assert "eta 0s" in progress.info("a")
+
+
+def test_plain_mode_names_only_waits_long_enough_to_matter(tmp_path: Path) -> None:
+    progress, clock, echoed = view(tmp_path, "a", "b", months=2)
+    progress(RequestSent("a"))
+    echoed.clear()
+    progress(wait("a", 0.4))  # a short queue behind the window: noise
+    progress(wait("b", WAIT_WORTH_SAYING - 0.5))
+    assert echoed == []
+    clock.now = T0 + 1
+    progress(wait("a", WAIT_WORTH_SAYING))
+    assert echoed == ["a: rate limit, waiting 5s"]
+    echoed.clear()
+    clock.now = T0 + 7
+    progress(RateLimited("b", 1.0))  # after a 429 even a short hold is said
+    progress(wait("b", 1.0))
+    assert echoed == ["b: rate limit, waiting 1s"]
+
+
+def test_a_piped_report_held_by_a_429_counts_down_every_interval() -> None:
+    echoed: list[str]
+    clock, echoed = Clock(), []
+    status = WaitView(
+        "report", Console(file=io.StringIO()), live=False, clock=clock, echo=echoed.append
+    )
+    status.tick()  # not waiting: nothing to say
+    status(RateLimited("cli", None))
+    status(wait("cli", 300.0))
+    assert echoed == ["report: rate limit (HTTP 429): 5m00s left"]
+    clock.now = T0 + COUNTDOWN_INTERVAL - 1
+    status.tick()
+    assert len(echoed) == 1
+    clock.now = T0 + COUNTDOWN_INTERVAL
+    status.tick()
+    clock.now = T0 + COUNTDOWN_INTERVAL + 5
+    status.tick()  # said 5 s ago: not again yet
+    clock.now = T0 + 2 * COUNTDOWN_INTERVAL
+    status.tick()
+    assert echoed[1:] == [
+        "report: rate limit (HTTP 429): 4m30s left",
+        "report: rate limit (HTTP 429): 4m00s left",
+    ]
+    clock.now = T0 + 301  # the hold is over: silent again
+    status.tick()
+    assert len(echoed) == 3
+    assert all(len(line) <= PLAIN_WIDTH for line in echoed)
+
+
+def test_the_plain_countdown_thread_stops_with_the_view() -> None:
+    status = WaitView("report", Console(file=io.StringIO()), live=False, echo=lambda _: None)
+    with status:
+        ticker = status._ticker
+        assert ticker is not None
+        assert ticker.is_alive()
+    assert not ticker.is_alive()
+    live = WaitView("report", Console(file=io.StringIO()), live=True)
+    with live:
+        assert live._ticker is None  # a terminal redraws itself

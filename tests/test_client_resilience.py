@@ -624,7 +624,7 @@ async def test_a_thousand_requests_with_random_latency_429s_and_failures(audit: 
 @pytest.mark.parametrize(
     ("headers", "pause", "retry_after", "logged"),
     [
-        ({}, W, None, "a full window (300s)"),
+        ({}, W, None, "300s (a full window)"),
         ({"Retry-After": "7"}, 7.0, 7.0, "7s (Retry-After)"),
         (
             {"Retry-After": format_datetime(NOW + timedelta(seconds=20), usegmt=True)},

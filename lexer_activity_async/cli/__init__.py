@@ -9,14 +9,17 @@ the traceback instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import json
+import logging
 import os
 import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +51,7 @@ from ..limits_sqlite import default_store_path
 from ..models import converter
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
-from ._errors import BadUsage, Main, describe
+from ._errors import BAD_USAGE, FAILED, Main, fail, fail_for
 from ._progress import BackfillView, WaitView, fit_lines, size
 
 __all__ = ["main"]
@@ -114,10 +117,23 @@ def _filters(
             hint = f"--{key.replace('_', '-')}" if key not in {"type"} else "the argument"
             raise click.BadParameter(f"{key!r} is set by {hint}, not --filter")
         try:
-            parsed[key] = json.loads(raw)
+            parsed[key] = json.loads(raw, parse_constant=_not_json)
         except ValueError:
             parsed[key] = raw
     return parsed or None
+
+
+def _not_json(constant: str) -> object:
+    """``NaN`` and ``Infinity`` are not JSON (RFC 8259): such a value is a string."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _check_range(date_from: datetime, date_to: datetime) -> None:
+    """``--from`` after ``--to``: a usage error naming the options, before anything is sent."""
+    if date_from >= date_to:
+        raise click.UsageError(
+            f"--from {date_from.isoformat()} must be before --to {date_to.isoformat()}"
+        )
 
 
 def _port(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -202,6 +218,13 @@ def _rate_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _read_token(token_env: str, token_file: Path | None) -> str:
+    """The token from ``--token-file`` or ``--token-env``; both given is a usage error."""
+    ctx = click.get_current_context()
+    if token_file is not None and ctx.get_parameter_source("token_env") not in (
+        None,
+        click.core.ParameterSource.DEFAULT,
+    ):
+        raise click.UsageError("give either --token-file or --token-env, not both")
     label = "cli"
     source = (
         TokenSource(label, file=token_file) if token_file else TokenSource(label, env=token_env)
@@ -296,6 +319,23 @@ def _need_form(kind: str, form: int | None) -> None:
         )
 
 
+@contextlib.contextmanager
+def _form_hint(form: int | None) -> Iterator[None]:
+    """A 404 from the API for a request with ``--form``: most often the form is not one
+    of the account's NPS forms, so say where to look."""
+    try:
+        yield
+    except exc.NotFoundError as error:
+        if form is None or error.origin != "api":
+            raise
+        fail_for(error, FAILED)  # the traceback, with --debug
+        raise fail(
+            f"{error}: is --form {form} one of the account's NPS forms? list them with "
+            f"`lexer-activity forms` (or check --api-url {error.url})",
+            FAILED,
+        ) from None
+
+
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lexer-activity")
 @click.option("--debug", is_flag=True, help="Show the Python traceback when a command fails.")
@@ -305,12 +345,13 @@ def main(debug: bool) -> None:
 
 def _table(title: str | None, columns: Sequence[str], free: Sequence[str] = ()) -> Table:
     """A table that fits the console without breaking a word: the first column (a label)
-    is cut at 24 columns, columns in ``free`` (long text) wrap between words in what is
-    left, the rest (figures) keep their header's width."""
+    is cut at 24 columns, columns in ``free`` (long text, errors) wrap between words in
+    what is left (a longer word is folded, never cut), the rest (figures) keep their
+    header's width."""
     table = Table(title=title)
     for i, column in enumerate(columns):
         if column in free:
-            table.add_column(column, overflow="ellipsis")
+            table.add_column(column, overflow="fold")
         elif i == 0:
             table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=24)
         else:
@@ -393,6 +434,7 @@ def report(
             f"{report_type} is an export (a CSV file), not a report; use "
             f"`lexer-activity export {report_type} --from ... --to ... -o FILE`"
         )
+    _check_range(date_from, date_to)
     if report_type in (ReportType.NPS_SUMMARY.value, ReportType.NPS_VOLUME.value):
         _need_form(report_type, form)
     view = WaitView(report_type, err, live=err.is_terminal)
@@ -410,7 +452,7 @@ def report(
                 extra_filters=extra_filters,
             )
 
-    with view:
+    with view, _form_hint(form):
         result = _run(fetch())
     click.echo(json.dumps(converter.unstructure(result), indent=2))
 
@@ -455,6 +497,12 @@ def export(
     connect: Callable[..., LexerClient],
 ) -> None:
     """Run an export job and stream its CSV to a file."""
+    if str(output) == "-":
+        # The CSV is written to a temporary file and renamed whole, never half-written.
+        raise click.BadParameter(
+            "'-' (stdout) is not supported: give a file name", param_hint="'-o' / '--output'"
+        )
+    _check_range(date_from, date_to)
     if ExportKind(kind).needs_form:
         _need_form(kind, form)
     _writable(check_file_destination, output)  # before the job: no rate budget spent
@@ -476,7 +524,7 @@ def export(
                 extra_filters=extra_filters,
             )
 
-    with view:
+    with view, _form_hint(form):
         result = _run(go())
     for path in result.paths:
         click.echo(str(path))
@@ -494,9 +542,22 @@ def _writable(check: Callable[[Path], object], path: Path) -> None:
     try:
         check(path)
     except exc.OutputError as error:
-        if click.get_current_context().find_root().params.get("debug"):
-            raise
-        raise BadUsage(describe(error)) from None
+        raise fail_for(_true_reason(error), BAD_USAGE) from None
+
+
+def _true_reason(error: exc.OutputError) -> exc.OutputError:
+    """A folder that exists yet refuses new files (``/proc``, ``/sys``) makes the OS say
+    "No such file or directory", which reads as if the folder were missing."""
+    missing = os.strerror(errno.ENOENT)
+    reason = error.reason
+    if not reason.startswith(f"{missing} (") or not reason.endswith(")"):
+        return error
+    folder = Path(reason[len(missing) + 2 : -1])
+    if not folder.is_dir():
+        return error
+    return exc.OutputError(
+        error.path, f"{folder} exists but refuses new files (the OS says: {missing})"
+    )
 
 
 def _view(spec: BackfillSpec, as_json: bool) -> BackfillView:
@@ -517,7 +578,7 @@ def _summary_table(summary: BackfillSummary, spec: BackfillSpec) -> Table:
             str(summary.done[source.label]),
             str(summary.skipped[source.label]),
             str(len(failures)),
-            failures[0][1][:80] if failures else "",
+            failures[0][1] if failures else "",  # wrapped, never cut
         )
     return table
 
@@ -560,7 +621,10 @@ def _load_spec(spec_path: Path, overrides: dict[str, Any]) -> BackfillSpec:
     try:
         return BackfillSpec.from_toml(spec_path, **overrides)
     except exc.ValidationError as error:
-        raise click.UsageError(f"{spec_path}: {error}") from None
+        message = str(error)
+        if str(spec_path) not in message:  # say the path once
+            message = f"{spec_path}: {message}"
+        raise click.UsageError(message) from None
 
 
 def _plan_of(spec: BackfillSpec, spec_path: Path) -> Plan:
@@ -611,6 +675,26 @@ def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
             str(timedelta(seconds=seconds)),
         )
     Console().print(table)
+
+
+def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) -> dict[str, Any]:
+    """The plan of ``--dry-run --json``: the figures of `_print_plan`, and the token
+    sources that cannot be read."""
+    return {
+        "event": "plan",
+        "units": len(the_plan.units),
+        "windows": len(the_plan.windows),
+        "tokens": [
+            {
+                "label": source.label,
+                "units": len(the_plan.units_of(source.label)),
+                "requests": the_plan.requests_of(source.label),
+                "least_seconds": the_plan.least_seconds(source.label),
+            }
+            for source in spec.tokens
+        ],
+        "unreadable_tokens": list(problems),
+    }
 
 
 @main.command()
@@ -670,10 +754,19 @@ def backfill(
         spec = attrs.evolve(spec, limit_store=default_store_path())
     the_plan = _plan_of(spec, spec_path)
     for notice in the_plan.notices:
-        err.print(f"Note: {notice}", markup=False, highlight=False)
+        if as_json:
+            click.echo(json.dumps({"event": "notice", "message": notice}))
+        else:
+            err.print(f"Note: {notice}", markup=False, highlight=False)
+    if as_json:
+        # The JSON lines carry every 429 already; no plain log lines on stderr.
+        logging.getLogger("lexer_activity_async").addHandler(logging.NullHandler())
     if dry_run:
-        _print_plan(spec, the_plan)
         problems = _unreadable_tokens(spec)
+        if as_json:
+            click.echo(json.dumps(_plan_record(spec, the_plan, problems)))
+        else:
+            _print_plan(spec, the_plan)
         for problem in problems:
             err.print(f"Error: {problem}", markup=False, highlight=False)
         sys.exit(1 if problems else 0)
@@ -705,7 +798,7 @@ def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
     return table
 
 
-@main.command()
+@main.command(short_help="Final, provisional, failed and pending units of a spec.")
 @click.argument("spec_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token.")
 @click.option(
@@ -736,15 +829,22 @@ def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
     default=8080,
     show_default=True,
     callback=_port,
-    help="API port; the status host gets PORT+1 and the file host PORT+2.",
+    help="API port; the status host gets PORT+1 and the file host PORT+2 "
+    "(0: three free ports, printed at start).",
 )
-@click.option("--max-requests", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--max-requests",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Requests each token may send per window before a 429 (the real API: 100).",
+)
 @click.option(
     "--window",
     type=click.FloatRange(min=0, min_open=True),
     default=300.0,
     show_default=True,
-    help="Seconds.",
+    help="The rate-limit window in seconds (the real API: 300).",
 )
 @click.option(
     "--export-pending",
@@ -757,8 +857,8 @@ def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
     "--export-rows",
     type=click.IntRange(min=0),
     default=None,
-    help="Padding for tests and benchmarks: exactly this many rows per export, the world's "
-    "rows repeated; default: one row per case, message or NPS submission.",
+    help="Rows per export file: exactly this many, the simulated rows repeated (for "
+    "tests and benchmarks); default: one row per case, message or NPS submission.",
 )
 @click.option(
     "--tokens-file",
@@ -799,7 +899,7 @@ DEMO_MARKER = ".lexer-demo"
 """The file that marks a directory as a demo's output, which a later demo may delete."""
 
 
-@main.command()
+@main.command(short_help="Try it: a backfill from an embedded sandbox, demo tokens.")
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), default=DEMO_OUTPUT, show_default=True
 )
@@ -807,7 +907,7 @@ DEMO_MARKER = ".lexer-demo"
 @click.option("--months", type=click.IntRange(1, 120), default=18, show_default=True)
 @click.option(
     "--window",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=15.0,
     show_default=True,
     help="The sandbox's rate window in seconds (the real API: 300).",
@@ -825,6 +925,8 @@ def demo(
     limit_store: str | None,
 ) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
+    # Every option is checked before the earlier output is touched.
+    limits = _where_limits_live(limit_store, None).get("limit_store", IN_PROCESS)
     _writable(check_directory, output)
     if output.exists() and not resume and any(output.iterdir()):
         # Only a directory an earlier demo marked may be deleted: a real backfill's output
@@ -870,7 +972,7 @@ def demo(
                 max_requests=100,
                 window=window,
                 poll=PollPolicy(first_delay=0.5, cap=2.0),
-                limit_store=_where_limits_live(limit_store, None).get("limit_store", IN_PROCESS),
+                limit_store=limits,
             )
             with _view(spec, as_json) as view:
                 summary = await run_backfill(spec, on_event=view)

@@ -10,6 +10,7 @@ most `PLAIN_WIDTH` columns (a long label is shortened, never wrapped).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -42,6 +43,11 @@ PLAIN_WIDTH = 80
 """Columns a plain (not a terminal) progress line never exceeds."""
 PLAIN_INTERVAL = 10.0
 """Seconds between plain progress reports (a wait's start is reported at once)."""
+WAIT_WORTH_SAYING = 5.0
+"""A backfill's plain output names a rate-limit wait of at least this many seconds (or
+one after a 429); shorter ones are noise, and the periodic lines show them anyway."""
+COUNTDOWN_INTERVAL = 30.0
+"""Seconds between plain countdown lines while ``report`` or ``export`` is held."""
 
 
 def size(n: float) -> str:
@@ -305,7 +311,11 @@ class BackfillView:
             starts = token.wait_left(now) == 0
             token.wait(now, event.seconds)
             self.overall.wait(now, event.seconds)
-            if self.mode == "plain" and starts:
+            if (
+                self.mode == "plain"
+                and starts
+                and (event.seconds >= WAIT_WORTH_SAYING or token.held_by_429)
+            ):
                 self.echo(
                     _short(f"{label}: rate limit, waiting {duration(event.seconds)}", PLAIN_WIDTH)
                 )
@@ -336,7 +346,8 @@ class WaitView:
     holds the request (a full window or a 429), export states and download progress.
 
     Live mode redraws a one-line rich display; plain mode prints a line when a wait
-    starts and when an export changes state.
+    starts, every `COUNTDOWN_INTERVAL` seconds while it lasts (so a piped run held by a
+    429 is not silent for minutes) and when an export changes state.
     """
 
     def __init__(
@@ -366,13 +377,39 @@ class WaitView:
             refresh_per_second=4,
         )
         self._task = self.progress.add_task(_short(what, 24), total=None, visible=False)
+        self._said: float | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def __enter__(self) -> WaitView:
         self.progress.__enter__()
+        if not self.live:
+            self._ticker = threading.Thread(target=self._tick_until_stopped, daemon=True)
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         self.progress.__exit__(None, None, None)
+
+    def _tick_until_stopped(self) -> None:
+        while not self._stop.wait(1.0):
+            self.tick()
+
+    def tick(self, now: float | None = None) -> None:
+        """Plain mode: say the countdown again if a wait has lasted `COUNTDOWN_INTERVAL`
+        since it was last said."""
+        at = self.clock() if now is None else now
+        if self.live or self._said is None or self.wait.wait_left(at) <= 0:
+            return
+        if at - self._said >= COUNTDOWN_INTERVAL:
+            self._say(at)
+
+    def _say(self, now: float) -> None:
+        self._said = now
+        self.echo(_short(f"{self.what}: {self.status(now)}", PLAIN_WIDTH))
 
     def status(self, now: float | None = None) -> str:
         """The status at ``now``: the countdown while waiting, else the export's state."""
@@ -394,7 +431,7 @@ class WaitView:
             self.wait.wait(now, event.seconds)
             self.progress.update(self._task, visible=True)
             if not self.live and starts:
-                self.echo(_short(f"{self.what}: {self.status(now)}", PLAIN_WIDTH))
+                self._say(now)
         elif isinstance(event, RequestSent):
             self.wait.held_by_429 = False
         elif isinstance(event, ExportState):
