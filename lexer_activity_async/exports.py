@@ -41,7 +41,7 @@ from .reports import (
     validate_range,
     window_stamp,
 )
-from .transport import ChannelOwner, HttpRequest, HttpResponse, Timeouts
+from .transport import ChannelOwner, HttpRequest, HttpResponse, Timeouts, raise_detached
 from .wire import is_loopback_url
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
@@ -445,14 +445,16 @@ async def stream_file(
             raise exc.DownloadError(f"got {received} bytes, Content-Length said {total}")
         return
     if timed_out:
-        raise exc.DownloadTimeoutError(
-            f"file download timed out ({problem}; connect {policy.connect_timeout:g}s, "
-            f"read {policy.read_timeout:g}s, whole download "
-            + ("unbounded" if policy.timeout is None else f"{policy.timeout:g}s")
-            + ")",
-            report_type=kind,
+        raise_detached(
+            exc.DownloadTimeoutError(
+                f"file download timed out ({problem}; connect {policy.connect_timeout:g}s, "
+                f"read {policy.read_timeout:g}s, whole download "
+                + ("unbounded" if policy.timeout is None else f"{policy.timeout:g}s")
+                + ")",
+                report_type=kind,
+            )
         )
-    raise exc.DownloadError(f"file download failed: {problem}")
+    raise_detached(exc.DownloadError(f"file download failed: {problem}"))
 
 
 async def _rechunked(response: HttpResponse, size: int) -> AsyncIterator[bytes]:

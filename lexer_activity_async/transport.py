@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -32,6 +32,7 @@ from .retry import RetryPolicy, is_retryable
 
 __all__ = [
     "Secret",
+    "raise_detached",
     "Timeouts",
     "HttpRequest",
     "HttpResponse",
@@ -259,7 +260,7 @@ class AiohttpTransport:
             failure = _malformed(request, error)
         except (aiohttp.ClientError, OSError) as error:
             failure = _dropped(request, error)
-        raise failure
+        raise_detached(failure)
 
     async def _exchange(self, request: HttpRequest) -> HttpResponse:
         timeout = request.timeout
@@ -309,7 +310,29 @@ async def _chunks(content: aiohttp.StreamReader, request: HttpRequest) -> AsyncI
                 return
             yield request.redact(chunk)
             continue
-        raise failure
+        raise_detached(failure)
+
+
+def raise_detached(error: exc.LexerError) -> NoReturn:
+    """Raise ``error`` with no foreign exception (aiohttp's, asyncio's) in its chain. It
+    is raised after the handler that made it, yet Python 3.10 can still attach the
+    exception an awaiting coroutine was handling as its context, and aiohttp's errors and
+    their frames hold the request's headers, token included."""
+    try:
+        raise error
+    finally:
+        _detach(error)
+
+
+def _detach(error: BaseException) -> None:
+    link: BaseException | None = error
+    seen: list[BaseException] = []
+    while link is not None and not any(link is s for s in seen):
+        seen.append(link)
+        for attr in ("__cause__", "__context__"):
+            if not isinstance(getattr(link, attr), (exc.LexerError, type(None))):
+                setattr(link, attr, None)
+        link = link.__cause__ or link.__context__
 
 
 def _timed_out(request: HttpRequest) -> str:
@@ -545,8 +568,10 @@ class Channel:
         except TimeoutError:
             pass
         # Raised outside the handler: the cancelled attempt is no part of its context.
-        raise exc.LexerTimeoutError(
-            f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
+        raise_detached(
+            exc.LexerTimeoutError(
+                f"call exceeded its deadline of {limit:g}s", report_type=request.report_type
+            )
         )
 
     def _on_wait(self, seconds: float) -> None:
@@ -593,6 +618,7 @@ class Channel:
             return await self._exchange(request)
         except exc.TransportError as error:
             error.report_type = error.report_type or request.report_type
+            cut_transport_context(error)  # Python 3.10 may have attached one on the way up
             raise
         except exc.LexerError as error:  # e.g. the limiter's backend failed meanwhile
             if cut_transport_context(error):
@@ -640,10 +666,10 @@ class Channel:
                 self.emit(RateLimited(self.label, error.retry_after))
                 rate_limited += 1
                 if rate_limited > self.retry.max_rate_limited:
-                    raise error
+                    raise_detached(error)
                 continue
             if attempt >= retries or not is_retryable(error, idempotent=idempotent):
-                raise error
+                raise_detached(error)
             attempt += 1
             self.limiter.stats.retries += 1
             delay = self.retry.backoff(attempt)

@@ -17,7 +17,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
@@ -67,9 +69,37 @@ RESERVED_FILTERS = {"type", "date_from", "date_to", "form", "nps_category", "use
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; bad input found by the library is a usage error (exit 2)."""
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_interruptible(coro))
     except exc.ValidationError as error:
         raise click.UsageError(str(error)) from None
+
+
+async def _interruptible(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` so that Ctrl-C cancels it (every task group unwinds, no file is left
+    half-written) and then raises `KeyboardInterrupt`. Python 3.11's `asyncio.run` does
+    this itself; 3.10's raises the interrupt inside whatever callback is running, and
+    asyncio prints that as an unhandled exception with its traceback."""
+    main = asyncio.current_task()
+    untouched = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if main is None or not untouched or threading.current_thread() is not threading.main_thread():
+        return await coro  # 3.11+ (asyncio.run owns SIGINT), or SIGINT ignored: leave it
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        main.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str) -> datetime:

@@ -234,11 +234,13 @@ class BackfillView:
         }
 
     def __enter__(self) -> BackfillView:
-        self.progress.__enter__()
+        if self.mode == "live":  # a disabled rich Live still prints a newline (rich < 15)
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.progress.__exit__(None, None, None)
+        if self.mode == "live":
+            self.progress.__exit__(None, None, None)
         if self.mode == "plain":
             self._plain(self.clock())
 
@@ -382,8 +384,9 @@ class WaitView:
         self._ticker: threading.Thread | None = None
 
     def __enter__(self) -> WaitView:
-        self.progress.__enter__()
-        if not self.live:
+        if self.live:  # a disabled rich Live still prints a newline (rich < 15)
+            self.progress.__enter__()
+        else:
             self._ticker = threading.Thread(target=self._tick_until_stopped, daemon=True)
             self._ticker.start()
         return self
@@ -392,7 +395,8 @@ class WaitView:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
-        self.progress.__exit__(None, None, None)
+        if self.live:
+            self.progress.__exit__(None, None, None)
 
     def _tick_until_stopped(self) -> None:
         while not self._stop.wait(1.0):
