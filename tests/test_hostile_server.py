@@ -83,11 +83,26 @@ class RawServer:
                     length = int(value)
             request = head + await reader.readexactly(length)
             self.requests.append(request)
-            await self.answer(request, writer)
+            await self._answer_until_stopped(request, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    async def _answer_until_stopped(self, request: bytes, writer: asyncio.StreamWriter) -> None:
+        """Run the answer, but end it when the server stops: from Python 3.12.1 on,
+        ``Server.wait_closed`` waits for every handler, and some answers never end."""
+        answering = asyncio.ensure_future(self.answer(request, writer))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({answering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answering, stopping):
+                task.cancel()
+            await asyncio.gather(answering, stopping, return_exceptions=True)
+        error = None if answering.cancelled() else answering.exception()
+        if error is not None:
+            raise error
 
     @property
     def tokens_seen(self) -> list[bytes]:
