@@ -111,6 +111,22 @@ def _boot_clock() -> float:
     return time.clock_gettime(clock_id) if clock_id is not None else time.monotonic()
 
 
+def _while_locked(step: Callable[[], object]) -> None:
+    """Run one step of opening the store, again while SQLite says "database is locked":
+    while another process opens the store and switches it to WAL mode, reading its header
+    or changing the journal mode fails at once, without SQLite's busy handler. Retried
+    for up to `BUSY_TIMEOUT`."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class LimitStore:
     """One open limit-store file (one SQLite connection), shared by the limiters of a
     process. Opening validates it: a missing file is created (mode 0600, folder 0700);
@@ -161,8 +177,8 @@ class LimitStore:
         except sqlite3.Error as error:
             raise self._fail(f"cannot open: {error}") from None
         try:
-            self._is_new(conn)  # before WAL mode rewrites the header
-            conn.execute("PRAGMA journal_mode = WAL")
+            _while_locked(lambda: self._is_new(conn))  # before WAL mode rewrites the header
+            _while_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable enough, far cheaper
         except sqlite3.Error as error:
             conn.close()
