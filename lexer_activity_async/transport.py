@@ -325,14 +325,24 @@ def raise_detached(error: exc.LexerError) -> NoReturn:
 
 
 def _detach(error: BaseException) -> None:
+    _cut_links(error, lambda link: not isinstance(link, exc.LexerError))
+
+
+def _cut_links(error: BaseException, foreign: Callable[[BaseException], bool]) -> bool:
+    """Set to None every ``__cause__``/``__context__`` in ``error``'s chain that
+    ``foreign`` picks; True when one was cut."""
+    cut = False
     link: BaseException | None = error
     seen: list[BaseException] = []
     while link is not None and not any(link is s for s in seen):
         seen.append(link)
         for attr in ("__cause__", "__context__"):
-            if not isinstance(getattr(link, attr), (exc.LexerError, type(None))):
+            value = getattr(link, attr)
+            if value is not None and foreign(value):
                 setattr(link, attr, None)
+                cut = True
         link = link.__cause__ or link.__context__
+    return cut
 
 
 def _timed_out(request: HttpRequest) -> str:
@@ -365,17 +375,9 @@ def _parser_complaint(error: BaseException) -> str:
 def cut_transport_context(error: BaseException) -> bool:
     """Detach any aiohttp error (it holds the request's headers) from ``error``'s chain;
     True when there was one."""
-    cut = False
-    link: BaseException | None = error
-    seen: list[BaseException] = []
-    while link is not None and not any(link is s for s in seen):
-        seen.append(link)
-        for attr in ("__cause__", "__context__"):
-            if isinstance(getattr(link, attr), (aiohttp.ClientError, HttpProcessingError)):
-                setattr(link, attr, None)
-                cut = True
-        link = link.__cause__ or link.__context__
-    return cut
+    return _cut_links(
+        error, lambda link: isinstance(link, (aiohttp.ClientError, HttpProcessingError))
+    )
 
 
 # -- in memory ---------------------------------------------------------------------------
