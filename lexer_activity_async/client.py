@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import ssl as ssl_module
 import types
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from .limits import (
     default_registry,
     token_key,
 )
+from .network import Network, network
 from .reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
     ExportKind,
@@ -227,6 +229,14 @@ class LexerClient:
         now: wall clock used to validate ``date_from`` (not in the future).
         transport, files_transport: carry the exchanges instead of aiohttp sessions (a
             `MockTransport` in tests); ``files_transport`` defaults to ``transport``.
+        proxy: an ``http://`` forward proxy for the API, status and file sessions (https
+            goes through a CONNECT tunnel); else ``$HTTPS_PROXY`` etc. with ``trust_env``.
+        ssl: an `ssl.SSLContext` to verify the hosts with, or ``False`` (no verification,
+            tests only; warns). ca_bundle: a PEM file of CAs to trust instead.
+        trust_env: honour ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` and
+            ``SSL_CERT_FILE`` as curl does (default on).
+        file_session: an aiohttp session for export files instead of one the client makes
+            (never closed by it). It must carry no credential: the client adds none to it.
     """
 
     def __init__(
@@ -250,6 +260,11 @@ class LexerClient:
         now: Callable[[], datetime] | None = None,
         transport: Transport | None = None,
         files_transport: Transport | None = None,
+        proxy: str | None = None,
+        ssl: ssl_module.SSLContext | bool | None = None,
+        ca_bundle: str | os.PathLike[str] | None = None,
+        trust_env: bool = True,
+        file_session: aiohttp.ClientSession | None = None,
     ) -> None:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token or not token.strip():
@@ -271,6 +286,11 @@ class LexerClient:
             raise exc.ConfigurationError("window must be a positive number of seconds")
         if transport is not None and session is not None:
             raise exc.ConfigurationError("pass either session or transport, not both")
+        if files_transport is not None and file_session is not None:
+            raise exc.ConfigurationError("pass either file_session or files_transport, not both")
+        self.network: Network = network(
+            proxy=proxy, ssl=ssl, ca_bundle=ca_bundle, trust_env=trust_env
+        )
         self._token = _Secret(token)
         self.label = label or f"token-{token_key(self._token.reveal())[:8]}"
         self.api_url = (api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
@@ -296,7 +316,8 @@ class LexerClient:
             max_in_flight = anyio.CapacityLimiter(max_in_flight)
         self._session = session
         self._owns_session = session is None
-        self._files_session: aiohttp.ClientSession | None = None
+        self._files_session: aiohttp.ClientSession | None = file_session
+        self._owns_files_session = file_session is None
         self._transport = transport
         self._files_transport = files_transport or transport
         self._closed = False
@@ -346,13 +367,13 @@ class LexerClient:
             api, files = self._transport, self._files_transport
             if api is None:
                 if self._session is None:
-                    self._session = api_session(timeout=self.timeout)
+                    self._session = api_session(timeout=self.timeout, network=self.network)
                     opened.append(self._session)
                 no_silent_resend(self._session)  # a caller's session too
                 api = AiohttpTransport(self._session, owns_session=False)
             if files is None:
                 if self._files_session is None:
-                    self._files_session = files_session()
+                    self._files_session = files_session(self.network)
                     opened.append(self._files_session)
                 files = AiohttpTransport(self._files_session, owns_session=False)
             if self.redis_url is not None:
@@ -386,7 +407,7 @@ class LexerClient:
         self.channel.close()
         if self._owns_session and self._session is not None:
             await self._session.close()
-        if self._files_session is not None:
+        if self._owns_files_session and self._files_session is not None:
             await self._files_session.close()
         self._session = self._files_session = None
 

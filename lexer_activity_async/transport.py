@@ -28,6 +28,7 @@ from . import wire
 from ._version import __version__
 from .events import Event, RateLimited, RateLimitWait, RequestSent, Retrying
 from .limits import Limiter
+from .network import Network
 from .retry import RetryPolicy, is_retryable
 
 __all__ = [
@@ -189,28 +190,41 @@ class Transport(Protocol):
 
 
 def api_session(
-    *, connections: int = 100, timeout: float = DEFAULT_TIMEOUT
+    *, connections: int = 100, timeout: float = DEFAULT_TIMEOUT, network: Network | None = None
 ) -> aiohttp.ClientSession:
     """A session for the API and status hosts, as a client makes for itself: up to
     ``connections`` kept-alive connections, no cookies (the token authenticates each
     request, so nothing of one token's should ride along with another's), and
     aiohttp's silent resend of a GET switched off. Pass one to many clients
-    (``session=``) to share connections between tokens, as backfills do."""
+    (``session=``) to share connections between tokens, as backfills do. ``network``
+    sets its proxy and TLS (`network.network`)."""
+    network = network or Network()
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout),
-        connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(
+            limit=connections, ttl_dns_cache=300, ssl=network.connector_ssl
+        ),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"lexer-activity-async/{__version__}"},
+        proxy=network.proxy,
+        trust_env=network.trust_env,
     )
     no_silent_resend(session)
     return session
 
 
-def files_session() -> aiohttp.ClientSession:
+def files_session(network: Network | None = None) -> aiohttp.ClientSession:
     """The session for export files, which live on a storage host: no default headers, no
-    cookies (per-request deadlines come from the request's `Timeouts`)."""
+    cookies (per-request deadlines come from the request's `Timeouts`), the same proxy
+    and TLS as the API's (``network``). It never carries the token, so neither the
+    storage host nor a proxy on the way sees it."""
+    network = network or Network()
     return aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+        connector=aiohttp.TCPConnector(ssl=network.connector_ssl),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",),
+        proxy=network.proxy,
+        trust_env=network.trust_env,
     )
 
 
@@ -250,6 +264,18 @@ class AiohttpTransport:
             return await self._exchange(request)
         except asyncio.TimeoutError:  # aiohttp's connect/read timeouts included
             failure = exc.LexerTimeoutError(_timed_out(request))
+        except aiohttp.ClientProxyConnectionError as error:
+            failure = exc.LexerConnectionError(
+                f"cannot connect to the proxy for the {request.origin} host: "
+                + request.redact_text(str(error.os_error or type(error).__name__)),
+                request_sent=False,
+            )
+        except aiohttp.ClientHttpProxyError as error:
+            failure = exc.LexerConnectionError(
+                f"the proxy refused the connection to the {request.origin} host:"
+                f" HTTP {error.status} {request.redact_text(error.message or '')}".rstrip(),
+                request_sent=False,
+            )
         except aiohttp.ClientConnectorError as error:
             failure = exc.LexerConnectionError(
                 f"cannot connect to {request.origin} host: "

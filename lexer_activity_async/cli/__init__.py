@@ -303,6 +303,8 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
         status_url: str | None,
         redis_url: str | None,
         limit_store: str | None,
+        proxy: str | None,
+        ca_bundle: Path | None,
         **kwargs: Any,
     ) -> Any:
         connect = functools.partial(
@@ -310,6 +312,8 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
             _read_token(token_env, token_file),
             api_url=api_url,
             status_url=status_url,
+            proxy=proxy,
+            ca_bundle=ca_bundle,
             **_where_limits_live(limit_store, redis_url),
         )
         return func(*args, connect=connect, **kwargs)
@@ -334,6 +338,17 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Share the token's rate limit through this Redis.",
         ),
         click.option("--limit-store", metavar="PATH|memory", help=_LIMIT_STORE_HELP),
+        click.option(
+            "--proxy",
+            metavar="URL",
+            help="HTTP forward proxy for API, status and export-file requests"
+            " (default: $HTTPS_PROXY / $HTTP_PROXY, minus $NO_PROXY).",
+        ),
+        click.option(
+            "--ca-bundle",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="PEM file of CAs to trust instead of the system's (default: $SSL_CERT_FILE).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
