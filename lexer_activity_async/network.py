@@ -41,7 +41,8 @@ class Network:
         return True if self.ssl is None else self.ssl
 
     def __repr__(self) -> str:
-        return f"Network(proxy={_redact_userinfo(self.proxy)!r}, ssl={self.ssl!r}, trust_env={self.trust_env!r})"
+        proxy = _redact_userinfo(self.proxy)
+        return f"Network(proxy={proxy!r}, ssl={self.ssl!r}, trust_env={self.trust_env!r})"
 
 
 def network(
