@@ -57,14 +57,14 @@ class TableSchema:
         return tuple(c.name for c in self.columns)
 
 
-S, I, F, T = ColumnType.STRING, ColumnType.INT64, ColumnType.FLOAT64, ColumnType.TIMESTAMP
+S, N, F, T = ColumnType.STRING, ColumnType.INT64, ColumnType.FLOAT64, ColumnType.TIMESTAMP
 _BASE = (
     Column("label", S, "the token's label in the backfill"),
     Column("window_start", T, "the requested window's start (inclusive), UTC"),
     Column("window_end", T, "the requested window's end (exclusive), UTC"),
 )
 _BASE_KEY = ("label", "window_start", "window_end")
-_FORM = (Column("form_id", I, "the NPS survey (form) the report is for"),)
+_FORM = (Column("form_id", N, "the NPS survey (form) the report is for"),)
 
 
 def _fields(
@@ -74,7 +74,7 @@ def _fields(
     for field in attrs.fields(cls):
         if field.name in skip:
             continue
-        kind = kinds.get(field.name, F if field.type in ("float", float) else I)
+        kind = kinds.get(field.name, F if field.type in ("float", float) else N)
         out.append(Column(field.name, kind, f"`{field.name}` as the API reports it"))
     return tuple(out)
 
@@ -86,7 +86,7 @@ def _schema(
 
 
 _PERIOD = Column("period_start", T, "the period's (day's or hour's) start, UTC")
-_NAMES = {"first_name": S, "last_name": S, "user_id": I, "classification": S, "state": S}
+_NAMES = {"first_name": S, "last_name": S, "user_id": N, "classification": S, "state": S}
 
 SCHEMAS: Mapping[ReportType, TableSchema] = {
     s.kind: s
@@ -94,12 +94,12 @@ SCHEMAS: Mapping[ReportType, TableSchema] = {
         _schema(ReportType.SUMMARY, _fields(m.Summary, {})),
         _schema(
             ReportType.STATES_VOLUME,
-            (Column("state", S, "workflow state"), _PERIOD, Column("value", I, "messages")),
+            (Column("state", S, "workflow state"), _PERIOD, Column("value", N, "messages")),
             ("state", "period_start"),
         ),
         _schema(
             ReportType.WORKFLOW_STATES,
-            (Column("state", S, "workflow state"), Column("volume", I, "messages")),
+            (Column("state", S, "workflow state"), Column("volume", N, "messages")),
             ("state",),
         ),
         _schema(
@@ -118,11 +118,11 @@ SCHEMAS: Mapping[ReportType, TableSchema] = {
             (
                 *_fields(m.UserVolume, _NAMES, skip=("states",)),
                 Column("state", S, "workflow state (or all_states, all_closed_states)"),
-                Column("volume", I, "the agent's messages in that state"),
+                Column("volume", N, "the agent's messages in that state"),
             ),
             ("user_id", "state"),
         ),
-        _schema(ReportType.CASE_SUMMARY, _fields(m.CaseSummary, {"total_cases": I})),
+        _schema(ReportType.CASE_SUMMARY, _fields(m.CaseSummary, {"total_cases": N})),
         _schema(
             ReportType.CASE_VOLUME, (_PERIOD, Column("open", F, "open cases")), ("period_start",)
         ),
@@ -134,8 +134,11 @@ SCHEMAS: Mapping[ReportType, TableSchema] = {
         _schema(ReportType.NPS_SUMMARY, _FORM + _fields(m.NpsSummary, {}), ("form_id",)),
         _schema(
             ReportType.NPS_VOLUME,
-            (*_FORM, Column("period_start", T, "the local day's start, UTC"))
-            + _fields(m.NpsSummary, {}),
+            (
+                *_FORM,
+                Column("period_start", T, "the local day's start, UTC"),
+                *_fields(m.NpsSummary, {}),
+            ),
             ("form_id", "period_start"),
         ),
     )
@@ -154,7 +157,7 @@ def _utc(value: datetime, name: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def _flat(obj: object, skip: tuple[str, ...] = ()) -> Row:
+def _flat(obj: attrs.AttrsInstance, skip: tuple[str, ...] = ()) -> Row:
     return {f.name: getattr(obj, f.name) for f in attrs.fields(type(obj)) if f.name not in skip}
 
 
@@ -204,7 +207,7 @@ def to_rows(
             else:
                 body.append(_flat(item))
     else:
-        body = [_flat(r)]
+        body = [_flat(r)]  # type: ignore[arg-type]  # an attrs result
     names = schema_for(kind).names
     rows = [{**base, **b} for b in body]
     for row in rows:

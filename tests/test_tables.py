@@ -47,11 +47,15 @@ def test_reference_example_rows_match_schema(kind: ReportType) -> None:
     for row in rows:
         assert tuple(row) == schema.names
         assert row["label"] == "acme"
-        assert row["window_start"] == START and row["window_start"].tzinfo is timezone.utc  # type: ignore[union-attr]
+        start = row["window_start"]
+        assert isinstance(start, datetime)
+        assert start == START
+        assert start.tzinfo is timezone.utc
         for column in schema.columns:
             value = row[column.name]
             if column.type is ColumnType.TIMESTAMP:
-                assert isinstance(value, datetime) and value.tzinfo is timezone.utc
+                assert isinstance(value, datetime)
+                assert value.tzinfo is timezone.utc
             else:
                 assert isinstance(value, _PY[column.type]), (column.name, value)
         keys.add(tuple(row[k] for k in schema.primary_key))
@@ -63,7 +67,8 @@ def test_states_volume_periods_in_utc() -> None:
     result = decode_report(ReportType.STATES_VOLUME, 200, json.dumps(payload).encode(), tz=TZ)
     rows = to_rows(ReportType.STATES_VOLUME, result, label="a", window_start=START, window_end=END)
     first = rows[0]
-    assert first["state"] == "closed" and first["value"] == 174
+    assert first["state"] == "closed"
+    assert first["value"] == 174
     assert first["period_start"] == datetime(2018, 4, 26, 13, tzinfo=timezone.utc)
 
 
