@@ -16,9 +16,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import inspect
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -129,7 +128,7 @@ class LexerClient:
             return
         portal, registry = _runtime.acquire()
         if self._own_registry:
-            self._client._registry = registry  # noqa: SLF001 - same package, set before open
+            self._client._registry = registry  # before open: see module doc
         try:
             portal.call(self._client.open)
         except BaseException:
@@ -227,14 +226,13 @@ class LexerClient:
         """As `lexer_activity_async.LexerClient.resolve_report_type` (no I/O)."""
         return self._client.resolve_report_type(report_type)
 
-    @functools.wraps(AsyncLexerClient.export_rows)
-    def export_rows(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, str]]:
+    def export_rows(self, *args: Any, **kwargs: Any) -> Generator[dict[str, str], None, None]:
         """``for row in client.export_rows(...)``: the export's rows as its CSV streams;
         breaking out early (or closing the iterator) stops and cleans up the download."""
         rows = self._call_sync(lambda: self._client.export_rows(*args, **kwargs))
         return self._iterate(rows)
 
-    def _iterate(self, rows: Any) -> Iterator[dict[str, str]]:
+    def _iterate(self, rows: Any) -> Generator[dict[str, str], None, None]:
         try:
             while True:
                 try:
@@ -247,3 +245,6 @@ class LexerClient:
             if aclose is not None and self._portal is not None:
                 self._call(aclose)
 
+
+# Same signature as the async method (inspect follows __wrapped__).
+LexerClient.export_rows.__wrapped__ = AsyncLexerClient.export_rows  # type: ignore[attr-defined]
