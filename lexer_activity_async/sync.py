@@ -1,0 +1,250 @@
+"""A blocking twin of `LexerClient`, for scripts and notebooks.
+
+``with sync.LexerClient(token) as client: client.summary(...)``. Every sync client of the
+process runs its calls on one event loop in a background thread (an anyio blocking
+portal), so it works in a plain script and inside a running loop (Jupyter) alike. The
+thread starts with the first open sync client and stops with the last one closed.
+
+Limits: sync clients of one token share one limiter, kept in a registry that lives with
+that background loop (anyio primitives belong to the loop that made them). An async
+client on another loop does not share it; to hold N per W across sync and async clients,
+give both the same ``limit_store=`` or ``redis_url=``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from . import exceptions as exc
+from .client import LexerClient as AsyncLexerClient
+from .limits import LimiterRegistry
+
+__all__ = ["LexerClient"]
+
+T = TypeVar("T")
+
+_CANCELLED = object()
+
+
+class _Runtime:
+    """The shared background loop: started by the first open client, stopped (thread
+    joined) when the last one closes; a fresh limiter registry per loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stack: contextlib.ExitStack | None = None
+        self.portal: BlockingPortal | None = None
+        self.registry = LimiterRegistry()
+
+    def acquire(self) -> tuple[BlockingPortal, LimiterRegistry]:
+        with self._lock:
+            if self.portal is None:
+                stack = contextlib.ExitStack()
+                self.portal = stack.enter_context(start_blocking_portal())
+                self._stack = stack
+                self.registry = LimiterRegistry()
+            self._users += 1
+            return self.portal, self.registry
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._stack is not None:
+                stack, self._stack, self.portal = self._stack, None, None
+                stack.close()
+
+    @property
+    def running(self) -> bool:
+        return self.portal is not None
+
+
+_runtime = _Runtime()
+
+
+def _twin(name: str) -> Callable[..., Any]:
+    """The blocking twin of ``AsyncLexerClient.<name>``, with the same signature."""
+    target = getattr(AsyncLexerClient, name)
+
+    @functools.wraps(target)
+    def method(self: LexerClient, *args: Any, **kwargs: Any) -> Any:
+        return self._call(getattr(self._client, name), *args, **kwargs)
+
+    method.__doc__ = f"Blocking `lexer_activity_async.LexerClient.{name}`."
+    return method
+
+
+class LexerClient:
+    """Blocking client for the Activity API: the methods of the async `LexerClient`
+    (same arguments, same typed results), run on a background event loop.
+
+    Use as ``with LexerClient(token) as client:`` or call `close` (idempotent; a closed
+    client raises `ClientClosedError`). Arguments are those of the async client; without
+    ``registry``, ``redis_url`` or ``limit_store`` the token's limiter is shared by the
+    process's sync clients only (see the module docstring). Ctrl-C during a call cancels
+    it on the loop (no leaked slot, no half-written file) and raises KeyboardInterrupt.
+    """
+
+    def __init__(self, token: str | None = None, **options: Any) -> None:
+        self._portal: BlockingPortal | None = None
+        self._closed = False
+        shared = {"registry", "redis_url", "limit_store"} & options.keys()
+        self._own_registry = not shared
+        # Validates every option now, before any thread starts.
+        self._client = AsyncLexerClient(token, **options)
+        self.label = self._client.label
+
+    def __repr__(self) -> str:
+        return repr(self._client).replace("LexerClient(", "sync.LexerClient(", 1)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> LexerClient:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Start (or join) the background loop and open the client. Idempotent."""
+        if self._closed:
+            raise exc.ClientClosedError("this LexerClient is closed; create a new one")
+        if self._portal is not None:
+            return
+        portal, registry = _runtime.acquire()
+        if self._own_registry:
+            self._client._registry = registry  # before open: see module doc
+        try:
+            portal.call(self._client.open)
+        except BaseException:
+            _runtime.release()
+            raise
+        self._portal = portal
+
+    def close(self) -> None:
+        """Close the client; the background thread ends with the last open sync client."""
+        if self._closed:
+            return
+        self._closed = True
+        portal, self._portal = self._portal, None
+        if portal is None:
+            return
+        try:
+            portal.call(self._client.aclose)
+        finally:
+            _runtime.release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stats(self) -> Any:
+        """A snapshot of this token's counters."""
+        return self._call_sync(lambda: self._client.stats)
+
+    def _ensure_portal(self) -> BlockingPortal:
+        if self._closed:
+            raise exc.ClientClosedError("this LexerClient is closed; create a new one")
+        if self._portal is None:
+            self.open()
+        assert self._portal is not None
+        return self._portal
+
+    def _call_sync(self, fn: Callable[[], T]) -> T:
+        return self._ensure_portal().call(fn)
+
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the loop; on KeyboardInterrupt (or any exception while waiting)
+        cancel it there, wait until it has unwound, and re-raise."""
+        portal = self._ensure_portal()
+        scopes: list[anyio.CancelScope] = []
+
+        async def run() -> Any:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                return await fn(*args, **kwargs)
+            return _CANCELLED
+
+        future = portal.start_task_soon(run)
+        try:
+            result = future.result()
+        except BaseException:
+            if not future.done():
+                if scopes:
+                    portal.call(scopes[0].cancel)
+                else:
+                    future.cancel()
+                concurrent.futures.wait([future])
+            raise
+        if result is _CANCELLED:  # cancelled on the loop by something other than us
+            raise exc.ClientClosedError("the call was cancelled: the client is closing")
+        return result  # type: ignore[no-any-return]
+
+    # -- the API -----------------------------------------------------------------------
+
+    users = _twin("users")
+    groups = _twin("groups")
+    forms = _twin("forms")
+    send = _twin("send")
+    report = _twin("report")
+    summary = _twin("summary")
+    states_volume = _twin("states_volume")
+    workflow_states = _twin("workflow_states")
+    classifications = _twin("classifications")
+    response_volume = _twin("response_volume")
+    user_summary = _twin("user_summary")
+    user_volume = _twin("user_volume")
+    case_summary = _twin("case_summary")
+    case_volume = _twin("case_volume")
+    case_classifications = _twin("case_classifications")
+    nps_summary = _twin("nps_summary")
+    nps_volume = _twin("nps_volume")
+    start_export = _twin("start_export")
+    export_status = _twin("export_status")
+    wait_for_export = _twin("wait_for_export")
+    download_export = _twin("download_export")
+    export = _twin("export")
+
+    @functools.wraps(AsyncLexerClient.resolve_report_type)
+    def resolve_report_type(self, report_type: Any) -> Any:
+        """As `lexer_activity_async.LexerClient.resolve_report_type` (no I/O)."""
+        return self._client.resolve_report_type(report_type)
+
+    def export_rows(self, *args: Any, **kwargs: Any) -> Generator[dict[str, str], None, None]:
+        """``for row in client.export_rows(...)``: the export's rows as its CSV streams;
+        breaking out early (or closing the iterator) stops and cleans up the download."""
+        rows = self._call_sync(lambda: self._client.export_rows(*args, **kwargs))
+        return self._iterate(rows)
+
+    def _iterate(self, rows: Any) -> Generator[dict[str, str], None, None]:
+        try:
+            while True:
+                try:
+                    row: dict[str, str] = self._call(rows.__anext__)
+                except StopAsyncIteration:
+                    return
+                yield row
+        finally:
+            aclose = getattr(rows, "aclose", None)
+            if aclose is not None and self._portal is not None:
+                self._call(aclose)
+
+
+# Same signature as the async method (inspect follows __wrapped__).
+LexerClient.export_rows.__wrapped__ = AsyncLexerClient.export_rows  # type: ignore[attr-defined]
