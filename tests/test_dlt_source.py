@@ -1,0 +1,121 @@
+"""The dlt source: a real dlt pipeline into DuckDB against the sandbox, loaded twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import dlt
+import duckdb
+import pytest
+from conftest import NOW, TOKEN_A, TOKEN_B
+
+from lexer_activity_async import exceptions as exc
+from lexer_activity_async import tables
+from lexer_activity_async.dlt import dlt_columns, lexer_source
+from lexer_activity_async.reports import ReportType
+from lexer_activity_async.sandbox import Sandbox
+
+REPORTS = ("summary", "states_volume", "user_summary", "nps_volume")
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+FIRST_RUN = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)  # in June's window
+SECOND_RUN = datetime(2026, 6, 10, 12, tzinfo=timezone.utc)
+LOOKBACK = timedelta(days=3)
+
+
+@pytest.fixture(autouse=True)
+def no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dlt would otherwise report usage over the network."""
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
+def _load(sb: Sandbox, tmp: Path, name: str, at: datetime) -> int:
+    """Run the pipeline ``name`` (its state and database under ``tmp``) at ``at``; the
+    requests the sandbox saw during the run."""
+    before = sum(sb.stats.requests.values())
+    pipeline = dlt.pipeline(
+        pipeline_name=name,
+        destination=dlt.destinations.duckdb(str(tmp / f"{name}.duckdb")),
+        dataset_name="lexer",
+        pipelines_dir=str(tmp / "pipelines"),
+    )
+    source = lexer_source(
+        {"team-a": TOKEN_A, "team-b": TOKEN_B},
+        date_from=START,
+        reports=REPORTS,
+        nps_form=55,
+        lookback=LOOKBACK,
+        api_url=sb.api_url,
+        status_url=sb.status_url,
+        now=lambda: at,
+    )
+    pipeline.run(source)
+    return sum(sb.stats.requests.values()) - before
+
+
+def _table(tmp: Path, name: str, kind: str) -> list[tuple[Any, ...]]:
+    schema = tables.schema_for(ReportType(kind))
+    columns = ", ".join(schema.names)
+    with duckdb.connect(str(tmp / f"{name}.duckdb"), read_only=True) as db:
+        rows = db.execute(f"SELECT {columns} FROM lexer.{schema.table} ORDER BY ALL").fetchall()
+    return rows
+
+
+def test_two_loads_leave_no_duplicates_and_the_second_spends_only_the_lookback(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox]
+) -> None:
+    sb = sandbox_in_thread(now=lambda: NOW)
+    first = _load(sb, tmp_path, "incremental", FIRST_RUN)
+    # 2 tokens x 6 windows (January to the June window holding now) x 4 reports.
+    assert first == 2 * 6 * len(REPORTS)
+    second = _load(sb, tmp_path, "incremental", SECOND_RUN)
+    # The last run ended 1 June 12:00; 3 days before is in May: May's and June's windows.
+    assert second == 2 * 2 * len(REPORTS)
+    assert sb.stats.rate_limited == 0
+
+    # One load at the second moment: the same rows, so reloading replaced whole windows.
+    _load(sb, tmp_path, "one-shot", SECOND_RUN)
+    for kind in REPORTS:
+        rows = _table(tmp_path, "incremental", kind)
+        schema = tables.schema_for(ReportType(kind))
+        key = [schema.names.index(column) for column in schema.primary_key]
+        assert len({tuple(row[i] for i in key) for row in rows}) == len(rows), kind
+        assert rows == _table(tmp_path, "one-shot", kind), kind
+        assert rows, kind
+    labels = {row[0] for row in _table(tmp_path, "incremental", "summary")}
+    assert labels == {"team-a", "team-b"}
+
+
+def test_columns_are_typed_from_the_table_schemas() -> None:
+    schema = tables.schema_for(ReportType.STATES_VOLUME)
+    hints = dlt_columns(schema)
+    assert list(hints) == list(schema.names)
+    assert hints["window_start"]["data_type"] == "timestamp"
+    assert hints["window_start"]["timezone"] is True
+    assert hints["value"]["data_type"] == "bigint"
+    assert hints["label"]["data_type"] == "text"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"reports": ["bogus"]}, "unknown report 'bogus'"),
+        ({"reports": []}, "at least one report"),
+        ({"reports": ["nps_volume"]}, "form"),
+        ({"date_from": datetime(2026, 1, 1)}, "timezone-aware"),
+        ({"window_months": 13}, "window_months"),
+        ({"lookback": timedelta(days=-1)}, "lookback"),
+        ({"tokens": {}}, "at least one"),
+        ({"tokens": {"a": " "}}, "token of 'a' is empty"),
+        ({"api_url": "ftp://example"}, "api_url"),
+    ],
+)
+def test_bad_options_are_refused_before_any_request(options: dict[str, Any], message: str) -> None:
+    base = {"tokens": {"a": TOKEN_A}, "date_from": START, "reports": ["summary"]}
+    arguments: dict[str, Any] = {**base, **options}
+    tokens = arguments.pop("tokens")
+    with pytest.raises((exc.ValidationError, exc.ConfigurationError), match=message):
+        lexer_source(tokens, **arguments)
+    assert TOKEN_A not in message
