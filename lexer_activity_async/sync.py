@@ -5,8 +5,9 @@ process runs its calls on one event loop in a background thread (an anyio blocki
 portal), so it works in a plain script and inside a running loop (Jupyter) alike. The
 thread starts with the first open sync client and stops with the last one closed.
 
-Limits: sync clients of one token share one limiter, kept in a registry that lives with
-that background loop (anyio primitives belong to the loop that made them). An async
+Limits: sync clients of one token share one limiter: the process-wide registry keeps one
+table per event loop (anyio primitives belong to the loop that made them), and every sync
+client runs on the same background loop. An async
 client on another loop does not share it; to hold N per W across sync and async clients,
 give both the same ``limit_store=`` or ``redis_url=``.
 """
@@ -26,7 +27,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import exceptions as exc
 from .client import LexerClient as AsyncLexerClient
-from .limits import LimiterRegistry
+from .limits import LimiterStats
 
 __all__ = ["LexerClient"]
 
@@ -37,24 +38,22 @@ _CANCELLED = object()
 
 class _Runtime:
     """The shared background loop: started by the first open client, stopped (thread
-    joined) when the last one closes; a fresh limiter registry per loop."""
+    joined) when the last one closes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
         self._stack: contextlib.ExitStack | None = None
         self.portal: BlockingPortal | None = None
-        self.registry = LimiterRegistry()
 
-    def acquire(self) -> tuple[BlockingPortal, LimiterRegistry]:
+    def acquire(self) -> BlockingPortal:
         with self._lock:
             if self.portal is None:
                 stack = contextlib.ExitStack()
                 self.portal = stack.enter_context(start_blocking_portal())
                 self._stack = stack
-                self.registry = LimiterRegistry()
             self._users += 1
-            return self.portal, self.registry
+            return self.portal
 
     def release(self) -> None:
         with self._lock:
@@ -97,8 +96,6 @@ class LexerClient:
     def __init__(self, token: str | None = None, **options: Any) -> None:
         self._portal: BlockingPortal | None = None
         self._closed = False
-        shared = {"registry", "redis_url", "limit_store"} & options.keys()
-        self._own_registry = not shared
         # Validates every option now, before any thread starts.
         self._client = AsyncLexerClient(token, **options)
         self.label = self._client.label
@@ -126,9 +123,7 @@ class LexerClient:
             raise exc.ClientClosedError("this LexerClient is closed; create a new one")
         if self._portal is not None:
             return
-        portal, registry = _runtime.acquire()
-        if self._own_registry:
-            self._client._registry = registry  # before open: see module doc
+        portal = _runtime.acquire()
         try:
             portal.call(self._client.open)
         except BaseException:
@@ -154,7 +149,7 @@ class LexerClient:
         return self._closed
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> LimiterStats:
         """A snapshot of this token's counters."""
         return self._call_sync(lambda: self._client.stats)
 
