@@ -42,7 +42,7 @@ from .reports import (
 try:
     import dlt
     from dlt.extract.source import DltSource
-except ImportError as error:  # pragma: no cover - exercised by a test that hides dlt
+except ImportError as error:  # without the extra: say which one to install
     raise ImportError(
         "lexer_activity_async.dlt needs dlt: pip install 'lexer-activity-async[dlt]'"
     ) from error

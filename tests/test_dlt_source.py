@@ -119,3 +119,13 @@ def test_bad_options_are_refused_before_any_request(options: dict[str, Any], mes
     with pytest.raises((exc.ValidationError, exc.ConfigurationError), match=message):
         lexer_source(tokens, **arguments)
     assert TOKEN_A not in message
+
+
+def test_without_the_extra_the_import_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dlt", None)  # as if dlt were not installed
+    monkeypatch.delitem(sys.modules, "lexer_activity_async.dlt")
+    with pytest.raises(ImportError, match=r"pip install 'lexer-activity-async\[dlt\]'"):
+        importlib.import_module("lexer_activity_async.dlt")
