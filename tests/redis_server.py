@@ -56,11 +56,12 @@ def _start(binary: str, port: int, timeout: float) -> subprocess.Popen[bytes]:
         if _pings(port):
             return proc
         time.sleep(0.02)
-    _stop(proc)
+    stop_server(proc)
     raise RedisServerUnavailable(f"redis-server did not answer PING within {timeout:g}s")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a test server, killing it if it has not exited within 5 s."""
     proc.terminate()
     try:
         proc.wait(5)
@@ -88,7 +89,7 @@ def redis_server(*, attempts: int = 3, timeout: float = 10.0) -> Iterator[str]:
         try:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            _stop(proc)
+            stop_server(proc)
         return
     assert error is not None
     raise error

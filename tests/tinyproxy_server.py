@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from redis_server import free_port
+from redis_server import free_port, stop_server
 
 __all__ = ["TinyproxyUnavailable", "find_tinyproxy", "tinyproxy"]
 
@@ -55,9 +55,4 @@ def tinyproxy(directory: Path, *, timeout: float = 10.0) -> Iterator[tuple[str, 
             time.sleep(0.02)
         yield f"http://127.0.0.1:{port}", log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
