@@ -33,6 +33,7 @@ from .backoff import exponential
 from .destinations import check_file_destination
 from .durable import write_atomically as _write_atomically
 from .events import DownloadProgress, ExportState
+from .logs import fields as log_fields
 from .reports import (
     ExportKind,
     build_report_body,
@@ -284,6 +285,7 @@ async def wait_for_export(
                         "export job of token %s has undocumented status %r; polling on",
                         client.channel.label,
                         job.status,
+                        extra=log_fields(client.channel.label, None, kind),
                     )
     except TimeoutError:
         pass
@@ -383,6 +385,7 @@ async def stream_file(
     the size against Content-Length/Content-Range."""
     policy = policy or DownloadPolicy()
     channel = client.channel
+    instrumentation = channel.instrumentation
     received = resumes = refreshes = 0
     total: int | None = None
     deadline = math.inf if policy.timeout is None else anyio.current_time() + policy.timeout
@@ -431,6 +434,8 @@ async def stream_file(
                         continue
                     chunk, skip = chunk[skip:], 0
                 received += len(chunk)
+                if instrumentation is not None:
+                    instrumentation.downloaded(channel.label, kind, len(chunk))
                 yield chunk
                 channel.emit(DownloadProgress(channel.label, kind, received, total))
             if skip or (total is not None and received < total):
