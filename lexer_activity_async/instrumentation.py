@@ -47,7 +47,8 @@ class RequestObserver(Protocol):
         """Attempt ``number`` (1-based) begins: it waits for a rate-limit slot, then sends."""
 
     def rate_limit_wait(self, seconds: float) -> None:
-        """The current attempt waits about ``seconds`` for a rate-limit slot."""
+        """The current attempt got its rate-limit slot after waiting ``seconds`` (on the
+        event loop's clock) for it; not called when a slot was free at once."""
 
     def response(self, status: int) -> None:
         """The current attempt got an HTTP answer with ``status``."""

@@ -651,15 +651,23 @@ class Channel:
 
     @contextlib.asynccontextmanager
     async def _slot(self, observer: RequestObserver | None = None) -> AsyncIterator[None]:
-        """A rate-limit slot; a `RequestSent` event once it is taken."""
-        on_wait = self._on_wait
-        if observer is not None:
+        """A rate-limit slot; a `RequestSent` event once it is taken. An ``observer`` is
+        told how long the attempt waited for it, if it had to."""
+        if observer is None:
+            async with self.limiter.slot(self._on_wait):
+                self.emit(RequestSent(self.label))
+                yield
+            return
+        started, waited = anyio.current_time(), False
 
-            def on_wait(seconds: float) -> None:
-                observer.rate_limit_wait(seconds)
-                self._on_wait(seconds)
+        def on_wait(seconds: float) -> None:
+            nonlocal waited
+            waited = True
+            self._on_wait(seconds)
 
         async with self.limiter.slot(on_wait):
+            if waited:
+                observer.rate_limit_wait(anyio.current_time() - started)
             self.emit(RequestSent(self.label))
             yield
 
