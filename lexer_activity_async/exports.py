@@ -33,6 +33,7 @@ from .backoff import exponential
 from .destinations import check_file_destination
 from .durable import write_atomically as _write_atomically
 from .events import DownloadProgress, ExportState
+from .instrumentation import observe_download
 from .logs import fields as log_fields
 from .reports import (
     ExportKind,
@@ -385,7 +386,6 @@ async def stream_file(
     the size against Content-Length/Content-Range."""
     policy = policy or DownloadPolicy()
     channel = client.channel
-    instrumentation = channel.instrumentation
     received = resumes = refreshes = 0
     total: int | None = None
     deadline = math.inf if policy.timeout is None else anyio.current_time() + policy.timeout
@@ -434,8 +434,6 @@ async def stream_file(
                         continue
                     chunk, skip = chunk[skip:], 0
                 received += len(chunk)
-                if instrumentation is not None:
-                    instrumentation.downloaded(channel.label, kind, len(chunk))
                 yield chunk
                 channel.emit(DownloadProgress(channel.label, kind, received, total))
             if skip or (total is not None and received < total):
@@ -507,6 +505,7 @@ async def download(
 
     refresh = _url_refresher(client, job.token, kind, poll)
     chunks = stream_file(client, job.url, refresh_url=refresh, policy=policy, kind=kind)
+    chunks = observe_download(client.channel.instrumentation, client.channel.label, kind, chunks)
     return await _write_atomically(Path(dest), chunks)
 
 
@@ -705,6 +704,7 @@ async def export_rows(
     header: list[str] | None = None
     refresh = _url_refresher(client, job.token, name, poll)
     stream = stream_file(client, done.url, refresh_url=refresh, policy=policy, kind=name)
+    stream = observe_download(client.channel.instrumentation, client.channel.label, name, stream)
     async for record in iter_csv_records(stream):
         if header is None:
             header = record

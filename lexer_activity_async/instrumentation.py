@@ -12,9 +12,12 @@ is not configured) nothing here runs: the channel checks for None and goes on, a
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
 import attrs
+
+from .logs import new_request_id
 
 __all__ = [
     "RequestDetails",
@@ -22,7 +25,12 @@ __all__ = [
     "Instrumentation",
     "InstrumentationOption",
     "resolve",
+    "observe_download",
+    "FILE_ENDPOINT",
 ]
+
+FILE_ENDPOINT = "export-file"
+"""The `RequestDetails.endpoint` of an export file download (its URL is signed: never shown)."""
 
 
 @attrs.frozen
@@ -94,3 +102,43 @@ def resolve(option: InstrumentationOption) -> Instrumentation | None:
     from .otel import configured  # the application has OpenTelemetry: so may we
 
     return configured()
+
+
+def observe_download(
+    instrumentation: Instrumentation | None,
+    label: str,
+    kind: str,
+    chunks: AsyncIterator[bytes],
+) -> AsyncIterator[bytes]:
+    """``chunks`` of a ``kind`` export file, told to ``instrumentation``: the download is
+    one call of its own (one attempt, whatever its resumes; origin ``file``) and each
+    chunk's size goes to `Instrumentation.downloaded`. Without one, ``chunks`` itself."""
+    if instrumentation is None:
+        return chunks
+    return _observed(instrumentation, label, kind, chunks)
+
+
+async def _observed(
+    instrumentation: Instrumentation,
+    label: str,
+    kind: str,
+    chunks: AsyncIterator[bytes],
+) -> AsyncIterator[bytes]:
+    details = RequestDetails(label, new_request_id(), "GET", FILE_ENDPOINT, "file", kind)
+    observer = instrumentation.request(details)
+    observer.attempt(1)
+    error: BaseException | None = None
+    try:
+        async for chunk in chunks:
+            instrumentation.downloaded(label, kind, len(chunk))
+            yield chunk
+    except GeneratorExit:  # the reader stopped early: no failure of the download
+        raise
+    except BaseException as failure:
+        error = failure
+        raise
+    finally:
+        close = getattr(chunks, "aclose", None)  # an async generator's, now, not at GC
+        if close is not None:
+            await close()
+        observer.finished(error)

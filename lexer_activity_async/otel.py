@@ -7,7 +7,8 @@ named ``<method> <endpoint>``: attributes ``lexer.token_label``, ``lexer.request
 ``lexer.report_type``, ``lexer.endpoint``, ``lexer.origin``, ``lexer.attempt`` (1-based),
 ``http.request.method``, ``http.response.status_code``, ``error.type``; events
 ``rate_limit_wait`` (``lexer.wait.seconds``) and ``retry`` (``lexer.retry.reason``,
-``lexer.retry.delay``). Never the token, nor a URL's query.
+``lexer.retry.delay``). An export file download is one span, ``GET export-file``, resumes
+included. Never the token, nor a URL's query, nor a file's signed URL.
 
 Metrics (meter ``lexer_activity_async``), all counters: ``lexer.requests`` (by label,
 endpoint, report type, status or error type), ``lexer.rate_limited`` (429s),

@@ -23,10 +23,16 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 from otel_memory import Telemetry
 
-from lexer_activity_async import LexerClient, LexerTimeoutError, LimiterRegistry, RetryPolicy
+from lexer_activity_async import (
+    DownloadError,
+    LexerClient,
+    LexerTimeoutError,
+    LimiterRegistry,
+    RetryPolicy,
+)
 from lexer_activity_async.backfill import BackfillSpec, TokenSource, run_backfill
 from lexer_activity_async.cli import main
-from lexer_activity_async.exports import PollPolicy
+from lexer_activity_async.exports import DownloadPolicy, PollPolicy
 from lexer_activity_async.logs import FIELDS, JsonFormatter
 from lexer_activity_async.sandbox import Sandbox
 
@@ -177,8 +183,53 @@ async def test_exports_count_their_bytes_and_poll_spans_hide_the_job_token(
     polls = [s for s in spans if s.name == "GET /activity/reports/status"]
     assert len(polls) == result.polls > 0
     assert {(s.attributes or {})["lexer.origin"] for s in polls} == {"status"}
-    for secret in (TOKEN_A, job.token):
+    [download] = [s for s in spans if s.name == "GET export-file"]
+    attributes = download.attributes or {}
+    assert (attributes["lexer.origin"], attributes["lexer.report_type"]) == ("file", "case_details")
+    assert download.status.status_code is StatusCode.UNSET
+    assert download.end_time is not None
+    assert job.url is not None
+    for secret in (TOKEN_A, job.token, job.url):
         assert not [text for text in telemetry.texts() if secret in text]
+
+
+async def test_a_failed_download_ends_its_span_as_an_error_and_an_early_stop_does_not(
+    sandbox: Sandbox, tmp_path: Path, telemetry: Telemetry
+) -> None:
+    poll = PollPolicy(first_delay=0.02, cap=0.05)
+    sandbox.faults.drop_download_after = 100
+    sandbox.faults.drop_download_count = 100
+    async with LexerClient(
+        TOKEN_A,
+        api_url=sandbox.api_url,
+        status_url=sandbox.status_url,
+        registry=LimiterRegistry(),
+        now=lambda: NOW,
+        instrumentation=telemetry.hooks,
+    ) as client:
+        with pytest.raises(DownloadError):
+            await client.export(
+                "case_details",
+                JAN,
+                FEB,
+                tmp_path / "cases.csv",
+                poll=poll,
+                policy=DownloadPolicy(max_resumes=1),
+            )
+        [failed] = [s for s in telemetry.spans if s.name == "GET export-file"]
+        assert failed.status.status_code is StatusCode.ERROR
+        assert (failed.attributes or {})["error.type"] == "DownloadError"
+        # Two connections, each cut after 100 bytes: all 200 bytes that arrived count.
+        assert telemetry.total("lexer.export.bytes") == 200
+
+        sandbox.faults.reset()
+        rows = client.export_rows("case_details", JAN, FEB, poll=poll)
+        async for _ in rows:
+            break
+        await rows.aclose()  # type: ignore[attr-defined]
+    stopped = [s for s in telemetry.spans if s.name == "GET export-file"][1]
+    assert stopped.end_time is not None
+    assert stopped.status.status_code is StatusCode.UNSET
 
 
 async def test_backfill_units_are_counted_by_state(
@@ -243,24 +294,18 @@ async def call():
 """
 
 
-def test_without_opentelemetry_nothing_of_it_is_imported_or_run() -> None:
+def test_without_opentelemetry_nothing_of_it_is_imported_and_auto_finds_it_once_set() -> None:
+    """One fresh interpreter: a call without OpenTelemetry imports none of it; with the API
+    imported but no provider set, still nothing; once the application sets a tracer
+    provider, ``"auto"`` reports to it."""
     out = _python(
         CALL_THROUGH_A_MOCK
         + """
 hooks = asyncio.run(call())
 print(hooks, sorted(m for m in sys.modules if m.startswith("opentelemetry")),
       "lexer_activity_async.otel" in sys.modules)
-"""
-    )
-    assert out.split() == ["None", "[]", "False"]
-
-
-def test_auto_uses_opentelemetry_once_the_application_configures_it() -> None:
-    out = _python(
-        CALL_THROUGH_A_MOCK
-        + """
 from opentelemetry import trace
-print(asyncio.run(call()))  # imported, but no provider set: still nothing
+print(asyncio.run(call()))
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -271,7 +316,7 @@ trace.set_tracer_provider(provider)
 print(type(asyncio.run(call())).__name__, [s.name for s in exporter.get_finished_spans()])
 """
     )
-    assert out.splitlines() == ["None", "OpenTelemetry ['GET /users']"]
+    assert out.splitlines() == ["None [] False", "None", "OpenTelemetry ['GET /users']"]
 
 
 # -- structured logs ---------------------------------------------------------------------
@@ -352,7 +397,7 @@ def test_cli_json_writes_log_records_as_json_lines(
 ) -> None:
     sb = sandbox_in_thread()
     sb.faults.fail_next(503)
-    sb.faults.fail_next(429, retry_after="1")
+    sb.faults.fail_next(429, retry_after="0.05")
     logger = logging.getLogger("lexer_activity_async")
     handlers, level = list(logger.handlers), logger.level
     args = ["--json", "report", "summary", "--from", "2024-01-01", "--to", "2024-02-01"]
