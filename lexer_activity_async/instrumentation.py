@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 
 import attrs
 
+from .exceptions import ConfigurationError
 from .logs import new_request_id
 
 __all__ = [
@@ -87,6 +88,8 @@ class Instrumentation(Protocol):
         failed or skipped)."""
 
 
+_METHODS = ("request", "downloaded", "unit_finished")
+
 InstrumentationOption = Instrumentation | Literal["auto"] | None
 """``instrumentation=``: an `Instrumentation`, None (off) or ``"auto"``."""
 
@@ -94,8 +97,17 @@ InstrumentationOption = Instrumentation | Literal["auto"] | None
 def resolve(option: InstrumentationOption) -> Instrumentation | None:
     """The instrumentation ``option`` stands for. ``"auto"``: OpenTelemetry's global
     providers when the application has imported OpenTelemetry and set a tracer or meter
-    provider, else none (so a program without OpenTelemetry never imports it)."""
+    provider, else none (so a program without OpenTelemetry never imports it). Anything
+    else is a `ConfigurationError`."""
+    if isinstance(option, str) and option != "auto":
+        raise ConfigurationError(f'instrumentation must be "auto", None or hooks, got {option!r}')
     if not isinstance(option, str):
+        missing = [m for m in _METHODS if not callable(getattr(option, m, None))]
+        if option is not None and missing:
+            raise ConfigurationError(
+                f"instrumentation {type(option).__name__} lacks {', '.join(missing)} "
+                "(see lexer_activity_async.instrumentation.Instrumentation)"
+            )
         return option
     if "opentelemetry" not in sys.modules:
         return None

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from otel_memory import Telemetry
 
 from lexer_activity_async import (
+    ConfigurationError,
     DownloadError,
     LexerClient,
     LexerTimeoutError,
@@ -266,6 +267,15 @@ async def test_backfill_units_are_counted_by_state(
         units[attributes["lexer.state"]] += int(value)
     assert units == {"done": 3, "failed": 1, "skipped": 4}
     assert telemetry.total("lexer.requests", **{"lexer.token_label": "a"}) == first.requests
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("otel", 'must be "auto", None or hooks'), (object(), "object lacks request, downloaded")],
+)
+def test_bad_instrumentation_is_refused_before_anything_is_sent(option: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        LexerClient(TOKEN_A, instrumentation=option)
 
 
 # -- zero cost without it, and "auto" -------------------------------------------------------

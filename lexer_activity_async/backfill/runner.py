@@ -359,6 +359,7 @@ async def run_backfill(
         any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
     ):
         raise exc.ValidationError("refresh needs (from, to) with UTC offsets, from before to")
+    hooks = resolve_instrumentation(instrumentation)
     the_plan = plan(spec, now=now() if now is not None else None)
     for notice in the_plan.notices:
         log.warning("backfill: %s", notice, extra=log_fields())
@@ -378,7 +379,6 @@ async def run_backfill(
     provisional: dict[str, int] = {s.label: 0 for s in spec.tokens}
     failed: dict[str, list[tuple[str, str]]] = {s.label: [] for s in spec.tokens}
     totals = {"bytes": 0, "files": 0}
-    hooks = resolve_instrumentation(instrumentation)
 
     def emit(event: BackfillEvent) -> None:
         if isinstance(event, UnitFinished):
