@@ -18,7 +18,7 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.exporter = InMemorySpanExporter()
-        tracers = TracerProvider()
+        self.tracers = tracers = TracerProvider()
         tracers.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.reader = InMemoryMetricReader()
         meters = MeterProvider(metric_readers=[self.reader])

@@ -36,6 +36,7 @@ from lexer_activity_async.cli import main
 from lexer_activity_async.exports import DownloadPolicy, PollPolicy
 from lexer_activity_async.logs import FIELDS, JsonFormatter
 from lexer_activity_async.sandbox import Sandbox
+from lexer_activity_async.sync import LexerClient as SyncClient
 
 UTC = timezone.utc
 JAN = datetime(2024, 1, 1, tzinfo=UTC)
@@ -267,6 +268,39 @@ async def test_backfill_units_are_counted_by_state(
         units[attributes["lexer.state"]] += int(value)
     assert units == {"done": 3, "failed": 1, "skipped": 4}
     assert telemetry.total("lexer.requests", **{"lexer.token_label": "a"}) == first.requests
+
+
+async def test_spans_are_children_of_the_callers_current_span(
+    sandbox: Sandbox, telemetry: Telemetry
+) -> None:
+    tracer = telemetry.tracers.get_tracer("the-service")
+    async with LexerClient(
+        TOKEN_A,
+        api_url=sandbox.api_url,
+        registry=LimiterRegistry(),
+        instrumentation=telemetry.hooks,
+    ) as client:
+        with tracer.start_as_current_span("handle-request") as parent:
+            await client.users()
+        await client.groups()
+    by_name = {s.name: s for s in telemetry.spans}
+    users, groups = by_name["GET /users"], by_name["GET /groups"]
+    assert users.parent is not None
+    assert users.parent.span_id == parent.get_span_context().span_id
+    assert users.context is not None
+    assert users.context.trace_id == parent.get_span_context().trace_id
+    assert groups.parent is None
+
+
+def test_the_sync_client_reports_to_its_instrumentation(
+    sandbox_in_thread: Callable[..., Sandbox],
+) -> None:
+    sb = sandbox_in_thread()
+    telemetry = Telemetry()
+    with SyncClient(TOKEN_A, api_url=sb.api_url, instrumentation=telemetry.hooks) as client:
+        client.users()
+    assert [s.name for s in telemetry.spans] == ["GET /users"]
+    assert telemetry.total("lexer.requests", **{"http.response.status_code": 200}) == 1
 
 
 @pytest.mark.parametrize(
