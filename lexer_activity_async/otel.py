@@ -19,11 +19,15 @@ endpoint, report type, status or error type), ``lexer.rate_limited`` (429s),
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ._version import __version__
-from .instrumentation import RequestDetails
+
+if TYPE_CHECKING:  # `instrumentation` imports this module (lazily): no cycle at run time
+    from .instrumentation import RequestDetails
 
 __all__ = ["OpenTelemetry", "configured"]
 
