@@ -27,6 +27,8 @@ from . import exceptions as exc
 from . import exports, wire
 from . import models as m
 from .events import EventHook
+from .instrumentation import InstrumentationOption
+from .instrumentation import resolve as resolve_instrumentation
 from .kinds import REPORT_KINDS, ReportKind, ReportResult, Reports
 from .limits import (
     DEFAULT_MAX_REQUESTS,
@@ -237,6 +239,9 @@ class LexerClient:
             ``SSL_CERT_FILE`` as curl does (default on).
         file_session: an aiohttp session for export files instead of one the client makes
             (never closed by it). It must carry no credential: the client adds none to it.
+        instrumentation: hooks told of every call, download and retry (`instrumentation`;
+            `otel.OpenTelemetry` for spans and metrics); ``"auto"`` (default): OpenTelemetry
+            if the application has configured it, else none; None: none.
     """
 
     def __init__(
@@ -265,6 +270,7 @@ class LexerClient:
         ca_bundle: str | os.PathLike[str] | None = None,
         trust_env: bool = True,
         file_session: aiohttp.ClientSession | None = None,
+        instrumentation: InstrumentationOption = "auto",
     ) -> None:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token or not token.strip():
@@ -333,6 +339,7 @@ class LexerClient:
             now=now,
             in_flight=max_in_flight,
             opener=self.open,
+            instrumentation=resolve_instrumentation(instrumentation),
         )
 
     def __repr__(self) -> str:

@@ -33,6 +33,8 @@ from .backoff import exponential
 from .destinations import check_file_destination
 from .durable import write_atomically as _write_atomically
 from .events import DownloadProgress, ExportState
+from .instrumentation import observe_download
+from .logs import fields as log_fields
 from .reports import (
     ExportKind,
     build_report_body,
@@ -284,6 +286,7 @@ async def wait_for_export(
                         "export job of token %s has undocumented status %r; polling on",
                         client.channel.label,
                         job.status,
+                        extra=log_fields(client.channel.label, None, kind),
                     )
     except TimeoutError:
         pass
@@ -502,6 +505,7 @@ async def download(
 
     refresh = _url_refresher(client, job.token, kind, poll)
     chunks = stream_file(client, job.url, refresh_url=refresh, policy=policy, kind=kind)
+    chunks = observe_download(client.channel.instrumentation, client.channel.label, kind, chunks)
     return await _write_atomically(Path(dest), chunks)
 
 
@@ -700,6 +704,7 @@ async def export_rows(
     header: list[str] | None = None
     refresh = _url_refresher(client, job.token, name, poll)
     stream = stream_file(client, done.url, refresh_url=refresh, policy=policy, kind=name)
+    stream = observe_download(client.channel.instrumentation, client.channel.label, name, stream)
     async for record in iter_csv_records(stream):
         if header is None:
             header = record

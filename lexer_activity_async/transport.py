@@ -27,7 +27,10 @@ from . import exceptions as exc
 from . import wire
 from ._version import __version__
 from .events import Event, RateLimited, RateLimitWait, RequestSent, Retrying
+from .instrumentation import Instrumentation, RequestDetails, RequestObserver
 from .limits import Limiter
+from .logs import fields as log_fields
+from .logs import new_request_id
 from .network import Network
 from .retry import RetryPolicy, is_retryable
 
@@ -478,6 +481,7 @@ class Channel:
         now: Callable[[], datetime] | None = None,
         in_flight: contextlib.AbstractAsyncContextManager[object] | None = None,
         opener: Callable[[], Awaitable[None]] | None = None,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         self._token = token
         self.label = label
@@ -498,6 +502,8 @@ class Channel:
         self._limiter: Limiter | None = None
         self.closed = False
         self._warned_retry_after = False
+        self.instrumentation = instrumentation
+        """Hears of each call (`instrumentation`); None: no hook runs."""
 
     def __repr__(self) -> str:
         return f"Channel(label={self.label!r}, api_url={self.api_url!r}, token=<redacted>)"
@@ -585,14 +591,51 @@ class Channel:
 
         ``max_retries`` and ``deadline`` override the `RetryPolicy` for this call."""
         await self.ensure_open()
+        request_id = new_request_id()
+        if self.instrumentation is None:
+            return await self._send(request, decode, idempotent, max_retries, deadline, request_id)
+        observer = self.instrumentation.request(
+            RequestDetails(
+                self.label,
+                request_id,
+                request.method,
+                request.path,
+                request.origin,
+                request.report_type,
+            )
+        )
+        try:
+            result = await self._send(
+                request, decode, idempotent, max_retries, deadline, request_id, observer
+            )
+        except BaseException as error:
+            observer.finished(error)
+            raise
+        observer.finished(None)
+        return result
+
+    async def _send(
+        self,
+        request: wire.Request,
+        decode: Decoder[T],
+        idempotent: bool,
+        max_retries: int | None,
+        deadline: float | None,
+        request_id: str,
+        observer: RequestObserver | None = None,
+    ) -> T:
         policy = self.retry
         retries = policy.max_retries if max_retries is None else max_retries
         limit = policy.deadline if deadline is None else deadline
         if limit is None:  # no deadline: skip the cancel scope (it costs ~10% per call)
-            return await self._send_with_retries(request, decode, idempotent, retries)
+            return await self._send_with_retries(
+                request, decode, idempotent, retries, request_id, observer
+            )
         try:
             with anyio.fail_after(limit):
-                return await self._send_with_retries(request, decode, idempotent, retries)
+                return await self._send_with_retries(
+                    request, decode, idempotent, retries, request_id, observer
+                )
         except TimeoutError:
             pass
         # Raised outside the handler: the cancelled attempt is no part of its context.
@@ -607,9 +650,24 @@ class Channel:
         self.emit(RateLimitWait(self.label, seconds, until))
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """A rate-limit slot; a `RequestSent` event once it is taken."""
-        async with self.limiter.slot(self._on_wait):
+    async def _slot(self, observer: RequestObserver | None = None) -> AsyncIterator[None]:
+        """A rate-limit slot; a `RequestSent` event once it is taken. An ``observer`` is
+        told how long the attempt waited for it, if it had to."""
+        if observer is None:
+            async with self.limiter.slot(self._on_wait):
+                self.emit(RequestSent(self.label))
+                yield
+            return
+        started, waited = anyio.current_time(), False
+
+        def on_wait(seconds: float) -> None:
+            nonlocal waited
+            waited = True
+            self._on_wait(seconds)
+
+        async with self.limiter.slot(on_wait):
+            if waited:
+                observer.rate_limit_wait(anyio.current_time() - started)
             self.emit(RequestSent(self.label))
             yield
 
@@ -629,22 +687,28 @@ class Channel:
             origin=request.origin,
         )
 
-    async def _exchange(self, request: wire.Request) -> HttpResponse:
+    async def _exchange(
+        self, request: wire.Request, observer: RequestObserver | None = None
+    ) -> HttpResponse:
         """One exchange inside a limiter slot; the answer is read whole before the slot
         is released, and redacted here too, so a caller's own `Transport` that does not
         redact still never lets an echoed token reach an error or a log."""
-        async with self._slot(), self._in_flight:
+        async with self._slot(observer), self._in_flight:
             http = self._http_request(request)
             response = await self.api.handle(http)
             body = http.redact(await response.read())
         headers = {key: http.redact_text(value) for key, value in response.headers.items()}
         return HttpResponse(response.status, headers, body)
 
-    async def _attempt(self, request: wire.Request) -> HttpResponse:
+    async def _attempt(
+        self, request: wire.Request, observer: RequestObserver | None = None
+    ) -> HttpResponse:
         """`_exchange`; a transport error carries the request's report type."""
         try:
-            return await self._exchange(request)
+            return await self._exchange(request, observer)
         except exc.TransportError as error:
+            if observer is not None:
+                observer.failed(error)
             error.report_type = error.report_type or request.report_type
             cut_transport_context(error)  # Python 3.10 may have attached one on the way up
             raise
@@ -655,18 +719,28 @@ class Channel:
             raise
 
     async def _send_with_retries(
-        self, request: wire.Request, decode: Decoder[T], idempotent: bool, retries: int
+        self,
+        request: wire.Request,
+        decode: Decoder[T],
+        idempotent: bool,
+        retries: int,
+        request_id: str,
+        observer: RequestObserver | None = None,
     ) -> T:
         attempt = rate_limited = 0
         while True:
             error: exc.LexerError
             headers: dict[str, str] = {}
+            if observer is not None:
+                observer.attempt(attempt + rate_limited + 1)
             try:
-                response = await self._attempt(request)
+                response = await self._attempt(request, observer)
             except (exc.LexerConnectionError, exc.LexerTimeoutError) as transport_error:
                 error = transport_error
             else:
                 headers, body = response.headers, await response.read()
+                if observer is not None:
+                    observer.response(response.status)
                 if 200 <= response.status < 300:
                     return decode(response.status, body)
                 error = wire.map_error(
@@ -681,7 +755,7 @@ class Channel:
                 error.origin = request.origin
                 error.url = self.api_url if request.origin == "api" else self.status_url
             if isinstance(error, exc.RateLimitedError):
-                self._check_retry_after(error, headers)
+                self._check_retry_after(error, headers, request_id, request.report_type)
                 await self.limiter.penalize(error.retry_after)
                 self.limiter.stats.rate_limited += 1
                 log.warning(
@@ -690,11 +764,17 @@ class Channel:
                     f"{error.retry_after:g}s (Retry-After)"
                     if error.retry_after is not None
                     else f"{self.window:g}s (a full window)",
+                    extra=log_fields(self.label, request_id, request.report_type),
                 )
                 self.emit(RateLimited(self.label, error.retry_after))
                 rate_limited += 1
                 if rate_limited > self.retry.max_rate_limited:
                     raise_detached(error)
+                if observer is not None:
+                    penalty = error.retry_after
+                    observer.retrying(
+                        self.window if penalty is None else penalty, type(error).__name__
+                    )
                 continue
             if attempt >= retries or not is_retryable(error, idempotent=idempotent):
                 raise_detached(error)
@@ -708,11 +788,20 @@ class Channel:
                 type(error).__name__,
                 attempt,
                 delay,
+                extra=log_fields(self.label, request_id, request.report_type),
             )
+            if observer is not None:
+                observer.retrying(delay, type(error).__name__)
             self.emit(Retrying(self.label, attempt, delay, type(error).__name__))
             await anyio.sleep(delay)
 
-    def _check_retry_after(self, error: exc.RateLimitedError, headers: dict[str, str]) -> None:
+    def _check_retry_after(
+        self,
+        error: exc.RateLimitedError,
+        headers: dict[str, str],
+        request_id: str | None = None,
+        report_type: str | None = None,
+    ) -> None:
         """Warn, once per channel, of a Retry-After that was sent but is unusable."""
         unusable = error.retry_after is None and wire.retry_after_header(headers) is not None
         if unusable and not self._warned_retry_after:
@@ -721,4 +810,5 @@ class Channel:
                 "429 for token %s came with an unusable Retry-After (not a delay in "
                 "seconds or an HTTP date); treating it as absent",
                 self.label,
+                extra=log_fields(self.label, request_id, report_type),
             )

@@ -63,6 +63,7 @@ from lexer_activity_async import (
 from lexer_activity_async import models as m
 from lexer_activity_async.events import RateLimited, RateLimitWait, Retrying
 from lexer_activity_async.limits import SlidingWindowLimiter
+from lexer_activity_async.logs import FIELDS, JsonFormatter
 from lexer_activity_async.reports import build_report_body
 
 N = 100
@@ -318,6 +319,8 @@ class Audit:
             texts += [str(event), repr(event), repr(attrs.asdict(event))]
         for record in self.caplog.records:
             texts += [record.getMessage(), repr(record.args), str(record.__dict__)]
+            texts.append(JsonFormatter().format(record))  # the CLI's --json lines
+            assert all(hasattr(record, name) for name in FIELDS), record.__dict__
         leaks = [text for text in texts if TOKEN in text]
         assert not leaks, leaks[:3]
         # ... while the token did go where it belongs, on every request.

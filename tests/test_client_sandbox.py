@@ -38,6 +38,7 @@ from conftest import (
     MakeClient,
     SandboxFactory,
 )
+from otel_memory import Telemetry
 from yarl import URL
 
 from lexer_activity_async import (
@@ -67,6 +68,7 @@ from lexer_activity_async import models as m
 from lexer_activity_async.client import api_session
 from lexer_activity_async.events import RateLimited, RateLimitWait, Retrying
 from lexer_activity_async.limits import SlidingWindowLimiter
+from lexer_activity_async.logs import FIELDS, JsonFormatter
 from lexer_activity_async.reports import ReportType
 from lexer_activity_async.sandbox import Sandbox, _data
 from lexer_activity_async.sandbox._exports import ExportJob
@@ -1208,7 +1210,9 @@ async def test_the_token_never_appears_in_logs_errors_or_events(
             raise AssertionError("expected an error")
 
     retry = RetryPolicy(max_retries=3, base=0.01, cap=0.02)
-    async with make_client(retry=retry, on_event=events.append) as client:
+    telemetry = Telemetry()  # spans and metrics, in memory
+    hooks = telemetry.hooks
+    async with make_client(retry=retry, on_event=events.append, instrumentation=hooks) as client:
         await client.users()
         sandbox.faults.drop_next(1)
         sandbox.faults.fail_next(500)
@@ -1226,7 +1230,7 @@ async def test_the_token_never_appears_in_logs_errors_or_events(
         await expect_error(client.users(max_retries=0))
         texts = [repr(client), str(client)]
     await expect_error(client.users())
-    async with make_client(token=WRONG_TOKEN) as wrong:
+    async with make_client(token=WRONG_TOKEN, instrumentation=hooks) as wrong:
         await expect_error(wrong.users())
         texts += [repr(wrong), str(wrong)]
 
@@ -1234,9 +1238,16 @@ async def test_the_token_never_appears_in_logs_errors_or_events(
     assert {type(e).__name__ for e in events} >= {"Retrying", "RateLimited", "RateLimitWait"}
     assert len(errors) == 1 + len(SERVER_400S) + 6
     assert any(r.levelno == logging.WARNING for r in caplog.records)
-    haystack = texts + [repr(e) for e in events]
+    assert len(telemetry.spans) > 10
+    haystack = texts + [repr(e) for e in events] + telemetry.texts()
+    ours = [r for r in caplog.records if r.name.startswith("lexer_activity_async")]
+    assert ours
+    for record in ours:  # every record has the structured fields, as JSON too
+        assert all(hasattr(record, name) for name in FIELDS), record.__dict__
+        assert json.loads(JsonFormatter().format(record))["token_label"] is not None
     for record in caplog.records:
         haystack += [record.getMessage(), repr(record.args), str(record.msg)]
+        haystack += [str(record.__dict__), JsonFormatter().format(record)]
     for error in errors:
         haystack += _strings_of(error)
     for secret in (TOKEN_A, WRONG_TOKEN):

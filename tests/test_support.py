@@ -67,10 +67,29 @@ def _declared(extras: set[str]) -> set[str]:
     return declared
 
 
+_OWNERS = {"opentelemetry": ["opentelemetry-api"]}
+"""Namespace packages several distributions fill, and the one the package's imports need
+(`test_only_the_opentelemetry_api_is_imported` checks it)."""
+
+
+def test_only_the_opentelemetry_api_is_imported() -> None:
+    """The ``otel`` extra is the API alone: the package imports none of the SDK's modules."""
+    modules = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+    otel = {m for m in modules if m.split(".")[0] == "opentelemetry"}
+    assert otel, "the scan sees the otel module's imports"
+    assert otel <= {"opentelemetry", "opentelemetry.trace", "opentelemetry.metrics"}, otel
+
+
 def test_the_runtime_imports_only_declared_runtime_dependencies() -> None:
     """Every third-party module the package imports comes from a runtime requirement (or
-    the optional ``redis`` and ``dlt`` extras), so a plain install never lacks one; and no runtime
-    requirement is there only for the tests."""
+    the optional ``redis``, ``dlt`` and ``otel`` extras), so a plain install never lacks
+    one; and no runtime requirement is there only for the tests."""
     distributions = packages_distributions()
     imported = _imported_top_level_modules()
     assert "aiohttp" in imported  # the scan does see third-party imports
@@ -78,10 +97,10 @@ def test_the_runtime_imports_only_declared_runtime_dependencies() -> None:
     provided = {
         re.sub(r"[-_.]+", "-", dist).lower()
         for module in imported - {"tomli", "tomllib"}
-        for dist in distributions.get(module, [module])
+        for dist in _OWNERS.get(module, distributions.get(module, [module]))
     }
     runtime = _declared(set())
-    assert provided <= runtime | _declared({"redis", "dlt"}), provided - runtime
+    assert provided <= runtime | _declared({"redis", "dlt", "otel"}), provided - runtime
     assert "aiolimiter" not in runtime  # only the tests import it
     unused = runtime - provided - {"tomli", "exceptiongroup"}  # back-ports for Python 3.10
     assert not unused, unused

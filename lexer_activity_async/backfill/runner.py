@@ -19,7 +19,10 @@ from .. import exceptions as exc
 from .. import exports
 from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError, UnitRecord
 from ..client import LexerClient, api_session
+from ..instrumentation import Instrumentation, InstrumentationOption
+from ..instrumentation import resolve as resolve_instrumentation
 from ..limits import LimiterRegistry, LimiterStats
+from ..logs import fields as log_fields
 from ..models import ExportJob, converter
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Plan, Unit, plan
@@ -75,8 +78,10 @@ class _TokenRun:
         registry: LimiterRegistry | None,
         the_plan: Plan,
         now: Callable[[], datetime] | None = None,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         self.spec = spec
+        self.instrumentation = instrumentation
         self.plan = the_plan
         self.now = now
         self.source = source
@@ -122,6 +127,7 @@ class _TokenRun:
                 workflow_states_type=self.spec.workflow_states_type,
                 on_event=self.emit,
                 now=self.now,
+                instrumentation=self.instrumentation,
             )
         )
         self._before = self.client.stats
@@ -234,6 +240,7 @@ class _TokenRun:
                     "backfill unit %s: the last run stopped while starting its export job; "
                     "that job may exist unrecorded, and another is started now",
                     unit.id,
+                    extra=log_fields(unit.label, None, unit.name),
                 )
             # The intent before the request and the token right after it: a stop in
             # between can leave a job started that no rerun knows of (see the README).
@@ -280,7 +287,9 @@ def _needs_refetch(
         return True
     if not file_matches(unit.path(the_plan.spec.output), record):
         log.warning(
-            "backfill unit %s: its file is missing or truncated; fetching it again", unit.id
+            "backfill unit %s: its file is missing or truncated; fetching it again",
+            unit.id,
+            extra=log_fields(unit.label, None, unit.name),
         )
         return True
     return False
@@ -332,6 +341,7 @@ async def run_backfill(
     tune_gc: bool = True,
     refresh: tuple[datetime, datetime] | None = None,
     now: Callable[[], datetime] | None = None,
+    instrumentation: InstrumentationOption = "auto",
 ) -> BackfillSummary:
     """Run (or resume) a backfill.
 
@@ -342,14 +352,17 @@ async def run_backfill(
     units whose file is missing or not the size recorded, and units whose window
     overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
     the system's). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
-    run (see `gc_tuned`); pass False to leave them."""
+    run (see `gc_tuned`); pass False to leave them. ``instrumentation`` is given to every
+    token's client and counts each unit's final state (done, provisional, failed,
+    skipped); as in `LexerClient`, ``"auto"`` is OpenTelemetry when configured."""
     if refresh is not None and (
         any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
     ):
         raise exc.ValidationError("refresh needs (from, to) with UTC offsets, from before to")
+    hooks = resolve_instrumentation(instrumentation)
     the_plan = plan(spec, now=now() if now is not None else None)
     for notice in the_plan.notices:
-        log.warning("backfill: %s", notice)
+        log.warning("backfill: %s", notice, extra=log_fields())
     if spec.redis_url is not None and registry is None:
         from ..limits_redis import check_redis
 
@@ -377,6 +390,10 @@ async def run_backfill(
                 totals["files"] += 1
             elif event.state == FAILED:
                 failed[event.unit.label].append((event.unit.id, event.error or ""))
+            if hooks is not None:
+                provisional_done = event.state == DONE and the_plan.is_provisional(event.unit)
+                state = "provisional" if provisional_done else event.state
+                hooks.unit_finished(event.unit.label, event.unit.name, state)
         if on_event is not None:
             on_event(event)
 
@@ -407,7 +424,17 @@ async def run_backfill(
                     todo.append(unit)
             runs.append(
                 _TokenRun(
-                    spec, source, todo, checkpoint, writer, overall, emit, registry, the_plan, now
+                    spec,
+                    source,
+                    todo,
+                    checkpoint,
+                    writer,
+                    overall,
+                    emit,
+                    registry,
+                    the_plan,
+                    now,
+                    instrumentation=hooks,
                 )
             )
         # One session for all tokens: connections are shared, not one pool per token.

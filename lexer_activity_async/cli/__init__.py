@@ -50,6 +50,7 @@ from ..destinations import check_directory, check_file_destination
 from ..exports import PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from ..limits_sqlite import default_store_path
+from ..logs import JsonFormatter
 from ..models import converter
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
@@ -384,8 +385,34 @@ def _form_hint(form: int | None) -> Iterator[None]:
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lexer-activity")
 @click.option("--debug", is_flag=True, help="Show the Python traceback when a command fails.")
-def main(debug: bool) -> None:
+@click.option(
+    "--json",
+    "json_logs",
+    is_flag=True,
+    help="Write log records (info and up) to stderr as JSON lines, with token_label, "
+    "request_id and report_type.",
+)
+def main(debug: bool, json_logs: bool) -> None:
     """Pull reports and exports from Lexer's Activity API, or run its local sandbox."""
+    if json_logs:
+        _json_logs(click.get_current_context())
+
+
+def _json_logs(ctx: click.Context) -> None:
+    """``--json``: the package's log records as JSON lines on stderr for this command
+    (undone when it ends, so an in-process caller's logging is left as it was)."""
+    logger = logging.getLogger("lexer_activity_async")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    ctx.call_on_close(undo)
 
 
 def _table(title: str | None, columns: Sequence[str], free: Sequence[str] = ()) -> Table:
