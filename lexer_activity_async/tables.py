@@ -65,7 +65,8 @@ class TableSchema:
 
     @property
     def table(self) -> str:
-        return self.kind.value
+        name: str = self.kind.value
+        return name
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -141,8 +142,7 @@ _DESCRIPTIONS: Mapping[str, str] = {
     "total_passives": "responses scoring 7-8 (passives)",
     "total_detractors": "responses scoring 0-6 (detractors)",
     "nps_score": (
-        "Net Promoter Score: % promoters - % detractors (the reference calls it the "
-        "average score)"
+        "Net Promoter Score: % promoters - % detractors (the reference calls it the average score)"
     ),
 }
 
