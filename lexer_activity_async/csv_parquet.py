@@ -280,18 +280,24 @@ async def convert_export(
     window_start: datetime,
     window_end: datetime,
     block_size: int = BLOCK_SIZE,
+    keep_source: bool = True,
 ) -> Converted:
-    """`csv_to_parquet` in a worker thread, so the event loop keeps serving."""
+    """`csv_to_parquet` in a worker thread, so the event loop keeps serving; with
+    ``keep_source=False`` the CSV is removed afterwards, converted or not."""
 
     def run() -> Converted:
-        return csv_to_parquet(
-            source,
-            dest,
-            schema,
-            label=label,
-            window_start=window_start,
-            window_end=window_end,
-            block_size=block_size,
-        )
+        try:
+            return csv_to_parquet(
+                source,
+                dest,
+                schema,
+                label=label,
+                window_start=window_start,
+                window_end=window_end,
+                block_size=block_size,
+            )
+        finally:
+            if not keep_source:
+                Path(source).unlink(missing_ok=True)
 
     return await anyio.to_thread.run_sync(run)
