@@ -16,7 +16,7 @@ from lexer_activity_async import exceptions as exc
 from lexer_activity_async import tables
 from lexer_activity_async.dlt import dlt_columns, lexer_source
 from lexer_activity_async.exports import PollPolicy
-from lexer_activity_async.reports import ExportKind, ReportType
+from lexer_activity_async.reports import ReportType
 from lexer_activity_async.sandbox import Sandbox
 
 REPORTS = ("summary", "states_volume", "user_summary", "nps_volume")
