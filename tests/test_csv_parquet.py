@@ -84,7 +84,7 @@ async def test_sandbox_exports_convert_to_typed_parquet(
     schema = export_schema_for(kind)
     dest = tmp_path / f"{kind}.parquet"
     # A small block makes several batches (row groups) of a file of a few hundred rows.
-    result = csv_to_parquet(source, dest, schema, block_size=4096, **WINDOW)
+    result = csv_to_parquet(source, dest, schema, block_size=1024, row_group_rows=20, **WINDOW)
 
     with source.open(newline="", encoding="utf-8") as handle:
         expected = list(csv.DictReader(handle))

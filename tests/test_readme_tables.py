@@ -13,8 +13,9 @@ from pathlib import Path
 from lexer_activity_async.tables import EXPORT_SCHEMAS, SCHEMAS, TableSchema
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BEGIN, END = "<!-- tables:begin (generated: python tests/test_readme_tables.py) -->", (
-    "<!-- tables:end -->"
+BEGIN, END = (
+    "<!-- tables:begin (generated: python tests/test_readme_tables.py) -->",
+    ("<!-- tables:end -->"),
 )
 
 
