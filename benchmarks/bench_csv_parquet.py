@@ -14,8 +14,8 @@ alternating sides.
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import random
 import sys
 import tempfile
@@ -46,7 +46,7 @@ def write_csv(path: Path, size: int) -> int:
     rng = random.Random(7)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     pool = []
-    for i in range(2000):
+    for _ in range(2000):
         created = start + timedelta(seconds=rng.randrange(31 * 86400))
         reply = rng.uniform(10, 90000)
         note = rng.choice(["", 'called back, "urgent"', "line one\nline two", "ok, thanks"])
