@@ -23,7 +23,7 @@ import attrs
 
 from . import durable
 from .destinations import output_error
-from .exceptions import ExportSchemaError, OutputError
+from .exceptions import ExportSchemaError, OutputError, ValidationError
 from .tables import Column, ColumnType, TableSchema
 
 try:
@@ -93,7 +93,7 @@ def arrow_schema(schema: TableSchema) -> Any:
 
 def _utc(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None:
-        raise ValueError(f"{name} must be timezone-aware")
+        raise ValidationError(f"{name} must be timezone-aware")
     return moment.astimezone(timezone.utc)
 
 

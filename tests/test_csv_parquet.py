@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import MakeClient
 
-from lexer_activity_async import ExportSchemaError
+from lexer_activity_async import ExportSchemaError, ValidationError
 from lexer_activity_async.csv_parquet import arrow_schema, csv_to_parquet, read_batches
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.reports import ExportKind
@@ -207,7 +207,7 @@ def test_an_empty_file_and_a_header_only_file(tmp_path: Path) -> None:
 
 def test_naive_window_bounds_are_refused(tmp_path: Path) -> None:
     source = write_csv(tmp_path / "ok.csv", [])
-    with pytest.raises(ValueError, match="timezone-aware"):
+    with pytest.raises(ValidationError, match="timezone-aware"):
         list(
             read_batches(
                 source, MIXED, label="a", window_start=datetime(2026, 1, 1), window_end=FEB
