@@ -178,3 +178,42 @@ def test_without_the_extra_the_import_error_names_it(monkeypatch: pytest.MonkeyP
     monkeypatch.delitem(sys.modules, "lexer_activity_async.dlt")
     with pytest.raises(ImportError, match=r"pip install 'lexer-activity-async\[dlt\]'"):
         importlib.import_module("lexer_activity_async.dlt")
+
+
+def test_export_resources_stay_within_the_token_budget(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox]
+) -> None:
+    """Export jobs, their polls and the reports of one token share its limiter: with a
+    budget of 6 per 0.5 s the sandbox never sees more, and never answers 429."""
+    budget, window = 6, 0.5
+    sb = sandbox_in_thread(now=lambda: NOW, max_requests=budget, window=window)
+    pipeline = dlt.pipeline(
+        pipeline_name="budget",
+        destination=dlt.destinations.duckdb(str(tmp_path / "budget.duckdb")),
+        dataset_name="lexer",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    source = lexer_source(
+        {"team-a": TOKEN_A},
+        date_from=START,
+        date_to=datetime(2026, 4, 1, tzinfo=timezone.utc),
+        reports=["summary"],
+        exports=["case_details"],
+        poll=PollPolicy(first_delay=0.02, cap=0.05),
+        api_url=sb.api_url,
+        status_url=sb.status_url,
+        max_requests=budget,
+        window=window,
+        limit_store=tmp_path / "limits.sqlite3",
+    )
+    pipeline.run(source)
+    key = Sandbox.key(TOKEN_A)
+    assert sb.stats.exports_started == 3
+    assert sum(sb.stats.requests.values()) > budget  # the budget was binding
+    assert sb.stats.rate_limited == 0
+    assert sb.stats.max_in_window(key, window) <= budget
+    with duckdb.connect(str(tmp_path / "budget.duckdb"), read_only=True) as db:
+        [(windows,)] = db.execute(
+            "SELECT count(DISTINCT window_start) FROM lexer.case_details"
+        ).fetchall()
+    assert windows == 3
