@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -217,3 +218,11 @@ def test_export_resources_stay_within_the_token_budget(
             "SELECT count(DISTINCT window_start) FROM lexer.case_details"
         ).fetchall()
     assert windows == 3
+
+
+def test_exports_without_the_tables_extra_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    monkeypatch.delitem(sys.modules, "lexer_activity_async.csv_parquet", raising=False)
+    with pytest.raises(exc.ConfigurationError, match=r"lexer-activity-async\[tables\]"):
+        lexer_source({"a": TOKEN_A}, date_from=START, exports=["case_details"])
+    lexer_source({"a": TOKEN_A}, date_from=START, reports=["summary"])  # reports need none
