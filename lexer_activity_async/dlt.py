@@ -1,20 +1,24 @@
-"""A dlt source for the Activity API: ``lexer_source(tokens=..., reports=..., ...)``.
+"""A dlt source for the Activity API: ``lexer_source(tokens=..., reports=..., exports=...)``.
 
 One dlt resource per report kind, each yielding the tidy rows of
-`lexer_activity_async.tables` (typed columns and primary keys from its schemas; exports
-are not resources yet). Every request
-goes through `LexerClient` and its limiter, so a dlt pipeline never exceeds a token's
-budget, across runs too: the default limiter is the local limit store the CLI uses.
+`lexer_activity_async.tables`, and one per export kind asked for in ``exports``, each
+yielding the export's CSV as typed Arrow batches (`csv_parquet`); typed columns and
+primary keys come from the table schemas. Every request goes through `LexerClient` and
+its limiter, so a dlt pipeline never exceeds a token's budget, across runs too: the
+default limiter is the local limit store the CLI uses.
 
 Loading is incremental per token: each resource remembers, in dlt's resource state, up
 to when it fetched each token, and the next run fetches from that moment minus
 ``lookback`` (rounded down to the window grid) to now. Windows are replaced whole in the
 destination (dlt's ``delete-insert`` merge on ``label`` + ``window_start``), so a refetched
-window never leaves a duplicate or a stale row. Needs the ``[dlt]`` extra.
+window never leaves a duplicate or a stale row. Needs the ``[dlt]`` extra, and for
+exports the ``[tables]`` extra too.
 """
 
 from __future__ import annotations
 
+import importlib
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,11 +30,13 @@ import attrs
 from . import exceptions as exc
 from . import tables
 from .client import LexerClient
+from .exports import PollPolicy
 from .kinds import report_kind
 from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from .limits_sqlite import default_store_path
 from .reports import (
     MAX_RANGE_MONTHS,
+    ExportKind,
     NpsCategory,
     ReportType,
     add_months,
@@ -47,10 +53,12 @@ except ImportError as error:  # without the extra: say which one to install
         "lexer_activity_async.dlt needs dlt: pip install 'lexer-activity-async[dlt]'"
     ) from error
 
-__all__ = ["lexer_source", "dlt_columns", "DEFAULT_LOOKBACK", "ALL_REPORTS"]
+__all__ = ["lexer_source", "dlt_columns", "DEFAULT_LOOKBACK", "ALL_REPORTS", "ALL_EXPORTS"]
 
 ALL_REPORTS: tuple[str, ...] = tuple(kind.value for kind in ReportType)
 """Every report kind, the default of ``reports``."""
+ALL_EXPORTS: tuple[str, ...] = tuple(kind.value for kind in ExportKind)
+"""Every export kind (``exports`` is opt-in: none by default)."""
 
 DEFAULT_LOOKBACK = timedelta(days=3)
 """How far before the last run's end each run fetches again: late data lands there."""
@@ -67,11 +75,13 @@ class _Settings:
     date_from: datetime
     date_to: datetime | None
     reports: tuple[str, ...]
+    exports: tuple[str, ...]
     window_months: int
     lookback: timedelta
     nps_form: int | None
     nps_category: str
     concurrency: int
+    poll: PollPolicy | None
     client_options: Mapping[str, Any]
     now: Callable[[], datetime]
 
@@ -100,6 +110,7 @@ def _checked(
     date_from: datetime,
     date_to: datetime | None,
     reports: Sequence[str | ReportType],
+    exports: Sequence[str | ExportKind],
     window_months: int,
     lookback: timedelta,
     nps_form: int | None,
@@ -135,9 +146,27 @@ def _checked(
             ) from None
     if len(set(report_names)) != len(report_names):
         raise exc.ValidationError("reports must not repeat a kind")
-    if not report_names:
-        raise exc.ValidationError("reports: give at least one report")
-    needs_form = _NPS_REPORTS.intersection(report_names)
+    export_names = []
+    for export in exports:
+        try:
+            export_names.append(ExportKind(export).value)
+        except ValueError:
+            known = ", ".join(ALL_EXPORTS)
+            raise exc.ValidationError(
+                f"exports: unknown export {export!r} (known: {known})"
+            ) from None
+    if len(set(export_names)) != len(export_names):
+        raise exc.ValidationError("exports must not repeat a kind")
+    if not report_names and not export_names:
+        raise exc.ValidationError("reports: give at least one report (or export)")
+    if export_names:
+        try:  # typed export rows need pyarrow: say so now, not in the first window
+            importlib.import_module("lexer_activity_async.csv_parquet")
+        except ImportError as error:
+            raise exc.ConfigurationError(f"exports: {error}") from None
+    needs_form = _NPS_REPORTS.intersection(report_names) or (
+        ExportKind.NPS_SUBMISSIONS.value in export_names
+    )
     category = NpsCategory(nps_category).value if nps_category in set(NpsCategory) else None
     if needs_form:
         nps_form, category = validate_nps(nps_form, nps_category)
@@ -152,6 +181,7 @@ def _checked(
     return {
         "tokens": pairs,
         "reports": tuple(report_names),
+        "exports": tuple(export_names),
         "nps_form": nps_form,
         "nps_category": category,
     }
@@ -163,11 +193,13 @@ def lexer_source(
     date_from: datetime,
     date_to: datetime | None = None,
     reports: Sequence[str | ReportType] = ALL_REPORTS,
+    exports: Sequence[str | ExportKind] = (),
     window_months: int = 1,
     lookback: timedelta = DEFAULT_LOOKBACK,
     nps_form: int | None = None,
     nps_category: str | NpsCategory = NpsCategory.ALL,
     concurrency: int = 8,
+    poll: PollPolicy | None = None,
     api_url: str | None = None,
     status_url: str | None = None,
     limit_store: str | Path | None = None,
@@ -178,8 +210,10 @@ def lexer_source(
     now: Callable[[], datetime] | None = None,
 ) -> DltSource:
     """A dlt source over ``tokens`` (label -> API token): one resource per report kind
-    in ``reports``, from ``date_from`` to ``date_to``
-    (None: now) in windows of ``window_months`` on ``date_from``'s grid.
+    in ``reports`` and per export kind in ``exports`` (none by default; they need the
+    ``[tables]`` extra), from ``date_from`` to ``date_to`` (None: now) in windows of
+    ``window_months`` on ``date_from``'s grid. NPS reports and ``nps_submissions`` take
+    ``nps_form`` and ``nps_category``; export jobs are polled by ``poll``.
 
     Each run after the first fetches, per token, from where the last one ended minus
     ``lookback``. ``concurrency`` caps each token's requests in flight per resource.
@@ -192,6 +226,7 @@ def lexer_source(
         date_from,
         date_to,
         reports,
+        exports,
         window_months,
         lookback,
         nps_form,
@@ -218,6 +253,7 @@ def lexer_source(
         window_months=window_months,
         lookback=lookback,
         concurrency=concurrency,
+        poll=poll,
         client_options=options,
         now=now or (lambda: datetime.now(timezone.utc)),
         **checked,
@@ -230,6 +266,8 @@ def lexer_source(
     def source() -> Iterable[Any]:
         for name in settings.reports:
             yield _report_resource(settings, name)
+        for name in settings.exports:
+            yield _export_resource(settings, ExportKind(name))
 
     result: DltSource = source()
     return result
@@ -239,6 +277,7 @@ _DLT_TYPES = {
     tables.ColumnType.STRING: "text",
     tables.ColumnType.INT64: "bigint",
     tables.ColumnType.FLOAT64: "double",
+    tables.ColumnType.BOOL: "bool",
     tables.ColumnType.TIMESTAMP: "timestamp",
 }
 
@@ -260,10 +299,22 @@ def _report_resource(settings: _Settings, name: str) -> Any:
     kind = ReportType(name)
     schema = tables.schema_for(kind)
 
+    async def chunk(
+        client: LexerClient, windows: Sequence[tuple[datetime, datetime]], end: datetime
+    ) -> AsyncIterator[list[tables.Row]]:
+        for batch in await _fetch_all(settings, client, kind, windows, end):
+            if batch:
+                yield batch
+
     async def rows() -> AsyncIterator[list[tables.Row]]:
-        async for batch in _incremental(settings, kind):
+        async for batch in _incremental(settings, chunk):
             yield batch
 
+    return _resource(rows, schema)
+
+
+def _resource(rows: Callable[[], AsyncIterator[Any]], schema: tables.TableSchema) -> Any:
+    """A resource of ``schema``'s table, each window replaced whole on reload."""
     return dlt.resource(
         rows,
         name=schema.table,
@@ -272,6 +323,54 @@ def _report_resource(settings: _Settings, name: str) -> Any:
         merge_key=["label", "window_start"],
         columns=dlt_columns(schema),
     )
+
+
+def _export_resource(settings: _Settings, kind: ExportKind) -> Any:
+    """A resource of export ``kind``: per window due, the export's CSV as typed Arrow
+    tables (a batch at a time, so memory stays bounded whatever the file's size)."""
+    import pyarrow  # the [tables] extra, checked in `lexer_source`
+
+    from . import csv_parquet
+
+    schema = tables.export_schema_for(kind)
+    form = settings.nps_form if kind.needs_form else None
+    category = settings.nps_category if kind.needs_form else None
+
+    async def chunk(
+        client: LexerClient, windows: Sequence[tuple[datetime, datetime]], end: datetime
+    ) -> AsyncIterator[Any]:
+        # The chunk's jobs run concurrently, each file to disk; then read one at a time.
+        with tempfile.TemporaryDirectory(prefix="lexer-dlt-") as folder:
+            paths = [Path(folder) / f"{index}.csv" for index in range(len(windows))]
+
+            async def download(index: int) -> None:
+                lo, hi = windows[index]
+                await client.export(
+                    kind,
+                    lo,
+                    min(hi, end),
+                    paths[index],
+                    form=form,
+                    nps_category=category,
+                    poll=settings.poll,
+                )
+
+            async with anyio.create_task_group() as group:
+                for index in range(len(windows)):
+                    group.start_soon(download, index)
+            for (lo, hi), path in zip(windows, paths, strict=True):
+                batches = csv_parquet.read_batches(
+                    path, schema, label=client.label, window_start=lo, window_end=hi
+                )
+                while (batch := await anyio.to_thread.run_sync(next, batches, None)) is not None:
+                    if batch.num_rows:
+                        yield pyarrow.Table.from_batches([batch])
+
+    async def rows() -> AsyncIterator[Any]:
+        async for batch in _incremental(settings, chunk):
+            yield batch
+
+    return _resource(rows, schema)
 
 
 async def _fetch(
@@ -297,9 +396,14 @@ async def _fetch(
     )
 
 
-async def _incremental(settings: _Settings, kind: ReportType) -> AsyncIterator[list[tables.Row]]:
-    """The rows of every token's windows due this run, a window per batch, and the state
-    that the next run resumes from (which dlt stores only once the load succeeds)."""
+_Chunk = Callable[[LexerClient, Sequence[tuple[datetime, datetime]], datetime], AsyncIterator[Any]]
+"""The batches of some windows of one token, given its client and this run's end."""
+
+
+async def _incremental(settings: _Settings, chunk: _Chunk) -> AsyncIterator[Any]:
+    """The batches of every token's windows due this run, ``settings.concurrency``
+    windows at a time, and the state that the next run resumes from (which dlt stores
+    only once the load succeeds)."""
     state = dlt.current.resource_state()
     through: dict[str, str] = state.setdefault("fetched_through", {})
     for label, token in settings.tokens:
@@ -308,10 +412,9 @@ async def _incremental(settings: _Settings, kind: ReportType) -> AsyncIterator[l
         windows = settings.windows_since(None if last is None else parse_datetime(last))
         async with LexerClient(token, label=label, **settings.client_options) as client:
             for first in range(0, len(windows), settings.concurrency):
-                chunk = windows[first : first + settings.concurrency]
-                for batch in await _fetch_all(settings, client, kind, chunk, end):
-                    if batch:
-                        yield batch
+                some = windows[first : first + settings.concurrency]
+                async for batch in chunk(client, some, end):
+                    yield batch
         through[label] = format_datetime(end)
 
 

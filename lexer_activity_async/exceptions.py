@@ -33,6 +33,7 @@ __all__ = [
     "ExportTimeoutError",
     "DownloadError",
     "DownloadTimeoutError",
+    "ExportSchemaError",
     "LimiterBackendError",
     "LimitStoreError",
     "OutputError",
@@ -260,6 +261,35 @@ class DownloadError(ExportError):
 class DownloadTimeoutError(DownloadError, LexerTimeoutError):
     """The file host did not connect, answer or finish within `DownloadPolicy`'s
     deadlines (``connect_timeout``, ``read_timeout``, ``timeout``)."""
+
+
+class ExportSchemaError(ExportError):
+    """An export's CSV does not fit its table schema (`tables.EXPORT_SCHEMAS`): a header
+    that differs, a row that cannot be parsed, or a value that is not of its column's
+    type or is missing where the column cannot be null.
+
+    Attributes:
+        kind: the export kind.
+        row: the data row (1 = the first after the header), when one is at fault.
+        column: the column's name, when one is at fault.
+    """
+
+    def __init__(
+        self, message: str, *, kind: str, row: int | None = None, column: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.row = row
+        self.column = column
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_schema_error, (str(self), self.kind, self.row, self.column))
+
+
+def _rebuild_schema_error(
+    message: str, kind: str, row: int | None, column: str | None
+) -> ExportSchemaError:
+    return ExportSchemaError(message, kind=kind, row=row, column=column)
 
 
 class LimiterBackendError(LexerError):

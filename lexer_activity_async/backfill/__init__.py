@@ -16,7 +16,7 @@ Their public names are all importable from here.
 Output layout (keyed by label, never the token)::
 
     <output>/<label>/reports/<type>/<from>_<to>.json
-    <output>/<label>/exports/<kind>/<from>_<to>.csv
+    <output>/<label>/exports/<kind>/<from>_<to>.csv       (or .parquet: [exports] format)
     <output>/.lexer-checkpoint.sqlite
 """
 

@@ -24,7 +24,8 @@ EXPORT_POLLS_ESTIMATE = 2
 class Unit:
     """One token x window x report-or-export. ``until`` is set when the window reaches
     past now: the request ends there, while the window (and so the file) keeps its
-    full span, the same from run to run."""
+    full span, the same from run to run. ``export_format`` is the spec's: an export unit's
+    file is its CSV, or Parquet converted from it."""
 
     label: str
     name: str
@@ -32,6 +33,7 @@ class Unit:
     date_from: datetime
     date_to: datetime
     until: datetime | None = attrs.field(default=None, eq=False)
+    export_format: str = attrs.field(default="csv", eq=False)
 
     @functools.cached_property
     def stamp(self) -> str:
@@ -47,8 +49,14 @@ class Unit:
         return self.until or self.date_to
 
     def path(self, output: Path) -> Path:
-        suffix = ".csv" if self.is_export else ".json"
-        return output / (self.id + suffix)
+        """The unit's file, the one the checkpoint records."""
+        if not self.is_export:
+            return output / (self.id + ".json")
+        return output / (self.id + (".parquet" if self.export_format == "parquet" else ".csv"))
+
+    def csv_path(self, output: Path) -> Path:
+        """Where an export unit's CSV is downloaded (its file, unless Parquet)."""
+        return output / (self.id + ".csv")
 
 
 @attrs.frozen
@@ -160,5 +168,7 @@ def plan(spec: BackfillSpec, *, now: datetime | None = None) -> Plan:
             for name in spec.reports:
                 units.append(Unit(source.label, name, False, lo, hi, until))
             for item in spec.exports:
-                units.append(Unit(source.label, item.kind.value, True, lo, hi, until))
+                units.append(
+                    Unit(source.label, item.kind.value, True, lo, hi, until, spec.export_format)
+                )
     return Plan(spec, tuple(units), tuple(windows), now, tuple(notices))

@@ -255,13 +255,35 @@ class _TokenRun:
             )
             self.checkpoint.record_job(unit.id, job.token)
             done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
+        csv_path = unit.csv_path(self.spec.output)
         try:
-            size = await exports.download(client, done, path, kind=unit.name, poll=self.spec.poll)
+            size = await exports.download(
+                client, done, csv_path, kind=unit.name, poll=self.spec.poll
+            )
         except OSError as error:  # the download removed its part file
-            raise output_error(path, error) from None
+            raise output_error(csv_path, error) from None
+        if path != csv_path:
+            size = await self._to_parquet(unit, csv_path, path)
         fetched_at = self.now().timestamp() if self.now is not None else None
         self.checkpoint.mark_done(unit.id, size, final=final, fetched_at=fetched_at)
         return size
+
+    async def _to_parquet(self, unit: Unit, csv_path: Path, path: Path) -> int:
+        """Convert the unit's CSV to its Parquet file; the CSV is removed unless the spec
+        keeps it. The Parquet file's size."""
+        from ..csv_parquet import convert_export  # the [tables] extra, checked by the spec
+        from ..tables import export_schema_for
+
+        converted = await convert_export(
+            csv_path,
+            path,
+            export_schema_for(unit.name),
+            label=unit.label,
+            window_start=unit.date_from,
+            window_end=unit.date_to,
+            keep_source=self.spec.keep_csv,
+        )
+        return converted.bytes
 
 
 def is_final(the_plan: Plan, unit: Unit, record: UnitRecord) -> bool:

@@ -9,6 +9,7 @@ spec raises `SpecError` naming the key before any request is sent.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -49,6 +50,7 @@ __all__ = [
     "ExportSpec",
     "BackfillSpec",
     "ALL_REPORTS",
+    "EXPORT_FORMATS",
     "MAX_NAME_LENGTH",
     "check_name",
     "check_spans",
@@ -57,6 +59,8 @@ __all__ = [
 ]
 
 ALL_REPORTS = tuple(k.value for k in ReportType)
+EXPORT_FORMATS = ("csv", "parquet")
+"""How export units are written: the CSV as downloaded, or typed Parquet from it."""
 DEFAULT_SETTLE = timedelta(days=2)
 """Windows ending within this of now are provisional unless the spec sets `settle`."""
 MAX_RELATIVE = timedelta(days=366 * 50)
@@ -129,6 +133,10 @@ class BackfillSpec:
     output: Path = attrs.field(validator=lambda _s, _a, v: _check_output(v))
     reports: tuple[str, ...] = ALL_REPORTS
     exports: tuple[ExportSpec, ...] = ()
+    export_format: str = attrs.field(default="csv", validator=lambda _s, _a, v: _check_format(v))
+    """``[exports] format``: ``"csv"``, or ``"parquet"`` (typed columns, `csv_parquet`)."""
+    keep_csv: bool = attrs.field(default=False, validator=lambda _s, _a, v: _check_keep_csv(v))
+    """``[exports] keep_csv``: with Parquet, keep the downloaded CSV beside it."""
     nps_form: int | None = None
     nps_category: str = NpsCategory.ALL.value
     window_months: int = attrs.field(default=1, validator=lambda _s, _a, v: _check_months(v))
@@ -251,6 +259,21 @@ def _check_tokens(tokens: object) -> None:
 def _check_output(output: object) -> None:
     if not isinstance(output, Path) or "\0" in str(output):
         raise SpecError("output must be a path without NUL characters")
+
+
+def _check_format(name: object) -> None:
+    if name not in EXPORT_FORMATS:
+        raise SpecError('[exports] format must be "csv" or "parquet"')
+    if name == "parquet":
+        try:  # the extra is checked here, before any request
+            importlib.import_module("lexer_activity_async.csv_parquet")
+        except ImportError as error:
+            raise SpecError(f'[exports] format = "parquet": {error}') from None
+
+
+def _check_keep_csv(keep: object) -> None:
+    if not isinstance(keep, bool):
+        raise SpecError("[exports] keep_csv must be true or false")
 
 
 def _check_months(months: object) -> None:
@@ -459,6 +482,20 @@ class _ExportDoc:
     nps_category: str | None = None
 
 
+_Format = NewType("_Format", str)
+"""``[exports] format``: "csv" or "parquet"."""
+
+
+@attrs.define
+class _ExportsDoc:
+    """``exports``: a list of exports, or an ``[exports]`` table holding them (``kinds``)
+    and how they are written."""
+
+    kinds: list[_ExportDoc] = attrs.Factory(list)
+    format: _Format = _Format("csv")
+    keep_csv: bool = False
+
+
 @attrs.define
 class _NpsDoc:
     form: int | None = None
@@ -494,7 +531,7 @@ class _SpecDoc:
     lookback: _Span | None = None
     output: _PathText = _PathText("lexer-output")
     reports: _ReportNames = _ReportNames(ALL_REPORTS)
-    exports: list[_ExportDoc] = attrs.Factory(list)
+    exports: _ExportsDoc = attrs.Factory(_ExportsDoc)
     nps: _NpsDoc = attrs.Factory(_NpsDoc)
     window_months: int = 1
     concurrency: _ConcurrencyDoc = attrs.Factory(_ConcurrencyDoc)
@@ -511,6 +548,7 @@ _TABLES = frozenset({"nps", "concurrency", "rate_limit", "poll"})
 _MISSING = {
     "tokens[]": "needs a `label` and one of `env` or `file`",
     "exports[]": "needs a `kind`",
+    "exports.kinds[]": "needs a `kind`",
 }
 
 
@@ -530,6 +568,18 @@ def _structure_str(value: object, _: type) -> str:
     if isinstance(value, str):
         return value
     raise _Invalid(f"must be a string, got {shown(value)}")
+
+
+def _structure_bool(value: object, _: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(f"must be true or false, got {shown(value)}")
+
+
+def _structure_format(value: object, _: type) -> _Format:
+    if value in EXPORT_FORMATS:
+        return _Format(str(value))
+    raise _Invalid(f'must be "csv" or "parquet", got {shown(value)}')
 
 
 def _structure_path(value: object, _: type) -> _PathText:
@@ -643,8 +693,11 @@ def _table_of(cls: Any, converter: BaseConverter) -> Callable[[object, Any], Any
     def structure(value: object, target: Any) -> Any:
         if cls is _ExportDoc and isinstance(value, str):
             value = {"kind": value}
+        if cls is _ExportsDoc and isinstance(value, list):
+            value = {"kinds": value}  # the list form (`_spec_fields` words its paths)
         if not isinstance(value, Mapping):
-            raise _Invalid(f"must be a table, got {shown(value)}")
+            what = "a list or an [exports] table" if cls is _ExportsDoc else "a table"
+            raise _Invalid(f"must be {what}, got {shown(value)}")
         return fields(value, target)
 
     return structure
@@ -658,6 +711,8 @@ def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     for kind, hook in (
         (int, _structure_int),
+        (bool, _structure_bool),
+        (_Format, _structure_format),
         (float, _structure_float),
         (str, _structure_str),
         (_PathText, _structure_path),
@@ -686,6 +741,8 @@ def _where(path: str) -> tuple[str, str]:
         return "spec", ""
     if head in _TABLES:
         return (f"[{head}] {rest}" if rest else f"[{head}]"), dotted
+    if head == "exports" and rest and not rest.startswith("kinds"):
+        return f"[exports] {rest}", dotted
     if "[" in dotted or head in ("date_from", "date_to", "settle", "lookback"):
         return dotted, dotted
     return f"`{dotted}`", dotted
@@ -735,6 +792,8 @@ def _known_keys() -> dict[str, list[str]]:
         "poll": PollPolicy,
         "tokens[]": _TokenDoc,
         "exports[]": _ExportDoc,
+        "exports": _ExportsDoc,
+        "exports.kinds[]": _ExportDoc,
     }
     return {key: sorted(f.name for f in attrs.fields(cls)) for key, cls in tables.items()}
 
@@ -775,6 +834,8 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         lines = cattrs.transform_error(error, format_exception=_message)
         known = _known_keys()
         reason = "; ".join(_sentence(line, known) for line in lines)
+        if isinstance(data.get("exports"), list):  # named as written: exports[0], not kinds
+            reason = reason.replace("exports.kinds[", "exports[")
         raise SpecError(reason) from None
     return {
         "tokens": tuple(
@@ -787,7 +848,9 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "lookback": doc.lookback or timedelta(0),
         "output": base_dir / doc.output,
         "reports": doc.reports,
-        "exports": tuple(ExportSpec(e.kind, e.form, e.nps_category) for e in doc.exports),
+        "exports": tuple(ExportSpec(e.kind, e.form, e.nps_category) for e in doc.exports.kinds),
+        "export_format": doc.exports.format,
+        "keep_csv": doc.exports.keep_csv,
         "nps_form": doc.nps.form,
         "nps_category": doc.nps.category,
         "window_months": doc.window_months,
