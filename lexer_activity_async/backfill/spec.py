@@ -37,6 +37,7 @@ from ..reports import (
     add_months,
     validate_nps,
 )
+from ..sinks import FORMATS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -163,6 +164,8 @@ class BackfillSpec:
         default=timedelta(0), validator=lambda _s, a, v: _check_span(a.name, v)
     )
     """Windows that ended within this span before now are refetched by every run."""
+    format: str = attrs.field(default="json", validator=lambda _s, _a, v: _check_format(v))
+    """How reports are written: ``json``, ``raw``, ``parquet`` or ``duckdb`` (`sinks`)."""
 
     @property
     def settle_period(self) -> timedelta:
@@ -251,6 +254,12 @@ def _check_tokens(tokens: object) -> None:
 def _check_output(output: object) -> None:
     if not isinstance(output, Path) or "\0" in str(output):
         raise SpecError("output must be a path without NUL characters")
+
+
+def _check_format(format: object) -> None:
+    if format not in FORMATS:
+        got = repr(format) if isinstance(format, str) and len(format) <= 20 else shown(format)
+        raise SpecError(f"`format` must be one of {', '.join(FORMATS)}, got {got}")
 
 
 def _check_months(months: object) -> None:
@@ -505,6 +514,7 @@ class _SpecDoc:
     limit_store: _PathText | None = None
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     poll: PollPolicy = attrs.Factory(PollPolicy)
+    format: str = "json"
 
 
 _TABLES = frozenset({"nps", "concurrency", "rate_limit", "poll"})
@@ -801,4 +811,5 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "limit_store": _limit_store(doc.limit_store, base_dir),
         "workflow_states_type": doc.workflow_states_type,
         "poll": doc.poll,
+        "format": doc.format,
     }
