@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, BinaryIO
@@ -84,10 +84,17 @@ class DuckDBSink:
     format = "duckdb"
     needs_body = False
 
-    def __init__(self, output: Path, lock_wait: float = LOCK_WAIT) -> None:
+    def __init__(
+        self,
+        output: Path,
+        lock_wait: float = LOCK_WAIT,
+        on_locked: Callable[[], object] | None = None,
+    ) -> None:
+        """``on_locked`` is called each time a batch finds the database held (tests)."""
         self.output = output
         self.path = output / DATABASE_NAME
         self.lock_wait = lock_wait
+        self.on_locked = on_locked
         self._duckdb: ModuleType | None = None
         self._windows: set[tuple[str, str, float, float]] | None = None
         self._writer_lock: BinaryIO | None = None
@@ -168,6 +175,8 @@ class DuckDBSink:
             except self._duckdb.Error as error:
                 if not _locked(error):
                     raise exc.OutputError(self.path, str(error)) from None
+                if self.on_locked is not None:
+                    self.on_locked()
                 if not wait or time.monotonic() >= deadline:
                     raise exc.OutputError(
                         self.path,
