@@ -122,7 +122,7 @@ def main() -> None:
     c.print_table(
         f"µs per unit (median of {runs} runs, {args.units} units per kind, batches of "
         f"{args.batch}; response sizes {sizes})",
-        ["sink / kind", "wall µs/unit", "spread", "× json", "CPU µs/unit", "× json"],
+        ["sink / kind", "wall µs/unit", "spread", "x json", "CPU µs/unit", "x json"],
         rows,
     )
     c.write_results(

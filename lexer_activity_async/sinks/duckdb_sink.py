@@ -3,11 +3,11 @@ kind (named and typed as in `tables`), each window replaced in one transaction.
 
 DuckDB lets one process hold a database file for writing, and while it does no other
 process can open it, not even read-only. So the sink opens the file for each batch of
-units, replaces each unit's window in its own transaction (DELETE the window's rows,
-INSERT the new ones, record the window; a batch's windows in one transaction), and closes it: between batches any process may
-open it read-only. While a reader holds it, the next batch waits for it (up to
-`LOCK_WAIT` seconds; then those units fail, and a rerun writes them). Another backfill
-writing the same file is refused at `open` (an advisory lock held for the whole run).
+units, replaces the batch's windows in one transaction (DELETE their rows, INSERT the
+new ones, record the windows), and closes it: between batches any process may open it
+read-only. While a reader holds it, the next batch waits for it (up to `LOCK_WAIT`
+seconds; then those units fail, and a rerun writes them). Another backfill writing the
+same file is refused at `open` (an advisory lock held for the whole run).
 
 Table ``_lexer_schema`` records each table's schema version; ``_lexer_windows`` each
 window written (label, window, rows), so a unit whose window the file lacks is fetched
