@@ -27,6 +27,8 @@ __all__ = ["WindowOverview", "Overview", "overview", "value_columns", "detect_fo
 
 _MAIN_VALUES = 2
 """Value columns totalled per kind: its first integer columns outside the key."""
+AGGREGATE_STATES = frozenset({"all_states", "all_closed_states"})
+"""Rows the API adds up itself (user_volume, classifications): left out of totals."""
 
 
 def value_columns(schema: TableSchema) -> tuple[str, ...]:
@@ -112,8 +114,10 @@ def detect_format(output: Path) -> str:
     raise exc.OutputError(output, "holds no backfill reports (json, raw, parquet or duckdb)")
 
 
-def _summed(schema: TableSchema, columns: tuple[str, ...], rows: list[Row]) -> tuple[int, ...]:
-    return tuple(sum(int(r[c]) for r in rows) for c in columns)  # type: ignore[call-overload]
+def _summed(columns: tuple[str, ...], rows: list[Row]) -> tuple[int, ...]:
+    """The columns' totals over ``rows``, but for rows of an aggregate state."""
+    kept = [r for r in rows if r.get("state") not in AGGREGATE_STATES]
+    return tuple(sum(int(r[c]) for r in kept) for c in columns)  # type: ignore[call-overload]
 
 
 def _from_files(
@@ -141,7 +145,7 @@ def _from_files(
             raise exc.OutputError(path, f"not a {chosen.value} report ({error})") from None
         # The rows are counted and summed only: an NPS report's form id is not needed.
         rows = to_rows(chosen, result, label=label, window_start=lo, window_end=hi, form=0)
-        windows.append(WindowOverview(label, lo, hi, len(rows), _summed(schema, columns, rows)))
+        windows.append(WindowOverview(label, lo, hi, len(rows), _summed(columns, rows)))
     return kinds, chosen, windows
 
 
@@ -156,9 +160,8 @@ def _from_parquet(
     for path in sorted((output / chosen.value).glob(f"label=*/window=*/{FILE_NAME}")):
         label = unquote(path.parts[-3].removeprefix("label="))
         lo, hi = _parse_window(unquote(path.parts[-2].removeprefix("window=")))
-        table = pq.read_table(path, columns=list(columns))
-        totals = tuple(int(sum(v for v in table.column(c).to_pylist())) for c in columns)
-        windows.append(WindowOverview(label, lo, hi, table.num_rows, totals))
+        rows = pq.read_table(path).to_pylist()
+        windows.append(WindowOverview(label, lo, hi, len(rows), _summed(columns, rows)))
     return kinds, chosen, windows
 
 
@@ -176,7 +179,10 @@ def _from_duckdb(
         kinds = [k for k in ReportType if k.value in tables]
         chosen = _choose(kinds, kind, output)
         columns = value_columns(schema_for(chosen))
-        sums = "".join(f", coalesce(sum(t.{c}), 0)" for c in columns)
+        kept = "t.state NOT IN ('all_states', 'all_closed_states')"
+        if "state" not in schema_for(chosen).names:
+            kept = "true"
+        sums = "".join(f", coalesce(sum(t.{c}) FILTER (WHERE {kept}), 0)" for c in columns)
         rows: list[Any] = con.execute(
             f"SELECT w.label, w.window_start, w.window_end, w.rows{sums} FROM _lexer_windows w "
             f'LEFT JOIN "{chosen.value}" t ON t.label = w.label '

@@ -895,7 +895,7 @@ def _window_text(lo: datetime, hi: datetime) -> str:
 
 def _overview_table(view: Overview) -> Table:
     table = _table(
-        f"{view.kind.value} in {view.output} ({view.format}): rows and totals",
+        f"{view.kind.value}: rows and totals",
         ("token", "window", "rows", *view.columns),
     )
     for w in view.windows:
@@ -907,6 +907,7 @@ def _overview_table(view: Overview) -> Table:
 
 def _print_overview(view: Overview) -> None:
     Console().print(_overview_table(view))
+    click.echo(f"read from {view.output} ({view.format})")
     others = sorted(k.value for k in view.kinds if k is not view.kind)
     if others:
         for line in fit_lines(["also:", *others, "(show --kind KIND)"]):
