@@ -26,7 +26,7 @@ from test_backfill_schedule import Clock, rolling_spec
 from test_transport import SUMMARY, mock_client
 
 from lexer_activity_async import ConfigurationError, LimiterRegistry, OutputError, Reports
-from lexer_activity_async.backfill import BackfillSpec, SpecError, run_backfill
+from lexer_activity_async.backfill import BackfillSpec, SpecError, backfill_status, run_backfill
 from lexer_activity_async.kinds import REPORT_KINDS
 from lexer_activity_async.models import converter
 from lexer_activity_async.reports import ReportType, window_stamp
@@ -390,3 +390,28 @@ def test_schemas_carry_their_version_and_types(tmp_path: Path) -> None:
     assert schema.field("period_start").type == pa.timestamp("us", tz="UTC")
     assert schema.field("value").type == pa.int64()
     assert not schema.field("label").nullable
+
+
+@pytest.mark.parametrize("format", ["raw", "parquet", "duckdb"])
+@pytest.mark.usefixtures("token_env")
+async def test_a_window_gone_from_the_output_is_pending_and_fetched_again_alone(
+    format: str, sandbox: Sandbox, tmp_path: Path, registry: LimiterRegistry
+) -> None:
+    out = tmp_path / "out"
+    spec = make_spec(sandbox, out, reports=("summary", "user_volume"), exports=(), format=format)
+    assert (await run_backfill(spec, registry=registry, now=lambda: NOW)).ok
+    if format == "duckdb":
+        with duckdb.connect(str(out / DATABASE_NAME)) as con:
+            con.execute("DELETE FROM _lexer_windows WHERE label = 'b' AND table_name = 'summary'")
+    elif format == "parquet":
+        for path in out.glob("summary/label=b/window=*/part.parquet"):
+            path.unlink()
+    else:
+        for path in out.glob("b/raw/summary/*.json"):
+            path.unlink()
+    status = {s.label: s for s in backfill_status(spec, now=NOW)}
+    if format != "duckdb":  # status reads no database (a run may hold it): it trusts it
+        assert (status["a"].pending, status["b"].pending) == (0, 2)
+    again = await run_backfill(spec, registry=registry, now=lambda: NOW)
+    assert again.done == {"a": 0, "b": 2}
+    assert again.requests == 2
