@@ -12,6 +12,7 @@ import duckdb
 import pytest
 from conftest import TOKEN_A, TOKEN_B
 from test_cli import ENV_A, ENV_B, REPO, base_spec, invoke
+from test_sinks import holder
 
 from lexer_activity_async.overview import AGGREGATE_STATES, overview
 from lexer_activity_async.sandbox import Sandbox
@@ -152,3 +153,24 @@ def test_an_unknown_format_is_bad_usage_before_anything(
     assert flag.exit_code == 2
     assert "Invalid value for '--format'" in flag.output
     assert not (tmp_path / "lexer-output").exists()
+
+
+def test_a_held_database_is_one_error_line_before_any_progress(
+    tmp_path: Path,
+    sandbox_in_thread: Callable[..., Sandbox],
+    write_spec: Callable[..., Path],
+    other_process: Callable[[str], object],
+) -> None:
+    sb = sandbox_in_thread()
+    spec = write_spec(tmp_path / "spec.toml", base_spec(sb, exports=[], format="duckdb"))
+    env = {ENV_A: TOKEN_A, ENV_B: TOKEN_B}
+    out = tmp_path / "out"
+    assert invoke("backfill", str(spec), "-o", str(out), env=env).exit_code == 0
+    other_process(holder(out / "lexer.duckdb", read_only=False))
+    requests = sum(sb.stats.requests.values())
+    result = invoke("backfill", str(spec), "-o", str(out), "--refresh", "2024-01-01..2024-03-01")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot write ")
+    assert "another process holds the database" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sum(sb.stats.requests.values()) == requests

@@ -7,10 +7,8 @@ runs are in ``test_sinks_kill.py``."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -240,27 +238,6 @@ async def test_without_the_tables_extra_a_clear_error_names_it_before_any_reques
     assert module in str(raised.value)
     assert sent(sandbox) == 0
     assert not out.exists()
-
-
-@pytest.fixture
-def other_process() -> Iterator[Any]:
-    """Run Python code in another process until it prints a line; stopped at teardown."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(code: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        procs.append(proc)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
 
 
 def holder(path: Path, read_only: bool) -> str:

@@ -369,9 +369,6 @@ async def run_backfill(
     the_plan = plan(spec, now=now() if now is not None else None)
     for notice in the_plan.notices:
         log.warning("backfill: %s", notice)
-    sink = make_sink(spec.format, spec.output)
-    # Checked before any request: the extra, schema versions, a database held elsewhere.
-    sink.open(report_kinds(spec))
     if spec.redis_url is not None and registry is None:
         from ..limits_redis import check_redis
 
@@ -402,6 +399,9 @@ async def run_backfill(
         if on_event is not None:
             on_event(event)
 
+    sink = make_sink(spec.format, spec.output)
+    # Checked before any request: the extra, schema versions, a database held elsewhere.
+    sink.open(report_kinds(spec))
     with (
         contextlib.closing(sink),
         gc_tuned() if tune_gc else nullcontext(),

@@ -45,6 +45,7 @@ from ..backfill import (
     plan,
     run_backfill,
 )
+from ..backfill.writer import report_kinds
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
 from ..exports import PollPolicy
@@ -54,7 +55,7 @@ from ..models import converter
 from ..overview import Overview, overview
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
-from ..sinks import FORMATS
+from ..sinks import FORMATS, make_sink
 from ._errors import BAD_USAGE, FAILED, Main, fail, fail_for
 from ._progress import BackfillView, WaitView, fit_lines, size
 
@@ -593,6 +594,17 @@ def _format_option(default: str) -> Callable[[Callable[..., Any]], Callable[...,
     )
 
 
+def _check_sink(spec: BackfillSpec) -> None:
+    """The output format's checks (its extra, schema versions, a database held by
+    another process), before progress starts: one line, not a progress block first.
+    The run checks again when it opens the sink."""
+    sink = make_sink(spec.format, spec.output)
+    try:
+        sink.open(report_kinds(spec))
+    finally:
+        sink.close()
+
+
 def _writable(check: Callable[[Path], object], path: Path) -> None:
     """Run a destination ``check`` before anything starts: an `OutputError` is bad usage
     (status 2), shown as one line (or raised, with ``--debug``)."""
@@ -832,6 +844,7 @@ def backfill(
             err.print(f"Error: {problem}", markup=False, highlight=False)
         sys.exit(1 if problems else 0)
     _writable(check_directory, spec.output)
+    _check_sink(spec)
     with _view(spec, as_json) as view:
         summary = _run(
             run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
