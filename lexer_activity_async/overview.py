@@ -184,7 +184,9 @@ def _from_duckdb(
             kept = "true"
         sums = "".join(f", coalesce(sum(t.{c}) FILTER (WHERE {kept}), 0)" for c in columns)
         rows: list[Any] = con.execute(
-            f"SELECT w.label, w.window_start, w.window_end, w.rows{sums} FROM _lexer_windows w "
+            # Epoch seconds, not TIMESTAMPTZ: older DuckDB releases need pytz to fetch those.
+            f"SELECT w.label, epoch(w.window_start), epoch(w.window_end), w.rows{sums} "
+            "FROM _lexer_windows w "
             f'LEFT JOIN "{chosen.value}" t ON t.label = w.label '
             "AND t.window_start = w.window_start AND t.window_end = w.window_end "
             "WHERE w.table_name = ? GROUP BY ALL",
@@ -194,7 +196,11 @@ def _from_duckdb(
         con.close()
     windows = [
         WindowOverview(
-            label, lo.astimezone(timezone.utc), hi.astimezone(timezone.utc), n, tuple(totals)
+            label,
+            datetime.fromtimestamp(lo, timezone.utc),
+            datetime.fromtimestamp(hi, timezone.utc),
+            n,
+            tuple(int(t) for t in totals),
         )
         for label, lo, hi, n, *totals in rows
     ]
