@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Generic, Protocol, TypeVar, cast, overload
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,7 +29,7 @@ from . import models as m
 from .events import EventHook
 from .instrumentation import InstrumentationOption
 from .instrumentation import resolve as resolve_instrumentation
-from .kinds import REPORT_KINDS, ReportKind, ReportResult, Reports
+from .kinds import REPORT_KINDS, RawReport, ReportKind, ReportResult, Reports
 from .limits import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_WINDOW,
@@ -603,9 +603,104 @@ class LexerClient:
                 names above, and type/date_from/date_to, are refused here.
             max_retries, deadline: override the client's `RetryPolicy` for this call.
         """
+        raw = await self._report(
+            report_type,
+            date_from,
+            date_to,
+            dict(
+                users=users,
+                groups=groups,
+                forms=forms,
+                form=form,
+                nps_category=nps_category,
+                extra_filters=extra_filters,
+            ),
+            max_retries=max_retries,
+            deadline=deadline,
+        )
+        return cast("T | ReportResult", raw.result)
+
+    @overload
+    async def report_raw(
+        self,
+        report_type: ReportKind[T],
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> RawReport[T]: ...
+
+    @overload
+    async def report_raw(
+        self,
+        report_type: ReportType | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> RawReport[ReportResult]: ...
+
+    async def report_raw(
+        self,
+        report_type: ReportKind[T] | ReportType | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> RawReport[T] | RawReport[ReportResult]:
+        """`report`, also keeping the response body byte for byte (`RawReport.body`, for
+        audits and raw archives): the same arguments, validation and decoding."""
+        return await self._report(
+            report_type,
+            date_from,
+            date_to,
+            dict(
+                users=users,
+                groups=groups,
+                forms=forms,
+                form=form,
+                nps_category=nps_category,
+                extra_filters=extra_filters,
+            ),
+            max_retries=max_retries,
+            deadline=deadline,
+        )
+
+    async def _report(
+        self,
+        report_type: ReportKind[Any] | ReportType | str,
+        date_from: datetime,
+        date_to: datetime,
+        filters: Mapping[str, object],
+        *,
+        max_retries: int | None,
+        deadline: float | None,
+    ) -> RawReport[Any]:
+        """`report_raw`'s work; the result is typed by the public overloads."""
         if isinstance(report_type, ReportKind):
             kind, name = self.resolve_report_type(report_type.report_type)
-            row: ReportKind[T] | ReportKind[ReportResult] = report_type
+            row: ReportKind[Any] = report_type
         else:
             kind, name = self.resolve_report_type(report_type)
             row = REPORT_KINDS[kind]
@@ -614,18 +709,13 @@ class LexerClient:
             date_from,
             date_to,
             needs_form=row.needs_form,
-            form=form,
-            nps_category=nps_category,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
             now=self.channel.now(),
+            **filters,  # type: ignore[arg-type]  # report()'s own keyword arguments
         )
         tz = date_from.tzinfo or timezone.utc
 
-        def decode(status: int, raw: bytes) -> T | ReportResult:
-            return wire.decode_report(row, status, raw, tz=tz, report_type=name)
+        def decode(status: int, raw: bytes) -> RawReport[Any]:
+            return RawReport(wire.decode_report(row, status, raw, tz=tz, report_type=name), raw)
 
         return await self.send(
             wire.report_request(body), decode, max_retries=max_retries, deadline=deadline

@@ -14,7 +14,7 @@ import attrs
 from . import models as m
 from .reports import ReportType, hourly_response_volume, hourly_states_volume
 
-__all__ = ["ReportKind", "Reports", "ReportResult", "REPORT_KINDS", "report_kind"]
+__all__ = ["ReportKind", "Reports", "ReportResult", "REPORT_KINDS", "report_kind", "RawReport"]
 
 T = TypeVar("T")
 
@@ -100,3 +100,12 @@ REPORT_KINDS: Mapping[ReportType, ReportKind[ReportResult]] = {
 def report_kind(report_type: ReportType) -> ReportKind[ReportResult]:
     """The table's row for ``report_type``."""
     return REPORT_KINDS[report_type]
+
+
+@attrs.frozen
+class RawReport(Generic[T]):
+    """A report's typed ``result`` and the response ``body`` byte for byte, as the API
+    sent it (for audits and raw archives); from `LexerClient.report_raw`."""
+
+    result: T
+    body: bytes = attrs.field(repr=lambda body: f"<{len(body)} bytes>")

@@ -198,6 +198,7 @@ class LexerClient:
     forms = _twin("forms")
     send = _twin("send")
     report = _twin("report")
+    report_raw = _twin("report_raw")
     summary = _twin("summary")
     states_volume = _twin("states_volume")
     workflow_states = _twin("workflow_states")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -300,3 +302,25 @@ def redis_url() -> Iterator[str]:
         pytest.skip(f"{message} skipped")
     with redis_server() as url:
         yield url
+
+
+@pytest.fixture
+def other_process() -> Iterator[Callable[[str], subprocess.Popen[str]]]:
+    """Start Python code in another process and wait for its first line, ``ready``
+    (``start(code)``, the process returned); each is killed at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(code: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)

@@ -9,11 +9,13 @@ A unit whose file cannot be written fails alone (`OutputError`); a checkpoint th
 cannot be used stops the run (`CheckpointError`).
 
 The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the floor),
-`runner` (per-token workers, orchestration), `writer` (group commit), `events` (unit
-events and the summary), `status` (where a backfill stands, without a request).
+`runner` (per-token workers, orchestration), `writer` (group commit through the run's
+sink), `events` (unit events and the summary), `status` (where a backfill stands,
+without a request).
 Their public names are all importable from here.
 
-Output layout (keyed by label, never the token)::
+Output layout (keyed by label, never the token), reports in the spec's ``format``
+(see `sinks`; ``json`` shown)::
 
     <output>/<label>/reports/<type>/<from>_<to>.json
     <output>/<label>/exports/<kind>/<from>_<to>.csv       (or .parquet: [exports] format)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections import deque
@@ -21,13 +22,15 @@ from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, Checkpoint
 from ..client import LexerClient, api_session
 from ..instrumentation import Instrumentation, InstrumentationOption
 from ..instrumentation import resolve as resolve_instrumentation
+from ..kinds import ReportResult
 from ..limits import LimiterRegistry, LimiterStats
 from ..logs import fields as log_fields
 from ..models import ExportJob, converter
+from ..sinks import ReportSink, Slot, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Plan, Unit, plan
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource
-from .writer import ReportWriter, output_error
+from .writer import ReportWriter, output_error, report_kinds, report_slot
 
 log = logging.getLogger("lexer_activity_async")
 
@@ -38,6 +41,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "is_final",
     "file_matches",
+    "unit_present",
 ]
 
 CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
@@ -201,25 +205,31 @@ class _TokenRun:
         record = self.checkpoint.get(unit.id) if keep_job else None
         self._fail(unit, failure, record.report_token if record else None)
 
+    async def _fetch(
+        self, client: LexerClient, unit: Unit, slot: Slot
+    ) -> tuple[ReportResult, bytes | None]:
+        """A report unit's typed result, and its response body if the sink needs it."""
+        nps = slot.kind.needs_form
+        form = self.spec.nps_form if nps else None
+        category = self.spec.nps_category if nps else None
+        if self.writer.needs_body:
+            raw = await client.report_raw(
+                unit.name, unit.date_from, unit.fetch_to, form=form, nps_category=category
+            )
+            return raw.result, raw.body
+        result = await client.report(
+            unit.name, unit.date_from, unit.fetch_to, form=form, nps_category=category
+        )
+        return result, None
+
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)
         final = not self.plan.is_provisional(unit)
         if not unit.is_export:
-            nps = unit.name in ("nps_summary", "nps_volume")
+            slot = report_slot(self.spec, unit)
             # No local holds the result: it is freed before the wait for the commit.
             entry = self.writer.stage(
-                unit.id,
-                path,
-                converter.unstructure(
-                    await client.report(
-                        unit.name,
-                        unit.date_from,
-                        unit.fetch_to,
-                        form=self.spec.nps_form if nps else None,
-                        nps_category=self.spec.nps_category if nps else None,
-                    )
-                ),
-                final=final,
+                unit.id, slot, *await self._fetch(client, unit, slot), final=final
             )
             return await self.writer.commit(entry)
         spec = self._export_spec(unit.name)
@@ -298,6 +308,7 @@ def is_final(the_plan: Plan, unit: Unit, record: UnitRecord) -> bool:
 
 def _needs_refetch(
     the_plan: Plan,
+    sink: ReportSink,
     unit: Unit,
     record: UnitRecord,
     refresh: tuple[datetime, datetime] | None,
@@ -307,14 +318,22 @@ def _needs_refetch(
         return True
     if not is_final(the_plan, unit, record) or the_plan.in_lookback(unit):
         return True
-    if not file_matches(unit.path(the_plan.spec.output), record):
+    if not unit_present(the_plan.spec, sink, unit, record):
         log.warning(
-            "backfill unit %s: its file is missing or truncated; fetching it again",
+            "backfill unit %s: its data is missing or truncated; fetching it again",
             unit.id,
             extra=log_fields(unit.label, None, unit.name),
         )
         return True
     return False
+
+
+def unit_present(spec: BackfillSpec, sink: ReportSink, unit: Unit, record: UnitRecord) -> bool:
+    """Whether a done unit's data is in place: its export file, or its report in
+    ``sink`` (files: there with the size recorded)."""
+    if unit.is_export:
+        return file_matches(unit.path(spec.output), record)
+    return sink.has(report_slot(spec, unit), record.bytes)
 
 
 def file_matches(path: Path, record: UnitRecord) -> bool:
@@ -419,13 +438,17 @@ async def run_backfill(
         if on_event is not None:
             on_event(event)
 
+    sink = make_sink(spec.format, spec.output)
+    # Checked before any request: the extra, schema versions, a database held elsewhere.
+    sink.open(report_kinds(spec))
     with (
+        contextlib.closing(sink),
         gc_tuned() if tune_gc else nullcontext(),
         Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint,
     ):
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
-        writer = ReportWriter(checkpoint, now)
+        writer = ReportWriter(checkpoint, sink, now)
         runs = []
         for source in spec.tokens:
             todo = []
@@ -438,7 +461,7 @@ async def run_backfill(
                 # --retry-failed; units a crash left unfinished always run.
                 keep = state == DONE and record is not None
                 if keep and record is not None:
-                    keep = not _needs_refetch(the_plan, unit, record, refresh)
+                    keep = not _needs_refetch(the_plan, sink, unit, record, refresh)
                 if keep or (state == FAILED and not retry_failed):
                     skipped[source.label] += 1
                     emit(UnitFinished(unit, "skipped"))

@@ -38,6 +38,7 @@ from ..reports import (
     add_months,
     validate_nps,
 )
+from ..sinks import FORMATS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,7 +134,9 @@ class BackfillSpec:
     output: Path = attrs.field(validator=lambda _s, _a, v: _check_output(v))
     reports: tuple[str, ...] = ALL_REPORTS
     exports: tuple[ExportSpec, ...] = ()
-    export_format: str = attrs.field(default="csv", validator=lambda _s, _a, v: _check_format(v))
+    export_format: str = attrs.field(
+        default="csv", validator=lambda _s, _a, v: _check_export_format(v)
+    )
     """``[exports] format``: ``"csv"``, or ``"parquet"`` (typed columns, `csv_parquet`)."""
     keep_csv: bool = attrs.field(default=False, validator=lambda _s, _a, v: _check_keep_csv(v))
     """``[exports] keep_csv``: with Parquet, keep the downloaded CSV beside it."""
@@ -171,6 +174,8 @@ class BackfillSpec:
         default=timedelta(0), validator=lambda _s, a, v: _check_span(a.name, v)
     )
     """Windows that ended within this span before now are refetched by every run."""
+    format: str = attrs.field(default="json", validator=lambda _s, _a, v: _check_format(v))
+    """How reports are written: ``json``, ``raw``, ``parquet`` or ``duckdb`` (`sinks`)."""
 
     @property
     def settle_period(self) -> timedelta:
@@ -261,7 +266,7 @@ def _check_output(output: object) -> None:
         raise SpecError("output must be a path without NUL characters")
 
 
-def _check_format(name: object) -> None:
+def _check_export_format(name: object) -> None:
     if name not in EXPORT_FORMATS:
         raise SpecError('[exports] format must be "csv" or "parquet"')
     if name == "parquet":
@@ -274,6 +279,12 @@ def _check_format(name: object) -> None:
 def _check_keep_csv(keep: object) -> None:
     if not isinstance(keep, bool):
         raise SpecError("[exports] keep_csv must be true or false")
+
+
+def _check_format(format: object) -> None:
+    if format not in FORMATS:
+        got = repr(format) if isinstance(format, str) and len(format) <= 20 else shown(format)
+        raise SpecError(f"`format` must be one of {', '.join(FORMATS)}, got {got}")
 
 
 def _check_months(months: object) -> None:
@@ -542,6 +553,7 @@ class _SpecDoc:
     limit_store: _PathText | None = None
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     poll: PollPolicy = attrs.Factory(PollPolicy)
+    format: str = "json"
 
 
 _TABLES = frozenset({"nps", "concurrency", "rate_limit", "poll"})
@@ -864,4 +876,5 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "limit_store": _limit_store(doc.limit_store, base_dir),
         "workflow_states_type": doc.workflow_states_type,
         "poll": doc.poll,
+        "format": doc.format,
     }

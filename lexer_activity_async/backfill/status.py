@@ -8,8 +8,9 @@ from datetime import datetime
 import attrs
 
 from ..checkpoint import DONE, FAILED, Checkpoint, UnitRecord
+from ..sinks import ReportSink, make_sink
 from .plan import Plan, Unit, plan
-from .runner import CHECKPOINT_NAME, file_matches, is_final
+from .runner import CHECKPOINT_NAME, is_final, unit_present
 from .spec import BackfillSpec
 
 __all__ = ["TokenStatus", "backfill_status"]
@@ -28,12 +29,12 @@ class TokenStatus:
     next_final: datetime | None = None
 
 
-def _state(the_plan: Plan, unit: Unit, record: UnitRecord | None) -> str:
+def _state(the_plan: Plan, sink: ReportSink, unit: Unit, record: UnitRecord | None) -> str:
     if record is None or record.state not in (DONE, FAILED):
         return "pending"  # never fetched, or stopped while its export job ran
     if record.state == FAILED:
         return "failed"
-    if not file_matches(unit.path(the_plan.spec.output), record):
+    if not unit_present(the_plan.spec, sink, unit, record):
         return "pending"  # the next run fetches it again
     return "final" if is_final(the_plan, unit, record) else "provisional"
 
@@ -47,12 +48,13 @@ def backfill_status(spec: BackfillSpec, *, now: datetime | None = None) -> list[
     if path.exists():
         with Checkpoint(path) as checkpoint:
             records = checkpoint.records()
+    sink = make_sink(spec.format, spec.output)  # not opened: it only looks for files
     result = []
     for source in spec.tokens:
         counts = {"final": 0, "provisional": 0, "failed": 0, "pending": 0}
         settles: list[datetime] = []
         for unit in the_plan.units_of(source.label):
-            state = _state(the_plan, unit, records.get(unit.id))
+            state = _state(the_plan, sink, unit, records.get(unit.id))
             counts[state] += 1
             if state == "provisional":
                 settles.append(the_plan.settles_at(unit))

@@ -1,89 +1,95 @@
-"""The report writer: each report's JSON staged as a part file, then made durable in
-batches (fsync, rename, folder fsync) and checkpointed in one transaction (group commit)."""
+"""The report writer: each report staged by the run's sink (`sinks`), then written in
+batches and checkpointed in one transaction (group commit)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from contextlib import suppress
 from datetime import datetime
-from pathlib import Path
 
 import anyio
 import attrs
 
-from .. import durable
-from .. import exceptions as exc
 from ..checkpoint import Checkpoint
+from ..kinds import ReportResult
+from ..reports import ReportType
+from ..sinks import ReportSink, Slot, Staged
+from ..sinks.files import output_error
+from .plan import Unit
+from .spec import BackfillSpec
 
-__all__ = ["ReportWriter", "output_error"]
+__all__ = ["ReportWriter", "output_error", "report_kind", "report_kinds", "report_slot"]
 
 
-@attrs.define
+def report_kind(spec: BackfillSpec, name: str) -> ReportType:
+    """The kind of the spec's report ``name`` (workflow states may be renamed)."""
+    return ReportType.WORKFLOW_STATES if name == spec.workflow_states_type else ReportType(name)
+
+
+def report_kinds(spec: BackfillSpec) -> list[ReportType]:
+    """The kinds of the spec's reports, in its order."""
+    return [report_kind(spec, name) for name in spec.reports]
+
+
+def report_slot(spec: BackfillSpec, unit: Unit) -> Slot:
+    """Where a report unit's data goes, in any sink."""
+    kind = report_kind(spec, unit.name)
+    form = spec.nps_form if kind.needs_form else None
+    return Slot(unit.label, unit.name, kind, unit.date_from, unit.date_to, unit.stamp, form)
+
+
+@attrs.define(eq=False)
 class _Pending:
     unit_id: str
-    part: Path
-    path: Path
-    size: int
+    staged: Staged
     final: bool = True
     committed: bool = False
     error: Exception | None = None
 
 
-def output_error(path: Path, error: OSError | ValueError) -> exc.OutputError:
-    """An OS refusal to write ``path`` (full disk, read-only folder, bad name) as the
-    unit's `OutputError`."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return exc.OutputError(path, reason)
-
-
-def _remove(part: Path) -> None:
-    """Remove a part file, if any; a folder that refuses even that keeps it."""
-    with suppress(OSError, ValueError):
-        part.unlink(missing_ok=True)
-
-
 class ReportWriter:
-    """Writes report files with group commit.
+    """Writes reports through ``sink`` with group commit.
 
-    Each unit's JSON goes to ``<file>.part`` on the event loop (a page-cache write).
-    Then one worker-thread call per batch fsyncs the parts, renames them into place,
-    fsyncs their folders and marks the units done in one checkpoint transaction. A thread
-    hop per unit cost about 1 ms of CPU, more than the request itself. A unit is done only
-    once its file is durable. A file that cannot be written fails its unit alone (an
-    `OutputError`, its part file removed); a checkpoint that cannot be written fails the
-    whole batch with `CheckpointError`. Only a crash can leave a ``.part`` file, which the
-    rerun of that unit overwrites.
+    Each unit is staged on the event loop (JSON: a part file, a page-cache write).
+    Then one worker-thread call per batch has the sink make the batch durable (files:
+    fsync, rename, folder fsync; duckdb: one transaction per window) and marks the
+    units done in one checkpoint transaction. A thread hop per unit cost about 1 ms of
+    CPU, more than the request itself. A unit is done only once its data is durable. A
+    unit that cannot be written fails alone (an `OutputError`, nothing of it left); a
+    checkpoint that cannot be written fails the whole batch with `CheckpointError`.
+    Only a crash can leave a part file, which the rerun of that unit overwrites.
     """
 
-    def __init__(self, checkpoint: Checkpoint, now: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, sink: ReportSink, now: Callable[[], datetime] | None = None
+    ) -> None:
         self._checkpoint = checkpoint
+        self._sink = sink
         self._now = now
         self._pending: list[_Pending] = []
         self._lock = anyio.Lock()
-        self._folders: set[Path] = set()
 
-    def stage(self, unit_id: str, path: Path, payload: object, *, final: bool = True) -> _Pending:
-        """Write ``payload`` as JSON to ``<file>.part``; `commit` then puts it in place,
-        recorded final or provisional. Nothing of the payload is kept: units waiting for
-        their batch hold no data."""
-        # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
-        data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
-        part = path.with_name(path.name + ".part")
-        try:
-            if path.parent not in self._folders:  # one mkdir per folder, not per unit
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._folders.add(path.parent)
-            with open(part, "wb") as handle:
-                handle.write(data)
-        except (OSError, ValueError) as error:
-            _remove(part)
-            raise output_error(path, error) from None
-        return _Pending(unit_id, part, path, len(data), final)
+    @property
+    def needs_body(self) -> bool:
+        """Whether `stage` needs each response's body (the raw format)."""
+        return self._sink.needs_body
+
+    def stage(
+        self,
+        unit_id: str,
+        slot: Slot,
+        result: ReportResult,
+        body: bytes | None,
+        *,
+        final: bool = True,
+    ) -> _Pending:
+        """Stage ``result`` with the sink; `commit` then writes it, recorded final or
+        provisional. File sinks keep nothing of it: units waiting for their batch hold
+        no data."""
+        return _Pending(unit_id, self._sink.stage(slot, result, body), final)
 
     async def commit(self, entry: _Pending) -> int:
         """Wait until the batch holding ``entry`` is durable and checkpointed; its size.
-        Cancelled before that, the entry leaves its batch and its part file is removed."""
+        Cancelled before that, the entry leaves its batch and the sink drops it."""
         self._pending.append(entry)
         try:
             async with self._lock:  # batches run one at a time; later arrivals form the next
@@ -95,35 +101,24 @@ class ReportWriter:
                         for other in batch:
                             if not other.committed and other.error is None:
                                 other.error = error
-                                _remove(other.part)
+                                self._sink.discard(other.staged)
         except BaseException:
             if not entry.committed:
                 if entry in self._pending:
                     self._pending.remove(entry)
-                _remove(entry.part)
+                self._sink.discard(entry.staged)
             raise
         if entry.error is not None:
             raise entry.error
-        return entry.size
+        return entry.staged.size
 
     def _commit(self, batch: list[_Pending]) -> None:
-        folders: dict[Path, list[_Pending]] = {}
-        for entry in batch:
-            try:
-                durable.commit_part(entry.part, entry.path)
-                folders.setdefault(entry.path.parent, []).append(entry)
-            except OSError as error:
-                entry.error = output_error(entry.path, error)
-                _remove(entry.part)
-        for folder, entries in folders.items():
-            try:
-                durable.sync_folder(folder)
-            except OSError as error:  # the renames may not be durable: not done
-                for entry in entries:
-                    entry.error = output_error(entry.path, error)
+        errors = self._sink.write([entry.staged for entry in batch])
+        for entry, error in zip(batch, errors, strict=True):
+            entry.error = error
         written = [e for e in batch if e.error is None]
         self._checkpoint.mark_done_many(
-            [(e.unit_id, e.size) for e in written],
+            [(e.unit_id, e.staged.size) for e in written],
             final=[e.final for e in written],
             fetched_at=self._now().timestamp() if self._now is not None else None,
         )

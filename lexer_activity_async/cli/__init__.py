@@ -1,5 +1,5 @@
 """The ``lexer-activity`` command line: users, groups, forms, report, export, backfill, status,
-sandbox, demo.
+show, sandbox, demo.
 
 Tokens are read from an environment variable or a file, never from the command line.
 Anything a user can cause ends in one ``Error:`` line (see `_errors`); ``--debug`` shows
@@ -45,6 +45,7 @@ from ..backfill import (
     plan,
     run_backfill,
 )
+from ..backfill.writer import report_kinds
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
 from ..exports import PollPolicy
@@ -52,8 +53,10 @@ from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from ..limits_sqlite import default_store_path
 from ..logs import JsonFormatter
 from ..models import converter
+from ..overview import Overview, overview
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
+from ..sinks import FORMATS, make_sink
 from ._errors import BAD_USAGE, FAILED, Main, fail, fail_for
 from ._progress import BackfillView, WaitView, fit_lines, size
 
@@ -608,6 +611,27 @@ def export(
 # -- backfill and demo --------------------------------------------------------------------------
 
 
+def _format_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(FORMATS),
+        help=f"How reports are written: json, raw (the API's bodies), parquet or duckdb "
+        f"(these two need the [tables] extra). Default: {default}.",
+    )
+
+
+def _check_sink(spec: BackfillSpec) -> None:
+    """The output format's checks (its extra, schema versions, a database held by
+    another process), before progress starts: one line, not a progress block first.
+    The run checks again when it opens the sink."""
+    sink = make_sink(spec.format, spec.output)
+    try:
+        sink.open(report_kinds(spec))
+    finally:
+        sink.close()
+
+
 def _writable(check: Callable[[Path], object], path: Path) -> None:
     """Run a destination ``check`` before anything starts: an `OutputError` is bad usage
     (status 2), shown as one line (or raised, with ``--debug``)."""
@@ -797,6 +821,7 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
     type=click.Path(path_type=Path),
     help="Output directory (overrides the spec's).",
 )
+@_format_option("the spec's, else json")
 def backfill(
     spec_path: Path,
     dry_run: bool,
@@ -806,6 +831,7 @@ def backfill(
     redis_url: str | None,
     limit_store: str | None,
     output: Path | None,
+    output_format: str | None,
 ) -> None:
     """Backfill every report and export of a spec (TOML), resumably.
 
@@ -821,6 +847,8 @@ def backfill(
         overrides["limit_store"] = IN_PROCESS if limit_store == IN_PROCESS else Path(limit_store)
     if output:
         overrides["output"] = output
+    if output_format:
+        overrides["format"] = output_format
     spec = _load_spec(spec_path, overrides)
     if spec.limit_store is None and spec.redis_url is None:
         spec = attrs.evolve(spec, limit_store=default_store_path())
@@ -843,6 +871,7 @@ def backfill(
             err.print(f"Error: {problem}", markup=False, highlight=False)
         sys.exit(1 if problems else 0)
     _writable(check_directory, spec.output)
+    _check_sink(spec)
     with _view(spec, as_json) as view:
         summary = _run(
             run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
@@ -892,6 +921,64 @@ def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
             click.echo(json.dumps(record))
         return
     Console().print(_status_table(spec, rows))
+
+
+def _window_text(lo: datetime, hi: datetime) -> str:
+    """``2024-01`` for a calendar month (UTC), else ``FROM..TO``."""
+    lo, hi = lo.astimezone(timezone.utc), hi.astimezone(timezone.utc)
+    midnight = datetime.min.time()
+    if lo.time() == midnight and lo.day == 1 and hi == add_months(lo, 1):
+        return lo.strftime("%Y-%m")
+    form = "%Y-%m-%d" if lo.time() == hi.time() == midnight else "%Y-%m-%d %H:%M"
+    return f"{lo.strftime(form)}..{hi.strftime(form)}"
+
+
+def _overview_table(view: Overview) -> Table:
+    table = _table(
+        f"{view.kind.value}: rows and totals",
+        ("token", "window", "rows", *view.columns),
+    )
+    for w in view.windows:
+        table.add_row(
+            w.label, _window_text(w.window_start, w.window_end), str(w.rows), *map(str, w.totals)
+        )
+    return table
+
+
+def _print_overview(view: Overview) -> None:
+    Console().print(_overview_table(view))
+    click.echo(f"read from {view.output} ({view.format})")
+    others = sorted(k.value for k in view.kinds if k is not view.kind)
+    if others:
+        for line in fit_lines(["also:", *others, "(show --kind KIND)"]):
+            click.echo(line)
+
+
+def _overview_of(output: Path, kind: str | None, output_format: str | None) -> Overview:
+    try:
+        return overview(output, ReportType(kind) if kind else None, output_format)
+    except exc.OutputError as error:
+        raise fail(f"{error.path}: {error.reason}", BAD_USAGE) from None
+
+
+@main.command(short_help="What a backfill wrote: rows and totals per token and window.")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--kind",
+    type=click.Choice(REPORT_TYPES),
+    help="The report kind to show (default: summary, else the first one found).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    help="The format to read (default: the one OUTPUT holds).",
+)
+def show(output: Path, kind: str | None, output_format: str | None) -> None:
+    """A compact table of what a backfill wrote to OUTPUT (any format): per token label
+    and window, the rows of one report kind and the totals of its main counts. Reads the
+    files only; sends nothing."""
+    _print_overview(_overview_of(output, kind, output_format))
 
 
 @main.command()
@@ -987,6 +1074,7 @@ DEMO_MARKER = ".lexer-demo"
 @click.option("--resume", is_flag=True, help="Keep an earlier demo's output and resume it.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
 @_limit_store_option
+@_format_option("json")
 def demo(
     output: Path,
     n_tokens: int,
@@ -995,6 +1083,7 @@ def demo(
     resume: bool,
     as_json: bool,
     limit_store: str | None,
+    output_format: str | None,
 ) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
     # Every option is checked before the earlier output is touched.
@@ -1045,6 +1134,7 @@ def demo(
                 window=window,
                 poll=PollPolicy(first_delay=0.5, cap=2.0),
                 limit_store=limits,
+                format=output_format or "json",
             )
             with _view(spec, as_json) as view:
                 summary = await run_backfill(spec, on_event=view)
@@ -1061,6 +1151,8 @@ def demo(
     if not as_json:
         click.echo(_DEMO_WORLD)
         click.echo(f"output: {output.resolve()}")
+        if any(summary.done.values()) or any(summary.skipped.values()):
+            _print_overview(_overview_of(output, None, spec.format))
     sys.exit(0 if summary.ok else 1)
 
 
