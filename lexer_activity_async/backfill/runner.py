@@ -25,7 +25,7 @@ from ..instrumentation import resolve as resolve_instrumentation
 from ..kinds import ReportResult
 from ..limits import LimiterRegistry, LimiterStats
 from ..logs import fields as log_fields
-from ..models import ExportJob, converter
+from ..models import ExportJob
 from ..sinks import ReportSink, Slot, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Plan, Unit, plan
