@@ -12,14 +12,27 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import TOKEN_A, ClientFor, MakeClient, SandboxFactory
+from conftest import (
+    TOKEN_A,
+    TOKEN_B,
+    ClientFor,
+    MakeClient,
+    SandboxFactory,
+    SandboxInThread,
+    WriteSpec,
+)
 from recording_proxy import RecordingProxy
 from redis_server import free_port
+from test_backfill import ENV_A, ENV_B, make_spec
+from test_cli import ENV_A as CLI_ENV_A
+from test_cli import ENV_B as CLI_ENV_B
+from test_cli import base_spec, invoke
 from test_exports import FEB, JAN, POLL
 from tinyproxy_server import find_tinyproxy, tinyproxy
 
-from lexer_activity_async import events
+from lexer_activity_async import LimiterRegistry, events
 from lexer_activity_async import exceptions as exc
+from lexer_activity_async.backfill import BackfillSpec, SpecError, run_backfill
 from lexer_activity_async.network import network
 from lexer_activity_async.sandbox import Sandbox
 
@@ -382,3 +395,125 @@ async def test_bad_network_options_fail_before_any_request(sandbox: Sandbox) -> 
 def test_ssl_false_warns() -> None:
     with pytest.warns(UserWarning, match="not verified"):
         assert network(ssl=False).connector_ssl is False
+
+
+# -- backfills: the spec's proxy and CA bundle on every session ----------------------------
+
+
+def _spec(sb: Sandbox, output: Path, monkeypatch: pytest.MonkeyPatch, **fields: Any) -> Any:
+    monkeypatch.setenv(ENV_A, TOKEN_A)
+    monkeypatch.setenv(ENV_B, TOKEN_B)
+    return make_spec(sb, output, **fields)
+
+
+async def test_a_backfill_sends_everything_through_the_specs_proxy(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _need_tinyproxy()
+    with tinyproxy(tmp_path) as (proxy_url, log):
+        spec = _spec(sandbox, tmp_path / "out", monkeypatch, proxy=proxy_url)
+        summary = await run_backfill(spec, registry=LimiterRegistry())
+        text = log.read_text()
+    assert summary.ok
+    assert summary.done == {"a": 8, "b": 8}  # 2 months x (2 reports + 2 exports)
+    for url in (sandbox.api_url, sandbox.status_url, sandbox.files_url):
+        assert f"{url}/" in text
+    assert text.count(f"{sandbox.files_url}/") >= 4  # two tokens x two export kinds
+    assert sandbox.stats.leaks == 0
+    assert TOKEN_A not in text
+    assert TOKEN_B not in text
+
+
+async def test_a_backfill_trusts_the_specs_ca_bundle_through_tunnels(
+    tls_sandbox: Sandbox, ca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with RecordingProxy() as proxy:
+        spec = _spec(tls_sandbox, tmp_path / "out", monkeypatch, proxy=proxy.url, ca_bundle=ca_file)
+        summary = await run_backfill(spec, registry=LimiterRegistry())
+    assert summary.ok, summary.failed
+    assert {r.method for r in proxy.seen} == {"CONNECT"}
+    assert set(proxy.targets()) == {
+        _port(tls_sandbox.api_url),
+        _port(tls_sandbox.status_url),
+        _port(tls_sandbox.files_url),
+    }
+    assert tls_sandbox.stats.file_requests >= 4
+    assert tls_sandbox.stats.leaks == 0
+
+
+def test_spec_proxy_and_ca_bundle_keys(tmp_path: Path, write_spec: WriteSpec) -> None:
+    bundle = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(bundle))
+    data = {
+        "date_from": "2024-01-01",
+        "date_to": "2024-03-01",
+        "reports": ["summary"],
+        "tokens": [{"label": "a", "env": ENV_A}],
+        "proxy": "http://corp:pw-123@proxy.example:3128",
+        "ca_bundle": "ca.pem",
+    }
+    spec = BackfillSpec.from_toml(write_spec(tmp_path / "spec.toml", data))
+    assert spec.proxy == data["proxy"]
+    assert spec.ca_bundle == bundle
+    assert "pw-123" not in repr(spec)
+    for key, bad, message in (
+        ("proxy", "socks5://corp:pw-123@proxy:1080", "`proxy` must be an http:// URL"),
+        ("ca_bundle", "missing.pem", "`ca_bundle` .* cannot be used as a PEM CA bundle"),
+    ):
+        path = write_spec(tmp_path / "bad.toml", {**data, key: bad})
+        with pytest.raises(SpecError, match=message) as caught:
+            BackfillSpec.from_toml(path)
+        assert "pw-123" not in str(caught.value)
+
+
+def test_cli_backfill_and_demo_take_proxy_flags(
+    tmp_path: Path,
+    sandbox_in_thread: SandboxInThread,
+    write_spec: WriteSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _need_tinyproxy()
+    sb = sandbox_in_thread()
+    spec = write_spec(tmp_path / "spec.toml", base_spec(sb, output="out"))
+    env = {CLI_ENV_A: TOKEN_A, CLI_ENV_B: TOKEN_B}
+    with tinyproxy(tmp_path) as (proxy_url, log):
+        result = invoke("backfill", str(spec), "--proxy", proxy_url, "--json", env=env)
+        assert result.exit_code == 0, result.output
+        backfilled = log.read_text()
+        monkeypatch.setenv("LEXER_DEMO_TOKEN_TEAM_A", "")  # the demo sets it; restored after
+        demo = ["demo", "--tokens", "1", "--months", "1", "-o", str(tmp_path / "demo")]
+        result = invoke(*demo, "--proxy", proxy_url, "--json")
+        assert result.exit_code == 0, result.output
+        demoed = log.read_text()[len(backfilled) :]
+    for url in (sb.api_url, sb.status_url, sb.files_url):
+        assert f"{url}/" in backfilled
+    for path in ("/v1/", "/api/public/v1/activity/reports/status", "/files/"):
+        assert path in demoed
+    assert TOKEN_A not in backfilled
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--proxy", "http://me:pw-123@:bad", "--proxy must be an http:// URL"),
+        ("--ca-bundle", "/nonexistent/ca.pem", "--ca-bundle '/nonexistent/ca.pem' cannot be used"),
+    ],
+)
+@pytest.mark.parametrize("command", ["backfill", "demo"])
+def test_cli_bad_proxy_flags_are_usage_errors_before_anything_runs(
+    command: str,
+    flag: str,
+    value: str,
+    message: str,
+    tmp_path: Path,
+    write_spec: WriteSpec,
+) -> None:
+    spec = write_spec(tmp_path / "spec.toml", base_spec(output="out"))
+    args = [str(spec)] if command == "backfill" else ["-o", str(tmp_path / "demo")]
+    result = invoke(command, *args, flag, value)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "pw-123" not in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "demo").exists()
