@@ -17,8 +17,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import os
+import ssl as ssl_module
 import threading
 from collections.abc import Awaitable, Callable, Generator
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -27,7 +30,11 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import exceptions as exc
 from .client import LexerClient as AsyncLexerClient
-from .limits import LimiterStats
+from .events import EventHook
+from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, LimiterRegistry, LimiterStats
+from .reports import DEFAULT_WORKFLOW_STATES_TYPE
+from .retry import RetryPolicy
+from .transport import DEFAULT_TIMEOUT, Transport
 
 __all__ = ["LexerClient"]
 
@@ -87,17 +94,66 @@ class LexerClient:
     (same arguments, same typed results), run on a background event loop.
 
     Use as ``with LexerClient(token) as client:`` or call `close` (idempotent; a closed
-    client raises `ClientClosedError`). Arguments are those of the async client; without
-    ``registry``, ``redis_url`` or ``limit_store`` the token's limiter is shared by the
-    process's sync clients only (see the module docstring). Ctrl-C during a call cancels
-    it on the loop (no leaked slot, no half-written file) and raises KeyboardInterrupt.
+    client raises `ClientClosedError`). Arguments are those of the async client but
+    ``session`` and ``file_session`` (an aiohttp session belongs to the loop that made it;
+    this client makes its own on its loop); ``on_event`` is called on the background
+    thread. Without ``registry``, ``redis_url`` or ``limit_store`` the token's limiter is
+    shared by the process's sync clients only (see the module docstring). Ctrl-C during a
+    call cancels it on the loop (its rate-limit slot released, its connection closed, no
+    half-written file) and raises KeyboardInterrupt.
     """
 
-    def __init__(self, token: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        label: str | None = None,
+        api_url: str | None = None,
+        status_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        window: float = DEFAULT_WINDOW,
+        registry: LimiterRegistry | None = None,
+        redis_url: str | None = None,
+        limit_store: str | os.PathLike[str] | None = None,
+        max_in_flight: int | contextlib.AbstractAsyncContextManager[object] | None = None,
+        workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE,
+        on_event: EventHook | None = None,
+        now: Callable[[], datetime] | None = None,
+        transport: Transport | None = None,
+        files_transport: Transport | None = None,
+        proxy: str | None = None,
+        ssl: ssl_module.SSLContext | bool | None = None,
+        ca_bundle: str | os.PathLike[str] | None = None,
+        trust_env: bool = True,
+    ) -> None:
         self._portal: BlockingPortal | None = None
         self._closed = False
         # Validates every option now, before any thread starts.
-        self._client = AsyncLexerClient(token, **options)
+        self._client = AsyncLexerClient(
+            token,
+            label=label,
+            api_url=api_url,
+            status_url=status_url,
+            timeout=timeout,
+            retry=retry,
+            max_requests=max_requests,
+            window=window,
+            registry=registry,
+            redis_url=redis_url,
+            limit_store=limit_store,
+            max_in_flight=max_in_flight,
+            workflow_states_type=workflow_states_type,
+            on_event=on_event,
+            now=now,
+            transport=transport,
+            files_transport=files_transport,
+            proxy=proxy,
+            ssl=ssl,
+            ca_bundle=ca_bundle,
+            trust_env=trust_env,
+        )
         self.label = self._client.label
 
     def __repr__(self) -> str:
