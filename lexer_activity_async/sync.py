@@ -20,10 +20,11 @@ import functools
 import os
 import ssl as ssl_module
 import threading
-from collections.abc import Awaitable, Callable, Generator
+import types
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -31,14 +32,19 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from . import exceptions as exc
 from .client import LexerClient as AsyncLexerClient
 from .events import EventHook
+from .kinds import ReportKind, ReportResult, Reports
 from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, LimiterRegistry, LimiterStats
-from .reports import DEFAULT_WORKFLOW_STATES_TYPE
+from .reports import DEFAULT_WORKFLOW_STATES_TYPE, NpsCategory, ReportType
 from .retry import RetryPolicy
 from .transport import DEFAULT_TIMEOUT, Transport
 
 __all__ = ["LexerClient"]
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+C = TypeVar("C")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 _CANCELLED = object()
 
@@ -77,8 +83,9 @@ class _Runtime:
 _runtime = _Runtime()
 
 
-def _twin(name: str) -> Callable[..., Any]:
-    """The blocking twin of ``AsyncLexerClient.<name>``, with the same signature."""
+def _blocking(name: str) -> Callable[..., Any]:
+    """The blocking twin of ``AsyncLexerClient.<name>``; `inspect.signature` shows the
+    async method's (through ``__wrapped__``)."""
     target = getattr(AsyncLexerClient, name)
 
     @functools.wraps(target)
@@ -87,6 +94,78 @@ def _twin(name: str) -> Callable[..., Any]:
 
     method.__doc__ = f"Blocking `lexer_activity_async.LexerClient.{name}`."
     return method
+
+
+class _Twin(Generic[C]):
+    """A blocking method, typed ``C`` on an instance (what mypy checks calls against)."""
+
+    def __init__(self, expected: str | None = None) -> None:
+        self._expected = expected
+        self._method: Callable[..., Any] | None = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if self._expected not in (None, name):
+            raise TypeError(f"{name} is the twin of {self._expected}")
+        self._method = _blocking(name)
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Callable[..., Any]: ...
+    @overload
+    def __get__(self, obj: LexerClient, owner: type | None = None) -> C: ...
+    def __get__(self, obj: LexerClient | None, owner: type | None = None) -> C | Callable[..., Any]:
+        assert self._method is not None
+        if obj is None:
+            return self._method
+        return cast(C, types.MethodType(self._method, obj))
+
+
+def _twin(target: Callable[Concatenate[Any, P], Awaitable[R]]) -> _Twin[Callable[P, R]]:
+    """The twin of the async method ``target``: same parameters, its awaited result."""
+    return _Twin(target.__name__)
+
+
+class SyncPlainReport(Protocol[T_co]):
+    """A blocking typed report method (as `lexer_activity_async.client.PlainReport`)."""
+
+    def __call__(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T_co: ...
+
+
+class SyncNpsReport(Protocol[T_co]):
+    """A blocking typed NPS report method (as `lexer_activity_async.client.NpsReport`)."""
+
+    def __call__(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        form: int,
+        nps_category: NpsCategory | str = NpsCategory.ALL,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T_co: ...
+
+
+def _plain(kind: ReportKind[T]) -> _Twin[SyncPlainReport[T]]:
+    """The twin of the report method of ``kind`` (which types its result)."""
+    return _Twin()
+
+
+def _nps(kind: ReportKind[T]) -> _Twin[SyncNpsReport[T]]:
+    return _Twin()
 
 
 class LexerClient:
@@ -249,28 +328,63 @@ class LexerClient:
 
     # -- the API -----------------------------------------------------------------------
 
-    users = _twin("users")
-    groups = _twin("groups")
-    forms = _twin("forms")
-    send = _twin("send")
-    report = _twin("report")
-    summary = _twin("summary")
-    states_volume = _twin("states_volume")
-    workflow_states = _twin("workflow_states")
-    classifications = _twin("classifications")
-    response_volume = _twin("response_volume")
-    user_summary = _twin("user_summary")
-    user_volume = _twin("user_volume")
-    case_summary = _twin("case_summary")
-    case_volume = _twin("case_volume")
-    case_classifications = _twin("case_classifications")
-    nps_summary = _twin("nps_summary")
-    nps_volume = _twin("nps_volume")
-    start_export = _twin("start_export")
-    export_status = _twin("export_status")
-    wait_for_export = _twin("wait_for_export")
-    download_export = _twin("download_export")
-    export = _twin("export")
+    users = _twin(AsyncLexerClient.users)
+    groups = _twin(AsyncLexerClient.groups)
+    forms = _twin(AsyncLexerClient.forms)
+    send = _twin(AsyncLexerClient.send)
+    summary = _plain(Reports.SUMMARY)
+    states_volume = _plain(Reports.STATES_VOLUME)
+    workflow_states = _plain(Reports.WORKFLOW_STATES)
+    classifications = _plain(Reports.CLASSIFICATIONS)
+    response_volume = _plain(Reports.RESPONSE_VOLUME)
+    user_summary = _plain(Reports.USER_SUMMARY)
+    user_volume = _plain(Reports.USER_VOLUME)
+    case_summary = _plain(Reports.CASE_SUMMARY)
+    case_volume = _plain(Reports.CASE_VOLUME)
+    case_classifications = _plain(Reports.CASE_CLASSIFICATIONS)
+    nps_summary = _nps(Reports.NPS_SUMMARY)
+    nps_volume = _nps(Reports.NPS_VOLUME)
+    start_export = _twin(AsyncLexerClient.start_export)
+    export_status = _twin(AsyncLexerClient.export_status)
+    wait_for_export = _twin(AsyncLexerClient.wait_for_export)
+    download_export = _twin(AsyncLexerClient.download_export)
+    export = _twin(AsyncLexerClient.export)
+
+    @overload
+    def report(
+        self,
+        report_type: ReportKind[T],
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> T: ...
+    @overload
+    def report(
+        self,
+        report_type: ReportType | str,
+        date_from: datetime,
+        date_to: datetime,
+        *,
+        users: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+        forms: Sequence[int] | None = None,
+        form: int | None = None,
+        nps_category: NpsCategory | str | None = None,
+        extra_filters: Mapping[str, object] | None = None,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+    ) -> ReportResult: ...
+    def report(self, *args: Any, **kwargs: Any) -> Any:
+        """Blocking `lexer_activity_async.LexerClient.report`."""
+        return self._call(self._client.report, *args, **kwargs)
 
     @functools.wraps(AsyncLexerClient.resolve_report_type)
     def resolve_report_type(self, report_type: Any) -> Any:
@@ -297,5 +411,6 @@ class LexerClient:
                 self._call(aclose)
 
 
-# Same signature as the async method (inspect follows __wrapped__).
+# Same signatures as the async methods (inspect follows __wrapped__).
 LexerClient.export_rows.__wrapped__ = AsyncLexerClient.export_rows  # type: ignore[attr-defined]
+LexerClient.report.__wrapped__ = AsyncLexerClient.report  # type: ignore[attr-defined]

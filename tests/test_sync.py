@@ -49,6 +49,18 @@ def test_every_public_async_method_has_a_sync_twin_with_its_signature() -> None:
     assert callable(sync.LexerClient.close)
 
 
+def test_the_constructor_takes_the_async_clients_keywords_but_its_sessions() -> None:
+    """Explicit, typed keywords (no ``**options``): every one of the async client's except
+    the aiohttp sessions, which belong to the loop that made them."""
+    blocking = inspect.signature(sync.LexerClient.__init__).parameters
+    asynchronous = inspect.signature(AsyncLexerClient.__init__).parameters
+    assert not [p for p in blocking.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    loop_bound = {"session", "file_session"}
+    assert list(blocking) == [name for name in asynchronous if name not in loop_bound]
+    for name, parameter in blocking.items():
+        assert parameter == asynchronous[name], name
+
+
 def test_script_use_typed_results_shared_limiter_and_clean_close(
     sandbox_in_thread: SandboxInThread,
 ) -> None:
