@@ -65,7 +65,7 @@ def network(
     elif trust_env:
         for name, value in os.environ.items():
             if name.lower() in _PROXY_VARIABLES and value:
-                _check_proxy(f"${name}", value, ("http", "https"))
+                _check_proxy(f"${name}", value, ("http",))  # aiohttp ignores https:// ones
     if ssl is True:
         ssl = None
     if ca_bundle is not None:

@@ -72,8 +72,15 @@ class _Runtime:
         with self._lock:
             self._users -= 1
             if self._users == 0 and self._stack is not None:
-                stack, self._stack, self.portal = self._stack, None, None
-                stack.close()
+                stack, portal = self._stack, self.portal
+                self._stack = self.portal = None
+                try:
+                    if portal is not None:
+                        # A task left behind (a call interrupted before it could be
+                        # cancelled) must not keep the thread alive: cancel it.
+                        portal.call(portal.stop, True)
+                finally:
+                    stack.close()
 
     @property
     def running(self) -> bool:
@@ -301,21 +308,27 @@ class LexerClient:
 
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the loop; on KeyboardInterrupt (or any exception while waiting)
-        cancel it there, wait until it has unwound, and re-raise."""
+        cancel it there, wait until it has unwound, and re-raise. The interrupt may come
+        at any point, even before the task starts: it then cancels itself at once."""
         portal = self._ensure_portal()
+        abandoned = threading.Event()
         scopes: list[anyio.CancelScope] = []
 
         async def run() -> Any:
             with anyio.CancelScope() as scope:
                 scopes.append(scope)
+                if abandoned.is_set():
+                    scope.cancel()
                 return await fn(*args, **kwargs)
             return _CANCELLED
 
-        future = portal.start_task_soon(run)
+        future: concurrent.futures.Future[Any] | None = None
         try:
+            future = portal.start_task_soon(run)
             result = future.result()
         except BaseException:
-            if not future.done():
+            abandoned.set()  # before reading ``scopes``: one side or the other cancels
+            if future is not None and not future.done():
                 if scopes:
                     portal.call(scopes[0].cancel)
                 else:

@@ -274,11 +274,18 @@ async def test_https_proxy_variable_tunnels_https(
         assert len(proxy.seen) == count
 
 
-@pytest.mark.parametrize("name", ["HTTPS_PROXY", "http_proxy"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("HTTPS_PROXY", "http://user:hunter2@:nope"),
+        ("http_proxy", "proxy.corp:3128"),  # no scheme
+        ("HTTPS_PROXY", "https://user:hunter2@proxy.corp:3128"),  # aiohttp would ignore it
+    ],
+)
 def test_a_malformed_proxy_variable_is_a_configuration_error_naming_it(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(name, "http://user:hunter2@:nope")
+    monkeypatch.setenv(name, value)
     with pytest.raises(exc.ConfigurationError, match=rf"\${name}") as caught:
         network()
     assert "hunter2" not in str(caught.value)
