@@ -10,6 +10,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 from conftest import (
@@ -138,6 +139,22 @@ async def test_file_requests_through_a_proxy_carry_no_credential(
         assert TOKEN_A.encode() not in request.raw
     assert sandbox.stats.file_requests == len(by_host["files"])
     assert sandbox.stats.leaks == 0
+
+
+async def test_a_callers_file_session_carries_the_downloads_and_stays_open(
+    client_for: ClientFor, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with (
+        RecordingProxy() as proxy,
+        aiohttp.ClientSession(proxy=proxy.url, skip_auto_headers=("User-Agent",)) as mine,
+    ):
+        await _export(client_for, sandbox, tmp_path, file_session=mine, trust_env=False)
+        assert not mine.closed  # the caller's to close
+    assert proxy.seen  # only the downloads went through the caller's proxy
+    assert all(r.target.startswith(sandbox.files_url + "/") for r in proxy.seen)
+    for request in proxy.seen:
+        assert request.header_names() <= FILE_HEADERS, request.headers
+        assert TOKEN_A.encode() not in request.raw
 
 
 async def test_https_goes_through_connect_tunnels_and_the_proxy_sees_no_header(
