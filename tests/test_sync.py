@@ -22,7 +22,7 @@ from conftest import TOKEN_A, SandboxInThread
 from lexer_activity_async import ClientClosedError, RetryPolicy, sync
 from lexer_activity_async import LexerClient as AsyncLexerClient
 from lexer_activity_async import models as m
-from lexer_activity_async.events import RateLimitWait
+from lexer_activity_async.events import DownloadProgress, RateLimitWait
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.limits_sqlite import open_store
 from lexer_activity_async.sandbox import Sandbox
@@ -230,3 +230,22 @@ async def test_a_sync_and_an_async_client_share_a_tokens_limit_store(
     assert waits[0].seconds > 3000
     assert sb.stats.requests[Sandbox.key(TOKEN_A)] == 3
     assert len(_slots(store)) == 3
+
+
+def test_ctrl_c_during_an_export_download_leaves_no_file(
+    sandbox_in_thread: SandboxInThread, tmp_path: Path
+) -> None:
+    sb = sandbox_in_thread(export_size_bytes=4 << 20)
+    progress: list[DownloadProgress] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, DownloadProgress) and not progress:
+            progress.append(event)
+            interrupt_main_thread()  # with the first bytes of the file received
+
+    dest = tmp_path / "cases.csv"
+    with _client(sb, on_event=on_event) as client, pytest.raises(KeyboardInterrupt):
+        client.export("case_details", JAN, FEB, dest, poll=POLL)
+    assert progress
+    assert progress[0].received < 4 << 20
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its .part
