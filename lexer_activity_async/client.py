@@ -60,7 +60,7 @@ from .transport import (
 )
 from .transport import Secret as _Secret
 
-__all__ = ["LexerClient", "api_session", "DEFAULT_API_URL", "DEFAULT_STATUS_URL"]
+__all__ = ["LexerClient", "api_session", "files_session", "DEFAULT_API_URL", "DEFAULT_STATUS_URL"]
 
 DEFAULT_API_URL = "https://api.lexer.io/v1"
 DEFAULT_STATUS_URL = "https://clients.lexer.io/api/public/v1"

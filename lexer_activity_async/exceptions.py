@@ -26,6 +26,8 @@ __all__ = [
     "TransportError",
     "LexerConnectionError",
     "MalformedResponseError",
+    "ProxyError",
+    "TLSError",
     "LexerTimeoutError",
     "UnexpectedResponseError",
     "ExportError",
@@ -183,6 +185,32 @@ class MalformedResponseError(LexerConnectionError):
     """The server's answer was not valid HTTP: a bad status line, an invalid or over-long
     header, a non-numeric ``Content-Length``, broken chunked framing. Retried like a
     dropped connection (for idempotent requests)."""
+
+
+class ProxyError(LexerConnectionError):
+    """The forward proxy, not the host, failed the request: it could not be reached, or it
+    answered an error status (``status``) to a CONNECT or in place of the host. A 407
+    (proxy authentication required) is not retried; the others are, like a connection
+    that could not be made."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        report_type: str | None = None,
+        request_sent: bool = False,
+    ) -> None:
+        super().__init__(message, report_type=report_type, request_sent=request_sent)
+        self.status = status
+
+
+class TLSError(LexerConnectionError):
+    """The TLS handshake failed: most often the host's certificate is not trusted (pass
+    ``ca_bundle=`` or ``ssl=`` for a private CA). Never retried."""
+
+    def __init__(self, message: str, *, report_type: str | None = None) -> None:
+        super().__init__(message, report_type=report_type, request_sent=False)
 
 
 class LexerTimeoutError(TransportError):

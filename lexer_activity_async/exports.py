@@ -43,6 +43,7 @@ from .reports import (
     validate_range,
     window_stamp,
 )
+from .retry import is_retryable
 from .transport import ChannelOwner, HttpRequest, HttpResponse, Timeouts, raise_detached
 from .wire import is_loopback_url
 
@@ -419,6 +420,9 @@ async def stream_file(
             expired = True
             continue
         except (exc.TransportError, _Transient) as e:
+            if isinstance(e, exc.TransportError) and not is_retryable(e):
+                timed_out, problem = False, _brief(e)  # TLS, a proxy's 407: resuming cannot help
+                break
             timed_out, problem = isinstance(e, exc.LexerTimeoutError), _brief(e)
             continue
         try:

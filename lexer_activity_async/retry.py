@@ -56,6 +56,10 @@ def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
     is retried only when it provably never reached the server: the connection could not
     be made.
     """
+    if isinstance(error, exc.TLSError) or (
+        isinstance(error, exc.ProxyError) and error.status == 407
+    ):
+        return False  # the same settings would fail the same way
     if isinstance(error, exc.LexerConnectionError) and not error.request_sent:
         return True
     if not idempotent:

@@ -264,20 +264,30 @@ class AiohttpTransport:
     async def handle(self, request: HttpRequest) -> HttpResponse:
         failure: exc.TransportError
         try:
-            return await self._exchange(request)
+            response = await self._exchange(request)
         except asyncio.TimeoutError:  # aiohttp's connect/read timeouts included
             failure = exc.LexerTimeoutError(_timed_out(request))
         except aiohttp.ClientProxyConnectionError as error:
-            failure = exc.LexerConnectionError(
+            failure = exc.ProxyError(
                 f"cannot connect to the proxy for the {request.origin} host: "
-                + request.redact_text(str(error.os_error or type(error).__name__)),
-                request_sent=False,
+                + request.redact_text(str(error.os_error or type(error).__name__))
             )
         except aiohttp.ClientHttpProxyError as error:
-            failure = exc.LexerConnectionError(
-                f"the proxy refused the connection to the {request.origin} host:"
+            failure = exc.ProxyError(
+                f"the proxy refused the tunnel (CONNECT) to the {request.origin} host:"
                 f" HTTP {error.status} {request.redact_text(error.message or '')}".rstrip(),
-                request_sent=False,
+                status=error.status,
+            )
+        except aiohttp.ClientConnectorCertificateError as error:
+            failure = exc.TLSError(
+                f"TLS certificate verification failed for the {request.origin} host: "
+                + request.redact_text(_certificate_complaint(error.certificate_error))
+                + " (pass ca_bundle= or ssl= to trust a private CA)"
+            )
+        except aiohttp.ClientSSLError as error:
+            failure = exc.TLSError(
+                f"TLS handshake with the {request.origin} host failed: "
+                + request.redact_text(_certificate_complaint(error.os_error))
             )
         except aiohttp.ClientConnectorError as error:
             failure = exc.LexerConnectionError(
@@ -289,6 +299,12 @@ class AiohttpTransport:
             failure = _malformed(request, error)
         except (aiohttp.ClientError, OSError) as error:
             failure = _dropped(request, error)
+        else:
+            refusal = _proxy_refusal(request, response)
+            if refusal is None:
+                return response
+            await response.aclose()
+            failure = refusal
         raise_detached(failure)
 
     async def _exchange(self, request: HttpRequest) -> HttpResponse:
@@ -391,6 +407,35 @@ def _dropped(request: HttpRequest, error: BaseException) -> exc.LexerConnectionE
     return exc.LexerConnectionError(
         f"connection to the {request.origin} host failed: {type(error).__name__}"
     )
+
+
+def _proxy_refusal(request: HttpRequest, response: HttpResponse) -> exc.ProxyError | None:
+    """A forward proxy's own error answer in place of the host's: a 407 (no origin server
+    sends one), or an error status with an RFC 9209 ``Proxy-Status`` error."""
+    proxy_status = next((v for k, v in response.headers.items() if k.lower() == "proxy-status"), "")
+    if response.status == 407:
+        return exc.ProxyError(
+            f"the proxy on the way to the {request.origin} host requires authentication"
+            " (HTTP 407): put its credentials in the proxy URL",
+            status=407,
+        )
+    if response.status >= 400 and "error=" in proxy_status:
+        error = proxy_status.partition("error=")[2].split(";")[0].split(",")[0].strip()
+        return exc.ProxyError(
+            f"the proxy on the way to the {request.origin} host answered HTTP"
+            f" {response.status} ({request.redact_text(error[:60])})",
+            status=response.status,
+            request_sent=True,  # it may have forwarded the request before failing
+        )
+    return None
+
+
+def _certificate_complaint(error: BaseException | None) -> str:
+    """OpenSSL's reason ("certificate verify failed: self-signed certificate", ...)."""
+    if error is None:
+        return "unknown TLS error"
+    reason = getattr(error, "verify_message", None) or getattr(error, "reason", None)
+    return str(reason or type(error).__name__)[:200]
 
 
 def _parser_complaint(error: BaseException) -> str:

@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 from .. import exceptions as exc
 from .. import exports
 from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError, UnitRecord
-from ..client import LexerClient, api_session
+from ..client import LexerClient, api_session, files_session
 from ..instrumentation import Instrumentation, InstrumentationOption
 from ..instrumentation import resolve as resolve_instrumentation
 from ..kinds import ReportResult
@@ -27,6 +27,7 @@ from ..limits import LimiterRegistry, LimiterStats
 from ..logs import fields as log_fields
 from ..models import ExportJob
 from ..sinks import ReportSink, Slot, make_sink
+from ..network import network
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Plan, Unit, plan
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource
@@ -107,9 +108,14 @@ class _TokenRun:
     def _export_spec(self, kind: str) -> ExportSpec:
         return next(e for e in self.spec.exports if e.kind.value == kind)
 
-    async def open(self, stack: AsyncExitStack, session: aiohttp.ClientSession) -> bool:
-        """Open the token's client on ``stack`` over the backfill's shared ``session``.
-        False if the token cannot be read, which fails every unit."""
+    async def open(
+        self,
+        stack: AsyncExitStack,
+        session: aiohttp.ClientSession,
+        file_session: aiohttp.ClientSession,
+    ) -> bool:
+        """Open the token's client on ``stack`` over the backfill's shared ``session`` and
+        ``file_session``. False if the token cannot be read, which fails every unit."""
         try:
             token = self.source.read()
         except SpecError as error:
@@ -127,6 +133,7 @@ class _TokenRun:
                 registry=self.registry,
                 redis_url=self.spec.redis_url if self.registry is None else None,
                 session=session,
+                file_session=file_session,
                 max_in_flight=_InFlight(self.overall, self._grow),
                 workflow_states_type=self.spec.workflow_states_type,
                 on_event=self.emit,
@@ -401,6 +408,8 @@ async def run_backfill(
     ):
         raise exc.ValidationError("refresh needs (from, to) with UTC offsets, from before to")
     hooks = resolve_instrumentation(instrumentation)
+    # The spec checked proxy and CA bundle; this reads the environment's, before any request.
+    net = network(proxy=spec.proxy, ca_bundle=spec.ca_bundle)
     the_plan = plan(spec, now=now() if now is not None else None)
     for notice in the_plan.notices:
         log.warning("backfill: %s", notice, extra=log_fields())
@@ -483,11 +492,13 @@ async def run_backfill(
                 )
             )
         # One session for all tokens: connections are shared, not one pool per token.
+        # Both go through the spec's proxy, with its CAs (the file session: no token).
         async with (
-            api_session(connections=spec.total_concurrency) as session,
+            api_session(connections=spec.total_concurrency, network=net) as session,
+            files_session(net) as file_session,
             AsyncExitStack() as clients,
         ):
-            opened = [run for run in runs if await run.open(clients, session)]
+            opened = [run for run in runs if await run.open(clients, session, file_session)]
             # One worker per token to begin with, each token growing its own as its
             # requests go out. The overall cap admits waiters in order, so requests
             # leave round-robin across tokens, and each later window keeps that order

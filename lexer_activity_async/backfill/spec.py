@@ -30,6 +30,7 @@ from cattrs.gen import make_dict_structure_fn
 from .. import exceptions as exc
 from ..exports import PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
+from ..network import network, redact_url
 from ..reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
     ExportKind,
@@ -176,6 +177,17 @@ class BackfillSpec:
     """Windows that ended within this span before now are refetched by every run."""
     format: str = attrs.field(default="json", validator=lambda _s, _a, v: _check_format(v))
     """How reports are written: ``json``, ``raw``, ``parquet`` or ``duckdb`` (`sinks`)."""
+    # net-sync: the proxy and CA bundle of every session of the run (API, status, files)
+    proxy: str | None = attrs.field(
+        default=None,
+        validator=lambda _s, _a, v: _check_proxy(v),
+        repr=lambda v: repr(redact_url(v)),
+    )
+    """An ``http://`` forward proxy; None: ``$HTTPS_PROXY``/``$HTTP_PROXY``/``$NO_PROXY``."""
+    ca_bundle: Path | None = attrs.field(
+        default=None, validator=lambda _s, _a, v: _check_ca_bundle(v)
+    )
+    """A PEM file of CAs to trust instead of the system's (relative to the spec file)."""
 
     @property
     def settle_period(self) -> timedelta:
@@ -421,6 +433,34 @@ def _check_limit_store(store: object) -> None:
         raise SpecError(f'`limit_store` must be a file path or "memory", got {shown(store)}')
 
 
+def _check_proxy(proxy: object) -> None:
+    if proxy is None:
+        return
+    if not isinstance(proxy, str):
+        raise SpecError(f"`proxy` must be a string, got {shown(proxy)}")
+    try:
+        network(proxy=proxy, trust_env=False)
+    except exc.ConfigurationError as error:
+        raise SpecError(_keyed("proxy", error)) from None
+
+
+def _check_ca_bundle(path: object) -> None:
+    if path is None:
+        return
+    if not isinstance(path, (str, Path)):
+        raise SpecError(f"`ca_bundle` must be a file path, got {shown(path)}")
+    try:
+        network(ca_bundle=path, trust_env=False)
+    except exc.ConfigurationError as error:
+        raise SpecError(_keyed("ca_bundle", error)) from None
+
+
+def _keyed(key: str, error: exc.ConfigurationError) -> str:
+    """``network``'s message ("proxy must be ..."), with the key as the spec writes it."""
+    text = str(error)
+    return f"`{key}`{text[len(key) :]}" if text.startswith(key + " ") else text
+
+
 def _check_url(key: str, url: object, schemes: tuple[str, ...]) -> None:
     if url is None:
         return
@@ -554,6 +594,8 @@ class _SpecDoc:
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     poll: PollPolicy = attrs.Factory(PollPolicy)
     format: str = "json"
+    proxy: str | None = None  # net-sync
+    ca_bundle: _PathText | None = None  # net-sync
 
 
 _TABLES = frozenset({"nps", "concurrency", "rate_limit", "poll"})
@@ -877,4 +919,6 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "workflow_states_type": doc.workflow_states_type,
         "poll": doc.poll,
         "format": doc.format,
+        "proxy": doc.proxy,  # net-sync
+        "ca_bundle": base_dir / Path(doc.ca_bundle).expanduser() if doc.ca_bundle else None,
     }

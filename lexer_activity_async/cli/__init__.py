@@ -54,6 +54,7 @@ from ..limits_sqlite import default_store_path
 from ..logs import JsonFormatter
 from ..models import converter
 from ..overview import Overview, overview
+from ..network import network
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
 from ..sinks import FORMATS, make_sink
@@ -294,6 +295,43 @@ def _where_limits_live(limit_store: str | None, redis_url: str | None) -> dict[s
     return {"limit_store": Path(limit_store).expanduser() if limit_store else default_store_path()}
 
 
+_PROXY_HELP = (
+    "HTTP forward proxy for API, status and export-file requests"
+    " (default: $HTTPS_PROXY / $HTTP_PROXY, minus $NO_PROXY)."
+)
+_CA_BUNDLE_HELP = "PEM file of CAs to trust instead of the system's (default: $SSL_CERT_FILE)."
+
+
+def _network_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--proxy`` and ``--ca-bundle`` for the backfill commands (spec keys ``proxy``,
+    ``ca_bundle``)."""
+    func = click.option(
+        "--ca-bundle", type=click.Path(path_type=Path, dir_okay=False), help=_CA_BUNDLE_HELP
+    )(func)
+    return click.option("--proxy", metavar="URL", help=_PROXY_HELP)(func)
+
+
+def _network_overrides(proxy: str | None, ca_bundle: Path | None) -> dict[str, Any]:
+    """Spec overrides for ``--proxy``/``--ca-bundle``, each checked first: a bad one is a
+    usage error naming the flag (and never showing a proxy password)."""
+    checks: list[tuple[str, str, Callable[[], object]]] = []
+    if proxy is not None:
+        checks.append(("--proxy", "proxy", lambda: network(proxy=proxy, trust_env=False)))
+    if ca_bundle is not None:
+        checks.append(
+            ("--ca-bundle", "ca_bundle", lambda: network(ca_bundle=ca_bundle, trust_env=False))
+        )
+    for flag, key, check in checks:
+        try:
+            check()
+        except exc.ConfigurationError as error:
+            text = str(error)
+            text = flag + text[len(key) :] if text.startswith(key + " ") else f"{flag}: {text}"
+            raise click.UsageError(text) from None
+    overrides: dict[str, Any] = {"proxy": proxy, "ca_bundle": ca_bundle}
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
 def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
     """Adds the token and URL options, and passes ``connect``: a `LexerClient` factory
     holding the token (read from the environment or a file, never an argument)."""
@@ -342,16 +380,9 @@ def _with_client(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Share the token's rate limit through this Redis.",
         ),
         click.option("--limit-store", metavar="PATH|memory", help=_LIMIT_STORE_HELP),
+        click.option("--proxy", metavar="URL", help=_PROXY_HELP),
         click.option(
-            "--proxy",
-            metavar="URL",
-            help="HTTP forward proxy for API, status and export-file requests"
-            " (default: $HTTPS_PROXY / $HTTP_PROXY, minus $NO_PROXY).",
-        ),
-        click.option(
-            "--ca-bundle",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="PEM file of CAs to trust instead of the system's (default: $SSL_CERT_FILE).",
+            "--ca-bundle", type=click.Path(path_type=Path, dir_okay=False), help=_CA_BUNDLE_HELP
         ),
     ]
     for option in reversed(options):
@@ -822,6 +853,7 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
     help="Output directory (overrides the spec's).",
 )
 @_format_option("the spec's, else json")
+@_network_options
 def backfill(
     spec_path: Path,
     dry_run: bool,
@@ -832,6 +864,8 @@ def backfill(
     limit_store: str | None,
     output: Path | None,
     output_format: str | None,
+    proxy: str | None,
+    ca_bundle: Path | None,
 ) -> None:
     """Backfill every report and export of a spec (TOML), resumably.
 
@@ -839,7 +873,7 @@ def backfill(
     provisional windows (too recent to have settled), the spec's lookback, files gone
     missing, and with --refresh the windows asked for.
     """
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = _network_overrides(proxy, ca_bundle)
     if redis_url:
         overrides["redis_url"] = redis_url
     if limit_store:
@@ -1075,6 +1109,7 @@ DEMO_MARKER = ".lexer-demo"
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of progress bars.")
 @_limit_store_option
 @_format_option("json")
+@_network_options
 def demo(
     output: Path,
     n_tokens: int,
@@ -1084,10 +1119,13 @@ def demo(
     as_json: bool,
     limit_store: str | None,
     output_format: str | None,
+    proxy: str | None,
+    ca_bundle: Path | None,
 ) -> None:
     """Backfill every report and export for demo tokens from an embedded sandbox."""
     # Every option is checked before the earlier output is touched.
     limits = _where_limits_live(limit_store, None).get("limit_store", IN_PROCESS)
+    network_options = _network_overrides(proxy, ca_bundle)
     _writable(check_directory, output)
     if output.exists() and not resume and any(output.iterdir()):
         # Only a directory an earlier demo marked may be deleted: a real backfill's output
@@ -1135,6 +1173,7 @@ def demo(
                 poll=PollPolicy(first_delay=0.5, cap=2.0),
                 limit_store=limits,
                 format=output_format or "json",
+                **network_options,
             )
             with _view(spec, as_json) as view:
                 summary = await run_backfill(spec, on_event=view)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -64,13 +65,15 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> None:
     """Bind ``host:port``; a port out of range, in use or not permitted is a
     `PortUnavailableError` naming it, not a bare `OSError`."""
     if not 0 <= port <= 65535:
         raise PortUnavailableError(host, port, "ports go from 0 to 65535")
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except OSError as error:
         # asyncio's message repeats the address; the errno's own text says why.
         reason = os.strerror(error.errno) if error.errno else str(error)
@@ -122,7 +125,7 @@ class Sandbox:
 
     @property
     def api_url(self) -> str:
-        """``http://host:P1/v1``: users, groups, forms and reports."""
+        """``http://host:P1/v1`` (https with ``ssl``): users, groups, forms and reports."""
         return self._started()[0]
 
     @property
@@ -160,13 +163,14 @@ class Sandbox:
                 runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 await runner.setup()
                 self._runners.append(runner)
-                await _listen(runner, cfg.host, port)
+                await _listen(runner, cfg.host, port, cfg.ssl)
                 ports.append(runner.addresses[0][1])
         except BaseException:
             await self.close()
             raise
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        api, status, files = (f"http://{host}:{p}" for p in ports)
+        scheme = "https" if cfg.ssl is not None else "http"
+        api, status, files = (f"{scheme}://{host}:{p}" for p in ports)
         self._urls = (api + API_PREFIX, status + STATUS_PREFIX, files)
 
     def _counted(self, handler: _Handler) -> _Handler:

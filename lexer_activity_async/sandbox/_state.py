@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import ssl
 from collections.abc import Callable
 from datetime import datetime
 
@@ -40,6 +41,8 @@ class SandboxConfig:
     api_port: int = 0
     status_port: int = 0
     files_port: int = 0
+    ssl: ssl.SSLContext | None = None
+    """A server-side TLS context: all three origins serve https (tests of CAs, proxies)."""
     now: Callable[[], datetime] | None = None
     """Wall clock for the "future date" rule and the world's present (nothing exists after
     it); default ``datetime.now(timezone.utc)``."""
