@@ -26,8 +26,8 @@ from ..kinds import ReportResult
 from ..limits import LimiterRegistry, LimiterStats
 from ..logs import fields as log_fields
 from ..models import ExportJob
-from ..sinks import ReportSink, Slot, make_sink
 from ..network import network
+from ..sinks import ReportSink, Slot, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Plan, Unit, plan
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource

@@ -53,8 +53,8 @@ from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from ..limits_sqlite import default_store_path
 from ..logs import JsonFormatter
 from ..models import converter
-from ..overview import Overview, overview
 from ..network import network
+from ..overview import Overview, overview
 from ..reports import ExportKind, ReportType, add_months
 from ..sandbox import Sandbox, SandboxConfig, config_for_port
 from ..sinks import FORMATS, make_sink
