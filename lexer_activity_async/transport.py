@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import NoReturn, Protocol, TypeVar
@@ -207,7 +208,7 @@ def api_session(
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"lexer-activity-async/{__version__}"},
         proxy=network.proxy,
-        trust_env=network.trust_env,
+        trust_env=_reads_env(network),
     )
     no_silent_resend(session)
     return session
@@ -224,8 +225,18 @@ def files_session(network: Network | None = None) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
         proxy=network.proxy,
-        trust_env=network.trust_env,
+        trust_env=_reads_env(network),
     )
+
+
+def _reads_env(network: Network) -> bool:
+    """Whether the session should look up proxy variables. aiohttp does so in a worker
+    thread on every request (a third of a small request's CPU), so a session is made
+    without ``trust_env`` when an explicit proxy wins anyway or, as the environment
+    stands when the session is made, no proxy variable is set."""
+    if not network.trust_env or network.proxy is not None:
+        return False
+    return any(scheme in ("http", "https") for scheme in urllib.request.getproxies())
 
 
 def no_silent_resend(session: aiohttp.ClientSession) -> None:
