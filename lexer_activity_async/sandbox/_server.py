@@ -489,10 +489,19 @@ class Sandbox:
         """Send bytes [first, stop) of ``path`` in chunks; close the connection after
         ``cut`` bytes when a download fault is armed."""
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        rate = self.config.file_bandwidth
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        # Paced in pieces of at most 1/20 s of the rate, so the cap holds on short spans.
+        piece = CHUNK if rate is None else max(1, min(CHUNK, int(rate / 20)))
         try:
             offset, sent = first, 0
             while offset < stop:
-                size = min(CHUNK, stop - offset)
+                if rate is not None:
+                    ahead = began + sent / rate - loop.time()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                size = min(piece, stop - offset)
                 if cut is not None:
                     size = min(size, cut - sent)
                 if size <= 0:

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from datetime import datetime
 
 import attrs
 
+from ..exceptions import ConfigurationError
 from ..reports import DEFAULT_WORKFLOW_STATES_TYPE
 
 __all__ = ["SandboxConfig", "SandboxStats", "Faults", "Rule"]
+
+
+def _bandwidth(_: object, attribute: attrs.Attribute[float | None], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigurationError(
+            f"SandboxConfig.{attribute.name} must be a positive number of bytes per second"
+        )
 
 
 @attrs.define
@@ -48,6 +59,9 @@ class SandboxConfig:
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     """The report type name that answers workflow-state totals (unpublished: the reference's
     example uses Team Volume's ``user_volume``)."""
+    file_bandwidth: float | None = attrs.field(default=None, validator=_bandwidth)
+    """Bytes per second the file host sends on each connection (None: as fast as it can),
+    as object stores and long links cap a single stream; parallel ranges add up."""
 
 
 @attrs.define
