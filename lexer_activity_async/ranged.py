@@ -44,6 +44,7 @@ if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backpo
 
 __all__ = [
     "CHECKPOINT_BYTES",
+    "RANGE_WRITE",
     "FileExpired",
     "FileUnavailable",
     "OpenFile",
@@ -55,6 +56,9 @@ __all__ = [
 
 CHECKPOINT_BYTES = 16 << 20
 """Bytes of one range fetched between two durable progress records."""
+
+RANGE_WRITE = WRITE_BATCH
+"""Bytes of one range gathered before one write in a worker thread."""
 
 SIDECAR_VERSION = 1
 
@@ -277,7 +281,7 @@ async def _fetch(
     except OSError as error:
         raise output_error(dest, error) from None
     if ranges is None:
-        ranges = split(probe.size, max(1, min(connections, math.ceil(probe.size / WRITE_BATCH))))
+        ranges = split(probe.size, max(1, min(connections, math.ceil(probe.size / RANGE_WRITE))))
     state = _State(dest, probe, ranges, fd, url, received=sum(r[2] - r[0] for r in ranges))
     finished = False
     try:
@@ -401,7 +405,7 @@ async def _copy(
             chunk = chunk[:room]
         batch.append(chunk)
         batched += len(chunk)
-        if batched >= WRITE_BATCH or span[2] + batched >= span[1]:
+        if batched >= RANGE_WRITE or span[2] + batched >= span[1]:
             await _write(state, span, b"".join(batch))
             since_record += batched
             batch, batched = [], 0

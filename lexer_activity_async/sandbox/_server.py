@@ -34,6 +34,27 @@ API_PREFIX = "/v1"
 STATUS_PREFIX = "/api/public/v1"
 STATUS_PATH = STATUS_PREFIX + "/activity/reports/status"
 CHUNK = 256 * 1024
+
+
+class Pacer:
+    """Holds one response to ``rate`` bytes per second (`SandboxConfig.file_bandwidth`):
+    before each piece of at most 1/20 s worth of bytes, `wait` sleeps until the bytes sent
+    so far are due, so the cap holds on short spans too."""
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.began = clock()
+        self.piece = max(1, min(CHUNK, int(rate / 20)))
+
+    async def wait(self, sent: int) -> None:
+        ahead = self.began + sent / self.rate - self.clock()
+        if ahead > 0:
+            await self.sleep(ahead)
 ANSWER_CACHE_SIZE = 256
 """Recent report answers kept (bodies of at most `ANSWER_CACHE_MAX_BYTES`): at most 16 MiB."""
 ANSWER_CACHE_MAX_BYTES = 64 * 1024
@@ -490,17 +511,13 @@ class Sandbox:
         ``cut`` bytes when a download fault is armed."""
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         rate = self.config.file_bandwidth
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        # Paced in pieces of at most 1/20 s of the rate, so the cap holds on short spans.
-        piece = CHUNK if rate is None else max(1, min(CHUNK, int(rate / 20)))
+        pacer = None if rate is None else Pacer(rate, asyncio.get_running_loop().time)
+        piece = CHUNK if pacer is None else pacer.piece
         try:
             offset, sent = first, 0
             while offset < stop:
-                if rate is not None:
-                    ahead = began + sent / rate - loop.time()
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+                if pacer is not None:
+                    await pacer.wait(sent)
                 size = min(piece, stop - offset)
                 if cut is not None:
                     size = min(size, cut - sent)

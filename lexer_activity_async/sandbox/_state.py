@@ -134,13 +134,16 @@ class Faults:
     API/status faults (`fail_next`, `drop_next`, `malformed_next`) apply after auth and the
     rate limit, so the failed request still counts as an arrival. File-host knobs:
     ``drop_download_after`` bytes then cut, ``drop_download_count`` times (set
-    ``drop_download_after`` alone to cut once); ``expire_urls`` next file requests get 410;
+    ``drop_download_after`` alone to cut once); ``download_cuts``: the next file requests
+    are cut after these many bytes each, in turn (before ``drop_download_after`` applies);
+    ``expire_urls`` next file requests get 410;
     ``ranges=False`` ignores Range. Export knobs: ``fail_jobs`` next started jobs end
     "failed"; ``never_complete`` keeps jobs "pending".
     """
 
     drop_download_after: int | None = None
     drop_download_count: int = 1
+    download_cuts: list[int] = attrs.Factory(list)
     expire_urls: int = 0
     ranges: bool = True
     fail_jobs: int = 0
@@ -191,6 +194,8 @@ class Faults:
 
     def take_download_cut(self) -> int | None:
         """Bytes after which to cut this download, or None."""
+        if self.download_cuts:
+            return self.download_cuts.pop(0)
         if self.drop_download_after is None or self.drop_download_count <= 0:
             return None
         self.drop_download_count -= 1
