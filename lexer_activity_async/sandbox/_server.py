@@ -55,6 +55,8 @@ class Pacer:
         ahead = self.began + sent / self.rate - self.clock()
         if ahead > 0:
             await self.sleep(ahead)
+
+
 ANSWER_CACHE_SIZE = 256
 """Recent report answers kept (bodies of at most `ANSWER_CACHE_MAX_BYTES`): at most 16 MiB."""
 ANSWER_CACHE_MAX_BYTES = 64 * 1024
