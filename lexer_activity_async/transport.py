@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
 import urllib.request
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
 import attrs
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import exceptions as exc
@@ -130,6 +133,17 @@ class HttpRequest:
         for secret in self.secret_headers.values():
             text = secret.redact_text(text)
         return text
+
+
+def redact_headers(headers: Mapping[str, str], request: HttpRequest) -> dict[str, str]:
+    """``headers`` as a dict, every echo of a secret header's value cut out. One join and
+    one search when nothing is echoed (every answer but a hostile one)."""
+    copied = dict(headers)
+    if request.secret_headers:
+        joined = "\n".join(copied.values())
+        if any(secret.reveal() in joined for secret in request.secret_headers.values()):
+            return {key: request.redact_text(value) for key, value in copied.items()}
+    return copied
 
 
 class HttpResponse:
@@ -311,23 +325,29 @@ class AiohttpTransport:
                 **{key: secret.reveal() for key, secret in request.secret_headers.items()},
             },
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
-            ),
+            timeout=_client_timeout(timeout),
         )
         if not request.stream:
             async with opening as response:
                 body = await response.read()
-                headers = {k: request.redact_text(v) for k, v in response.headers.items()}
+                headers = redact_headers(response.headers, request)
                 return HttpResponse(response.status, headers, request.redact(body))
         response = await opening.__aenter__()
-        headers = {k: request.redact_text(v) for k, v in response.headers.items()}
+        headers = redact_headers(response.headers, request)
         return HttpResponse(
             response.status,
             headers,
             _chunks(response.content, request),
             on_close=lambda: opening.__aexit__(None, None, None),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(timeout: Timeouts) -> aiohttp.ClientTimeout:
+    """aiohttp's form of ``timeout``, made once per distinct deadline set."""
+    return aiohttp.ClientTimeout(
+        total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
+    )
 
 
 async def _chunks(content: aiohttp.StreamReader, request: HttpRequest) -> AsyncIterator[bytes]:
@@ -437,7 +457,7 @@ class MockTransport:
         answer = self.handler(request)
         response = await answer if inspect.isawaitable(answer) else answer
         assert isinstance(response, HttpResponse), "a MockTransport handler returns HttpResponse"
-        headers = {key: request.redact_text(value) for key, value in response.headers.items()}
+        headers = redact_headers(response.headers, request)
         if request.stream:
             return HttpResponse(
                 response.status, headers, _redacted(response, request), on_close=response.aclose
@@ -456,6 +476,20 @@ async def _redacted(response: HttpResponse, request: HttpRequest) -> AsyncIterat
 
 
 # -- the channel: limiter, retries, errors -----------------------------------------------
+
+_GET_HEADERS: Mapping[str, str] = MappingProxyType({"Accept": "application/json"})
+_JSON_HEADERS: Mapping[str, str] = MappingProxyType(
+    {"Accept": "application/json", "Content-Type": "application/json"}
+)
+
+
+def _dumps(body: Mapping[str, object]) -> bytes:
+    """A request body as JSON: orjson, or the standard library for what orjson refuses
+    (integers over 64 bits, non-string keys); bodies are checked as strict JSON before."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
 
 
 class ChannelOwner(Protocol):
@@ -500,7 +534,7 @@ class Channel:
         self.on_event = on_event
         self._now = now or (lambda: datetime.now(timezone.utc))
         # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
-        self._in_flight = in_flight if in_flight is not None else contextlib.nullcontext()
+        self._in_flight = in_flight
         self._opener = opener
         self._timeouts = Timeouts(total=timeout)
         self._secret_headers = {wire.TOKEN_HEADER: token}
@@ -617,39 +651,37 @@ class Channel:
         until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
         self.emit(RateLimitWait(self.label, seconds, until))
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """A rate-limit slot; a `RequestSent` event once it is taken."""
-        async with self.limiter.slot(self._on_wait):
-            self.emit(RequestSent(self.label))
-            yield
-
     def _http_request(self, request: wire.Request) -> HttpRequest:
         base = self.api_url if request.origin == "api" else self.status_url
-        headers = {"Accept": "application/json"}
-        if request.json is not None:
-            headers["Content-Type"] = "application/json"
         return HttpRequest(
             request.method,
             base + request.path,
-            headers=headers,
+            headers=_GET_HEADERS if request.json is None else _JSON_HEADERS,
             secret_headers=self._secret_headers,
-            body=None if request.json is None else json.dumps(request.json).encode(),
+            body=None if request.json is None else _dumps(request.json),
             params=request.params,
             timeout=self._timeouts,
             origin=request.origin,
         )
 
     async def _exchange(self, request: wire.Request) -> HttpResponse:
-        """One exchange inside a limiter slot; the answer is read whole before the slot
-        is released, and redacted here too, so a caller's own `Transport` that does not
-        redact still never lets an echoed token reach an error or a log."""
-        async with self._slot(), self._in_flight:
+        """One exchange inside a limiter slot (a `RequestSent` event once it is taken);
+        the answer is read whole before the slot is released, and redacted here too, so
+        a caller's own `Transport` that does not redact still never lets an echoed token
+        reach an error or a log."""
+        async with self.limiter.slot(self._on_wait):
+            self.emit(RequestSent(self.label))
             http = self._http_request(request)
-            response = await self.api.handle(http)
-            body = http.redact(await response.read())
-        headers = {key: http.redact_text(value) for key, value in response.headers.items()}
-        return HttpResponse(response.status, headers, body)
+            if self._in_flight is None:
+                response = await self.api.handle(http)
+                body = await response.read()
+            else:
+                async with self._in_flight:
+                    response = await self.api.handle(http)
+                    body = await response.read()
+        return HttpResponse(
+            response.status, redact_headers(response.headers, http), http.redact(body)
+        )
 
     async def _attempt(self, request: wire.Request) -> HttpResponse:
         """`_exchange`; a transport error carries the request's report type."""
