@@ -247,9 +247,36 @@ class SlidingWindowLimiter(_SlotMixin):
             self._pending -= 1
 
     async def release(self, lease: Lease) -> None:
+        self._release(lease)
+
+    def _release(self, lease: Lease) -> None:
         self._in_flight -= 1
         bisect.insort(self._frees_at, self._now() + self.window)
         self._changed.set()
+
+    def slot(self, on_wait: WaitCallback | None = None) -> AbstractAsyncContextManager[Lease]:
+        """As `Limiter.slot`, without a shielded scope: the release never suspends, so
+        no cancellation can come between the request and it (a third of the slot's cost)."""
+        return _InProcessSlot(self, on_wait)
+
+
+class _InProcessSlot:
+    """`SlidingWindowLimiter.slot`: acquire on entry, release synchronously on exit."""
+
+    __slots__ = ("_lease", "_limiter", "_on_wait")
+
+    def __init__(self, limiter: SlidingWindowLimiter, on_wait: WaitCallback | None) -> None:
+        self._limiter, self._on_wait = limiter, on_wait
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._limiter.acquire(self._on_wait)
+        return self._lease
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._limiter._release(lease)
 
     async def penalize(self, retry_after: float | None = None) -> None:
         hold = self.window if retry_after is None else retry_after
