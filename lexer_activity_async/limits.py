@@ -254,10 +254,17 @@ class SlidingWindowLimiter(_SlotMixin):
         bisect.insort(self._frees_at, self._now() + self.window)
         self._changed.set()
 
-    def slot(self, on_wait: WaitCallback | None = None) -> AbstractAsyncContextManager[Lease]:
+    def slot(  # type: ignore[override]  # the mixin's is a generator-based manager
+        self, on_wait: WaitCallback | None = None
+    ) -> AbstractAsyncContextManager[Lease]:
         """As `Limiter.slot`, without a shielded scope: the release never suspends, so
         no cancellation can come between the request and it (a third of the slot's cost)."""
         return _InProcessSlot(self, on_wait)
+
+    async def penalize(self, retry_after: float | None = None) -> None:
+        hold = self.window if retry_after is None else retry_after
+        self._blocked_until = max(self._blocked_until, self._now() + hold)
+        self._changed.set()
 
 
 class _InProcessSlot:
@@ -277,11 +284,6 @@ class _InProcessSlot:
         lease, self._lease = self._lease, None
         if lease is not None:
             self._limiter._release(lease)
-
-    async def penalize(self, retry_after: float | None = None) -> None:
-        hold = self.window if retry_after is None else retry_after
-        self._blocked_until = max(self._blocked_until, self._now() + hold)
-        self._changed.set()
 
 
 class LimiterFactory(Protocol):
