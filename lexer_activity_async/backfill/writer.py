@@ -11,12 +11,22 @@ from pathlib import Path
 
 import anyio
 import attrs
+import orjson
 
 from .. import durable
 from .. import exceptions as exc
 from ..checkpoint import Checkpoint
 
 __all__ = ["ReportWriter", "output_error"]
+
+
+def _encode(payload: object) -> bytes:
+    """Compact UTF-8 JSON and a newline: orjson (5x json's C encoder here), or the
+    standard library for what orjson refuses (integers over 64 bits)."""
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return (json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
 @attrs.define
@@ -67,8 +77,7 @@ class ReportWriter:
         """Write ``payload`` as JSON to ``<file>.part``; `commit` then puts it in place,
         recorded final or provisional. Nothing of the payload is kept: units waiting for
         their batch hold no data."""
-        # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
-        data = (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
+        data = _encode(payload)
         part = path.with_name(path.name + ".part")
         try:
             if path.parent not in self._folders:  # one mkdir per folder, not per unit
