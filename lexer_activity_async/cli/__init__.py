@@ -31,6 +31,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .. import eventloop
 from .. import exceptions as exc
 from .._version import __version__
 from ..backfill import (
@@ -69,7 +70,12 @@ RESERVED_FILTERS = {"type", "date_from", "date_to", "form", "nps_category", "use
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; bad input found by the library is a usage error (exit 2)."""
     try:
-        return asyncio.run(_interruptible(coro))
+        eventloop.loop_name()  # a bad LEXER_ACTIVITY_LOOP fails before anything starts
+    except exc.ConfigurationError:
+        coro.close()
+        raise
+    try:
+        return eventloop.run(_interruptible(coro))
     except exc.ValidationError as error:
         raise click.UsageError(str(error)) from None
 
@@ -936,7 +942,7 @@ def sandbox(
             export_rows=export_rows,
         ),
     )
-    asyncio.run(serve_forever(config))
+    eventloop.run(serve_forever(config))
 
 
 DEMO_OUTPUT = Path("lexer-demo-output")
