@@ -258,7 +258,10 @@ class SlidingWindowLimiter(_SlotMixin):
         self, on_wait: WaitCallback | None = None
     ) -> AbstractAsyncContextManager[Lease]:
         """As `Limiter.slot`, without a shielded scope: the release never suspends, so
-        no cancellation can come between the request and it (a third of the slot's cost)."""
+        no cancellation can come between the request and it (a third of the slot's cost).
+        A subclass with its own `release` gets the shielded slot, which calls it."""
+        if type(self).release is not SlidingWindowLimiter.release:
+            return super().slot(on_wait)
         return _InProcessSlot(self, on_wait)
 
     async def penalize(self, retry_after: float | None = None) -> None:

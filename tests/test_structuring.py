@@ -163,3 +163,38 @@ def test_fast_path_and_converter_agree_on_edited_payloads(
         payload = _edited(payload, paths[(pick + n * 7919) % len(paths)], replacement)
     body = json.dumps(payload).encode()
     assert outcome(kind, body, fast=True) == outcome(kind, body, fast=False)
+
+
+# -- the collector pause around large answers --------------------------------------------
+
+
+def _big_states_volume() -> bytes:
+    payload = json.loads(ref.STATES_VOLUME)
+    for n in range(40):
+        payload[f"state_{n}"] = [dict(point, state=f"state_{n}") for point in payload["closed"]]
+    body = json.dumps(payload).encode()
+    assert len(body) > 4096
+    return body
+
+
+def test_the_collector_runs_again_after_a_large_answer_decodes_or_fails() -> None:
+    import gc
+
+    body = _big_states_volume()
+    assert gc.isenabled()
+    wire.decode_report(ReportType.STATES_VOLUME, 200, body)
+    assert gc.isenabled()
+    with pytest.raises(UnexpectedResponseError):
+        wire.decode_report(ReportType.STATES_VOLUME, 200, body.replace(b'"value"', b'"valve"'))
+    assert gc.isenabled()
+
+
+def test_a_collector_the_caller_disabled_stays_disabled() -> None:
+    import gc
+
+    gc.disable()
+    try:
+        wire.decode_report(ReportType.STATES_VOLUME, 200, _big_states_volume())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -48,7 +48,7 @@ from ..backfill import (
 )
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
-from ..exports import PollPolicy
+from ..exports import DownloadPolicy, PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from ..limits_sqlite import default_store_path
 from ..models import converter
@@ -528,6 +528,13 @@ def report(
     help="Window size when the range is over 12 months.",
 )
 @click.option("--split", is_flag=True, help="One file per window instead of one merged file.")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 32),
+    default=1,
+    show_default=True,
+    help="Fetch the file as this many parallel byte ranges (when its host allows it).",
+)
 @_filter_options
 @_rate_options
 @_with_client
@@ -540,6 +547,7 @@ def export(
     nps_category: str | None,
     window_months: int,
     split: bool,
+    connections: int,
     users: list[int] | None,
     groups: list[int] | None,
     extra_filters: dict[str, object] | None,
@@ -573,6 +581,7 @@ def export(
                 users=users,
                 groups=groups,
                 extra_filters=extra_filters,
+                policy=DownloadPolicy(connections=connections),
             )
 
     with view, _form_hint(form):
