@@ -20,6 +20,7 @@ TOKEN = "ranged-child-token-0123456789"
 
 async def main(api_url: str, file_url: str, dest: str, connections: int) -> None:
     ranged.CHECKPOINT_BYTES = 64 << 10
+    ranged.CHECKPOINT_SECONDS = 0.0
     ranged.RANGE_WRITE = 16 << 10
     async with LexerClient(TOKEN, api_url=api_url, registry=LimiterRegistry()) as client:
         job = m.ExportJob("complete", file_url, "child-report-token")

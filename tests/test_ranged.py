@@ -55,6 +55,7 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoints."""
     monkeypatch.setattr(ranged, "exponential", lambda *args, **kwargs: 0.0)
     monkeypatch.setattr(ranged, "CHECKPOINT_BYTES", 32 << 10)
+    monkeypatch.setattr(ranged, "CHECKPOINT_SECONDS", 0.0)
     monkeypatch.setattr(ranged, "RANGE_WRITE", 8 << 10)
 
 
