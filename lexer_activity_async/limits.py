@@ -183,7 +183,9 @@ class SlidingWindowLimiter(_SlotMixin):
         self._pending = 0  # acquisitions not yet granted: the one at the gate and its queue
 
     def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        if self._clock is None:  # the running loop's clock, looked up once (a limiter
+            self._clock = asyncio.get_running_loop().time  # serves one loop, as its lock)
+        return self._clock()
 
     def _delay(self, now: float) -> float | None:
         """0 when a slot is free now; else seconds until one may be; None if every slot is

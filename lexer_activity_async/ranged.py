@@ -6,7 +6,8 @@ own connection with ``If-Range`` (so a file changed meanwhile comes back whole, 
 the download restarts) and written at its offset into ``<dest>.part`` (``os.pwrite`` in
 a worker thread, about a MiB at a time: memory stays N x 1 MiB whatever the size).
 
-Resumable per range: every `CHECKPOINT_BYTES` of a range, and when it ends or fails,
+Resumable per range: every `CHECKPOINT_BYTES` of a range (at most every
+`CHECKPOINT_SECONDS`), and when it ends or fails,
 the part file is fsynced and then the ranges' progress is written atomically to the
 sidecar ``<dest>.part.ranges`` (JSON: size, validator, ``[start, stop, done]`` per
 range; never the URL, which may be signed). A later call with the same destination
