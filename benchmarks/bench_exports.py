@@ -15,7 +15,8 @@ and its children to CPU 0).
    Reported in MB/s (10^6 bytes/s) and the ratio client/bare (target >= 0.9).
 2. Peak RSS of a fresh process (``_export_child.py``) running one ``client.export`` of
    100 MiB and one of 1 GiB (--quick: 16 and 64 MiB), read with ``os.wait4`` for that
-   child alone; the sandbox is in another process so its memory does not count. Also an
+   child alone, with one connection and with 4 parallel ranges; the sandbox is in another
+   process so its memory does not count. Also an
    ``idle`` child (import, open a client, one request) as the baseline. Target: the same
    for both sizes and under 100 MB.
 3. Parallel ranged downloads: ``client.download_export`` with ``DownloadPolicy(connections=1)``
@@ -197,7 +198,9 @@ async def ranged(sb: c.SandboxProcess, token: str, runs: int, dest_dir: Path) ->
 # -- 2. peak RSS ---------------------------------------------------------------------
 
 
-def child_rss(sb: c.SandboxProcess, token: str, dest: Path | None) -> dict[str, Any]:
+def child_rss(
+    sb: c.SandboxProcess, token: str, dest: Path | None, connections: int = 1
+) -> dict[str, Any]:
     cmd = [
         sys.executable,
         str(CHILD),
@@ -213,6 +216,7 @@ def child_rss(sb: c.SandboxProcess, token: str, dest: Path | None) -> dict[str, 
         DATE_TO.isoformat(),
     ]
     cmd += ["--dest", str(dest)] if dest is not None else ["--idle"]
+    cmd += ["--connections", str(connections)]
     run = c.run_child(cmd)
     if run.returncode != 0:
         raise RuntimeError(f"export child failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -234,12 +238,13 @@ def peak_rss(
     any_sb = next(iter(sandboxes.values()))
     idle = [child_rss(any_sb, token, None) for _ in range(runs)]
     out["idle"] = {"peak_rss_bytes": c.median(r["peak_rss_bytes"] for r in idle), "runs": idle}
-    for size, sb in sandboxes.items():
-        rows = [child_rss(sb, token, dest_dir / "rss.csv") for _ in range(runs)]
+    for (size, sb), connections in [(item, n) for item in sandboxes.items() for n in (1, 4)]:
+        rows = [child_rss(sb, token, dest_dir / "rss.csv", connections) for _ in range(runs)]
         for row in rows:
             if row["bytes"] != size:
                 raise RuntimeError(f"child exported {row['bytes']} bytes, expected {size}")
-        out[human(size)] = {
+        name = human(size) if connections == 1 else f"{human(size)}, {connections} ranges"
+        out[name] = {
             "size_bytes": size,
             "peak_rss_bytes": c.median(r["peak_rss_bytes"] for r in rows),
             "seconds": c.median(r["seconds"] for r in rows),
