@@ -246,8 +246,10 @@ async def download_ranged(
     for restart in range(3):
         try:
             probe = await _probe(open_file, url, deadline - anyio.current_time())
-        except (FileExpired, FileUnavailable, exc.TransportError):
-            probe = None  # the single stream retries and refreshes URLs its own way
+        except (FileExpired, FileUnavailable, exc.TransportError, exc.DownloadError):
+            # The single stream retries, refreshes URLs and reports errors its own way
+            # (and an empty file answers a range probe 416).
+            probe = None
         if probe is None:
             return None
         try:

@@ -334,6 +334,25 @@ async def test_no_strong_validator_means_one_stream(
     assert [r["headers"].get("Range") for r in seen] == ["bytes=0-0", None]
 
 
+async def test_an_empty_file_refusing_the_probe_is_streamed(
+    client_for: ClientFor, sandbox: Sandbox, loopback_server: LoopbackServer, tmp_path: Path
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if "Range" in request.headers:
+            return web.Response(status=416, headers={"Content-Range": "bytes */0"})
+        return web.Response(status=200, body=b"", headers={"ETag": '"empty"'})
+
+    url, seen = await loopback_server(handler)
+    dest = tmp_path / "cases.csv"
+    async with client_for(sandbox) as client:
+        job = m.ExportJob("complete", url + "/files/x/cases.csv", "r1")
+        size = await exports.download(client, job, dest, policy=DownloadPolicy(connections=4))
+    assert size == 0
+    assert dest.read_bytes() == b""
+    assert [r["headers"].get("Range") for r in seen] == ["bytes=0-0", None]
+    assert leftovers(dest) == []
+
+
 @pytest.mark.parametrize("value", [0, 33, -1, True, 2.0, "4", None])
 def test_connections_must_be_an_integer_from_1_to_32(value: Any) -> None:
     with pytest.raises(ConfigurationError, match="connections"):
