@@ -1,7 +1,8 @@
 """The event loop the command runs on: uvloop when it is installed (extra ``[uvloop]``)
-and the platform is not Windows, else asyncio's own. uvloop's loop costs less CPU per
-request (see the README's Performance section). ``LEXER_ACTIVITY_LOOP=asyncio`` forces
-asyncio's loop, ``=uvloop`` insists on uvloop; unset or ``auto`` picks as above.
+and the platform is not Windows, else asyncio's own (uvloop's I/O paths are written in
+C; the README's Performance section says what it gains here).
+``LEXER_ACTIVITY_LOOP=asyncio`` forces asyncio's loop, ``=uvloop`` insists on uvloop;
+unset or ``auto`` picks as above.
 """
 
 from __future__ import annotations
