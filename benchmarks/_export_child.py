@@ -2,8 +2,9 @@
 
 Runs ``client.export`` (start, poll, stream to disk) against a sandbox that lives in
 another process, then prints one JSON line: bytes written, seconds, and this process's
-own peak RSS. With ``--idle`` it only opens a client and makes one small request: the
-baseline RSS of the interpreter plus the library. Not a benchmark itself.
+own peak RSS (``--connections N``: as N parallel ranges). With ``--idle`` it only opens
+a client and makes one small request: the baseline RSS of the interpreter plus the
+library. Not a benchmark itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lexer_activity_async import LexerClient, LimiterRegistry
+from lexer_activity_async.exports import DownloadPolicy
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -39,6 +41,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 datetime.fromisoformat(args.date_from),
                 datetime.fromisoformat(args.date_to),
                 Path(args.dest),
+                policy=DownloadPolicy(connections=args.connections),
             )
             size = result.bytes
         return {"bytes": size, "seconds": time.perf_counter() - start}
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--date-from", default="")
     parser.add_argument("--date-to", default="")
     parser.add_argument("--idle", action="store_true")
+    parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
     out = asyncio.run(run(args))
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -15,15 +15,22 @@ and its children to CPU 0).
    Reported in MB/s (10^6 bytes/s) and the ratio client/bare (target >= 0.9).
 2. Peak RSS of a fresh process (``_export_child.py``) running one ``client.export`` of
    100 MiB and one of 1 GiB (--quick: 16 and 64 MiB), read with ``os.wait4`` for that
-   child alone; the sandbox is in another process so its memory does not count. Also an
+   child alone, with one connection and with 4 parallel ranges; the sandbox is in another
+   process so its memory does not count. Also an
    ``idle`` child (import, open a client, one request) as the baseline. Target: the same
    for both sizes and under 100 MB.
-3. Status polls per export with the default `PollPolicy`, for sandbox
+3. Parallel ranged downloads: ``client.download_export`` with ``DownloadPolicy(connections=1)``
+   against ``connections=4``, runs alternating, medians of ``--runs``, on the uncapped
+   sandbox above (target: no loss, ratio >= 0.95) and on a sandbox whose file host caps
+   each connection at ``--cap`` bytes/s (default 8 MB/s, ``--capped-size`` 48 MiB; --quick
+   16 MiB), as object stores and long links do (target: >= 3x with 4 connections).
+4. Status polls per export with the default `PollPolicy`, for sandbox
    ``export_pending_seconds`` in (1, 5, 20) (--quick: 1, 3): several jobs per setting,
    polls counted by the client and by the sandbox, and the detection delay (time from
    the job becoming ready to the client seeing it complete).
 
     python benchmarks/bench_exports.py [--quick] [--runs N] [--size BYTES] [--dest-dir DIR]
+        [--cap BYTES_PER_S] [--capped-size BYTES]
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import aiohttp
 
 from lexer_activity_async import LexerClient, LimiterRegistry, exports
 from lexer_activity_async import models as m
+from lexer_activity_async.exports import DownloadPolicy
 
 KIND = "case_details"
 DATE_TO = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(
@@ -158,10 +166,41 @@ async def throughput(
     }
 
 
+# -- 3. ranged downloads -------------------------------------------------------------
+
+
+async def ranged(sb: c.SandboxProcess, token: str, runs: int, dest_dir: Path) -> dict[str, Any]:
+    """MB/s of one stream and of 4 ranges on the same file, runs alternating."""
+    async with make_client(sb, token, LimiterRegistry()) as client:
+        job = await client.wait_for_export(await client.start_export(KIND, DATE_FROM, DATE_TO))
+        samples: dict[int, list[float]] = {1: [], 4: []}
+        size = 0
+        for run in range(runs):
+            for connections in (1, 4) if run % 2 == 0 else (4, 1):
+                target = dest_dir / f"ranged-{connections}.csv"
+                await asyncio.to_thread(os.sync)
+                start = time.perf_counter()
+                size = await client.download_export(
+                    job, target, policy=DownloadPolicy(connections=connections)
+                )
+                took = time.perf_counter() - start
+                target.unlink()
+                samples[connections].append(size / took / c.MB)
+    one, four = c.median(samples[1]), c.median(samples[4])
+    return {
+        "size_bytes": size,
+        "mb_per_s": {"1": one, "4": four},
+        "mb_per_s_runs": {str(k): v for k, v in samples.items()},
+        "ratio_4_over_1": c.ratio(four, one),
+    }
+
+
 # -- 2. peak RSS ---------------------------------------------------------------------
 
 
-def child_rss(sb: c.SandboxProcess, token: str, dest: Path | None) -> dict[str, Any]:
+def child_rss(
+    sb: c.SandboxProcess, token: str, dest: Path | None, connections: int = 1
+) -> dict[str, Any]:
     cmd = [
         sys.executable,
         str(CHILD),
@@ -177,6 +216,7 @@ def child_rss(sb: c.SandboxProcess, token: str, dest: Path | None) -> dict[str, 
         DATE_TO.isoformat(),
     ]
     cmd += ["--dest", str(dest)] if dest is not None else ["--idle"]
+    cmd += ["--connections", str(connections)]
     run = c.run_child(cmd)
     if run.returncode != 0:
         raise RuntimeError(f"export child failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -198,12 +238,13 @@ def peak_rss(
     any_sb = next(iter(sandboxes.values()))
     idle = [child_rss(any_sb, token, None) for _ in range(runs)]
     out["idle"] = {"peak_rss_bytes": c.median(r["peak_rss_bytes"] for r in idle), "runs": idle}
-    for size, sb in sandboxes.items():
-        rows = [child_rss(sb, token, dest_dir / "rss.csv") for _ in range(runs)]
+    for (size, sb), connections in [(item, n) for item in sandboxes.items() for n in (1, 4)]:
+        rows = [child_rss(sb, token, dest_dir / "rss.csv", connections) for _ in range(runs)]
         for row in rows:
             if row["bytes"] != size:
                 raise RuntimeError(f"child exported {row['bytes']} bytes, expected {size}")
-        out[human(size)] = {
+        name = human(size) if connections == 1 else f"{human(size)}, {connections} ranges"
+        out[name] = {
             "size_bytes": size,
             "peak_rss_bytes": c.median(r["peak_rss_bytes"] for r in rows),
             "seconds": c.median(r["seconds"] for r in rows),
@@ -286,6 +327,8 @@ async def main_async(args: Any) -> dict[str, Any]:
             "rss_runs": args.rss_runs,
             "poll_pending_s": args.pendings,
             "poll_jobs": args.poll_jobs,
+            "cap_bytes_per_s": args.cap,
+            "capped_size_bytes": args.capped_size,
             "dest_dir": str(dest_dir),
             "client_cpu": client_cpu,
             "server_cpu": server_cpu,
@@ -304,6 +347,20 @@ async def main_async(args: Any) -> dict[str, Any]:
             )
             print(f"throughput: {human(args.size)} x {args.runs} runs per method...", flush=True)
             results["throughput"] = await throughput(main_sb, token, args.size, args.runs, dest_dir)
+            print("ranged downloads, uncapped and capped...", flush=True)
+            capped_sb = stack.enter_context(
+                c.SandboxProcess(
+                    max_requests=UNLIMITED,
+                    export_size_bytes=args.capped_size,
+                    export_pending_seconds=0.0,
+                    file_bandwidth=args.cap,
+                    cpu=server_cpu,
+                )
+            )
+            results["ranged"] = {
+                "uncapped": await ranged(main_sb, token, args.runs, dest_dir),
+                "capped": await ranged(capped_sb, token, args.runs, dest_dir),
+            }
             sandboxes: dict[int, c.SandboxProcess] = {}
             for size in args.rss_sizes:
                 sandboxes[size] = (
@@ -352,6 +409,23 @@ def report(results: dict[str, Any]) -> None:
         f"ratio client/bare = {tp['ratio_client_bare']:.3f} (target >= 0.9); first export "
         f"end to end (start, poll, generate, download): {tp['first_export_end_to_end_s']:.2f}s"
     )
+    rows = []
+    for name, found in results["ranged"].items():
+        label = name if name == "uncapped" else f"capped at {cfg['cap_bytes_per_s'] / c.MB:g} MB/s"
+        rows.append(
+            [
+                f"{label}, {human(found['size_bytes'])}",
+                found["mb_per_s"]["1"],
+                found["mb_per_s"]["4"],
+                found["ratio_4_over_1"],
+            ]
+        )
+    c.print_table(
+        f"Ranged downloads, MB/s, median of {cfg['runs']} runs",
+        ["file host", "1 connection", "4 connections", "4 / 1"],
+        rows,
+    )
+    print("targets: capped >= 3x, uncapped no loss (>= 0.95)")
     rss = results["peak_rss"]
     rows = [["idle (import, open, 1 request)", "", rss["idle"]["peak_rss_bytes"] / c.MB, "", ""]]
     for name, row in rss.items():
@@ -403,11 +477,15 @@ def main() -> None:
     parser = c.base_parser(__doc__)
     parser.add_argument("--size", type=parse_size, default=None, help="file size (e.g. 1GiB)")
     parser.add_argument("--dest-dir", default=None, help="where downloads are written")
+    parser.add_argument("--cap", type=float, default=8e6, help="capped host: bytes/s a connection")
+    parser.add_argument("--capped-size", type=parse_size, default=None, help="capped file size")
     args = parser.parse_args()
     quick = args.quick
     if args.size is None:
         args.size = 64 * c.MiB if quick else c.GiB
     args.runs = args.runs if args.runs is not None else (2 if quick else 5)
+    if args.capped_size is None:
+        args.capped_size = 16 * c.MiB if quick else 48 * c.MiB
     args.rss_sizes = [16 * c.MiB, 64 * c.MiB] if quick else [100 * c.MiB, c.GiB]
     args.rss_runs = 1 if quick else 2
     args.pendings = [1.0, 3.0] if quick else [1.0, 5.0, 20.0]

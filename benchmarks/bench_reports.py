@@ -9,14 +9,17 @@ structuring each response.
        each call going through limiter, retry loop, deadline and typed decoding;
      - ``bare``: one aiohttp session posting the same JSON bodies with the same headers
        and ``json.loads`` on each body.
-   Two workloads: ``summary`` only, and ``mixed`` (all 12 report types in turn). Runs
-   alternate bare/client; each run reports requests/s, and this process's CPU time per
-   request (the client's own overhead, meaningful even when the server is the
-   bottleneck), and the server's CPU use (near 100 % means the server is the bottleneck).
+   One workload per report type (each alone, so each gets its own CPU ratio), then
+   ``mixed`` (all 12 in turn). Runs alternate bare/client; each run reports requests/s,
+   this process's CPU time per request (the client's own overhead, meaningful even when
+   the server is the bottleneck), and the server's CPU use (near 100 % means the server
+   is the bottleneck). The whole throughput section runs on asyncio's default loop, then
+   again on uvloop when it is installed (both sides on the same loop each time).
 2. Decoding. Each report type's sandbox body is captured once; `wire.decode_report` on it
    is timed against plain `json.loads` of the same bytes (microseconds per response).
 
     python benchmarks/bench_reports.py [--quick] [--runs N] [--requests N] [--concurrency C]
+        [--no-uvloop] [--types summary,states_volume,...]
 """
 
 from __future__ import annotations
@@ -47,9 +50,8 @@ Spec = tuple[ReportType, dict[str, Any]]
 ALL_TYPES: list[Spec] = [
     (kind, {"form": NPS_FORM} if kind.needs_form else {}) for kind in ReportType
 ]
-WORKLOADS: dict[str, list[Spec]] = {
-    "summary": [(ReportType.SUMMARY, {})],
-    "mixed": ALL_TYPES,
+WORKLOADS: dict[str, list[Spec]] = {spec[0].value: [spec] for spec in ALL_TYPES} | {
+    "mixed": ALL_TYPES
 }
 
 
@@ -129,10 +131,11 @@ async def measure(
 
 
 async def throughput(
-    sb: c.SandboxProcess, runs: int, total: int, concurrency: int
+    sb: c.SandboxProcess, runs: int, total: int, concurrency: int, names: list[str]
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, specs in WORKLOADS.items():
+    for name in names:
+        specs = WORKLOADS[name]
         samples: dict[str, list[dict[str, float]]] = {"bare": [], "client": []}
         for run in range(runs):
             # Alternate which goes first so slow drift does not favour one side.
@@ -210,14 +213,29 @@ def decode_costs(bodies: dict[ReportType, bytes], runs: int, target_s: float) ->
     return out
 
 
-async def main_async(args: Any) -> dict[str, Any]:
+async def main_async(args: Any, sb: c.SandboxProcess) -> dict[str, Any]:
+    tp = await throughput(sb, args.runs, args.requests, args.concurrency, args.types)
+    bodies = await capture_bodies(sb)
+    dec = decode_costs(bodies, args.runs, args.decode_seconds)
+    return {"throughput": tp, "decode": dec}
+
+
+async def loop_only(args: Any, sb: c.SandboxProcess) -> dict[str, Any]:
+    """The throughput section alone (run again on uvloop)."""
+    return await throughput(sb, args.runs, args.requests, args.concurrency, args.types)
+
+
+def run(args: Any) -> dict[str, Any]:
     client_cpu, server_cpu = c.cpu_plan(args.no_pin)
     c.pin_self(client_cpu)
     with c.SandboxProcess(max_requests=UNLIMITED, window=1.0, cpu=server_cpu, tokens=[TOKEN]) as sb:
-        tp = await throughput(sb, args.runs, args.requests, args.concurrency)
-        bodies = await capture_bodies(sb)
+        found = asyncio.run(main_async(args, sb))
+        tp, dec = found["throughput"], found["decode"]
+        uv: dict[str, Any] | None = None
+        uvloop = None if args.no_uvloop else _uvloop()
+        if uvloop is not None:
+            uv = uvloop.run(loop_only(args, sb))
         stats = sb.stats()
-    dec = decode_costs(bodies, args.runs, args.decode_seconds)
     return {
         "config": {
             "runs": args.runs,
@@ -229,42 +247,69 @@ async def main_async(args: Any) -> dict[str, Any]:
             "quick": args.quick,
         },
         "throughput": tp,
+        "throughput_uvloop": uv,
         "decode": dec,
         "sandbox_rate_limited": stats["rate_limited"],
     }
 
 
+def _uvloop() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        print("uvloop is not installed: the uvloop section is skipped")
+        return None
+    return uvloop
+
+
 def report(results: dict[str, Any]) -> None:
     cfg = results["config"]
+    loops = [("asyncio", results["throughput"])]
+    if results.get("throughput_uvloop"):
+        loops.append(("uvloop", results["throughput_uvloop"]))
+    for loop_name, found in loops:
+        rows = []
+        for name, s in found.items():
+            for side in ("bare", "client"):
+                r = s[side]
+                lo, hi = c.spread(r["rps_runs"])
+                rows.append(
+                    [
+                        f"{name} / {side}",
+                        r["rps"],
+                        f"{c.fmt(lo)}-{c.fmt(hi)}",
+                        r["client_cpu_us_per_req"],
+                        f"{r['client_cpu_util']:.0%}",
+                        f"{r['server_cpu_util']:.0%}",
+                    ]
+                )
+        c.print_table(
+            f"Report throughput on {loop_name}: {cfg['requests_per_run']} requests/run, "
+            f"batches of {cfg['concurrency']}, median of {cfg['runs']} runs",
+            ["workload / side", "req/s", "range", "CPU us/req", "client CPU", "server CPU"],
+            rows,
+        )
+    headers = ["workload", "CPU us/req bare", "client", "client/bare (target <= 1.2)"]
+    if len(loops) > 1:
+        headers += ["uvloop bare", "uvloop client", "client/bare", "client uvloop/asyncio"]
     rows = []
     for name, s in results["throughput"].items():
-        for side in ("bare", "client"):
-            r = s[side]
-            lo, hi = c.spread(r["rps_runs"])
-            rows.append(
-                [
-                    f"{name} / {side}",
-                    r["rps"],
-                    f"{c.fmt(lo)}-{c.fmt(hi)}",
-                    r["client_cpu_us_per_req"],
-                    f"{r['client_cpu_util']:.0%}",
-                    f"{r['server_cpu_util']:.0%}",
-                ]
-            )
-    c.print_table(
-        f"Report throughput: {cfg['requests_per_run']} requests/run, batches of "
-        f"{cfg['concurrency']}, median of {cfg['runs']} runs",
-        ["workload / side", "req/s", "range", "CPU us/req", "client CPU", "server CPU"],
-        rows,
-    )
-    c.print_table(
-        "Client vs bare aiohttp (medians)",
-        ["workload", "throughput ratio client/bare", "CPU-per-request ratio client/bare"],
-        [
-            [name, s["throughput_ratio"], s["cpu_per_request_ratio"]]
-            for name, s in results["throughput"].items()
-        ],
-    )
+        row = [
+            name,
+            s["bare"]["client_cpu_us_per_req"],
+            s["client"]["client_cpu_us_per_req"],
+            s["cpu_per_request_ratio"],
+        ]
+        if len(loops) > 1:
+            u = loops[1][1][name]
+            row += [
+                u["bare"]["client_cpu_us_per_req"],
+                u["client"]["client_cpu_us_per_req"],
+                u["cpu_per_request_ratio"],
+                c.ratio(u["client"]["client_cpu_us_per_req"], s["client"]["client_cpu_us_per_req"]),
+            ]
+        rows.append(row)
+    c.print_table("CPU per request, client vs bare aiohttp + json.loads (medians)", headers, rows)
     dec = results["decode"]
     rows = [
         [
@@ -301,13 +346,21 @@ def main() -> None:
     parser = c.base_parser(__doc__)
     parser.add_argument("--requests", type=int, default=None, help="requests per run")
     parser.add_argument("--concurrency", type=int, default=50, help="batch size for gather")
+    parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop section")
+    parser.add_argument(
+        "--types", default=",".join(WORKLOADS), help="workloads, comma-separated (default all)"
+    )
     args = parser.parse_args()
+    args.types = [name.strip() for name in args.types.split(",") if name.strip()]
+    unknown = sorted(set(args.types) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
     if args.runs is None:
         args.runs = 3 if args.quick else 5
     if args.requests is None:
-        args.requests = 200 if args.quick else 1500
+        args.requests = 200 if args.quick else 1000
     args.decode_seconds = 0.02 if args.quick else 0.2
-    results = asyncio.run(main_async(args))
+    results = run(args)
     report(results)
     c.write_results("bench_reports", results)
 

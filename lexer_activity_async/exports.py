@@ -35,6 +35,9 @@ from .durable import write_atomically as _write_atomically
 from .events import DownloadProgress, ExportState
 from .instrumentation import observe_download
 from .logs import fields as log_fields
+from .ranged import FileExpired as _Expired
+from .ranged import FileUnavailable as _Transient
+from .ranged import download_ranged, ranges_path
 from .reports import (
     ExportKind,
     build_report_body,
@@ -109,6 +112,11 @@ def _positive(_: object, attribute: attrs.Attribute[V], value: V) -> None:
         raise exc.ConfigurationError(f"DownloadPolicy.{attribute.name} must be a positive number")
 
 
+def _connections(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+        raise exc.ConfigurationError("DownloadPolicy.connections must be an integer from 1 to 32")
+
+
 @attrs.frozen
 class DownloadPolicy:
     """How the file is fetched: ``chunk_size`` bytes per write; up to ``max_resumes``
@@ -119,7 +127,13 @@ class DownloadPolicy:
     Deadlines, in seconds: ``connect_timeout`` for each connection to the file host
     (TCP and TLS handshakes), ``read_timeout`` of silence while reading, ``timeout`` for
     the whole download, resumptions included (None: no bound). Past one of them the
-    download raises `DownloadTimeoutError`."""
+    download raises `DownloadTimeoutError`.
+
+    ``connections`` (1-32): with more than one, a file whose host serves byte ranges
+    with a strong validator is fetched as that many concurrent ranges, each resumed on
+    its own (``max_resumes`` per range), and resumable after a crash or cancellation
+    from ``<dest>.part`` and its progress record ``<dest>.part.ranges`` (`ranged`).
+    Other hosts get one stream, as with 1."""
 
     chunk_size: int = 1 << 20
     max_resumes: int = 5
@@ -127,6 +141,7 @@ class DownloadPolicy:
     read_timeout: float = attrs.field(default=60.0, validator=_positive)
     connect_timeout: float = attrs.field(default=30.0, validator=_positive)
     timeout: float | None = attrs.field(default=3600.0, validator=_positive)
+    connections: int = attrs.field(default=1, validator=_connections)
 
 
 @attrs.frozen
@@ -310,23 +325,18 @@ def _check_file_url(client: ChannelOwner, url: str) -> None:
     )
 
 
-class _Expired(Exception):
-    """The file host says the URL is no longer valid."""
-
-
-class _Transient(Exception):
-    """The file host answered 5xx or 408: worth resuming."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 async def _open_file(
-    client: ChannelOwner, url: str, offset: int, policy: DownloadPolicy, remaining: float
+    client: ChannelOwner,
+    url: str,
+    offset: int,
+    policy: DownloadPolicy,
+    remaining: float,
+    ranged: Mapping[str, str] | None = None,
 ) -> HttpResponse:
-    """GET the file with no credentials, following redirects by hand (checked each hop)."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    """GET the file with no credentials, following redirects by hand (checked each hop).
+    ``ranged``: the headers of one range of a parallel download (a 206 is then due)."""
+    headers = dict(ranged) if ranged else {"Range": f"bytes={offset}-"} if offset else {}
+    partial = bool(offset or ranged)
     timeout = Timeouts(
         total=None if remaining == math.inf else remaining,
         connect=policy.connect_timeout,
@@ -343,7 +353,7 @@ async def _open_file(
             url = urljoin(url, response.headers["Location"])
             await response.aclose()
             continue
-        if response.status not in (200, 206) or (response.status == 206 and not offset):
+        if response.status not in (200, 206) or (response.status == 206 and not partial):
             await response.aclose()
             if response.status in _EXPIRED:
                 raise _Expired(response.status)
@@ -508,9 +518,62 @@ async def download(
         raise exc.ValidationError("the export job has no url yet; wait_for_export() first")
 
     refresh = _url_refresher(client, job.token, kind, poll)
+    policy = policy or DownloadPolicy()
+    target = Path(dest)
+    if policy.connections > 1:
+        size = await _download_ranged(client, job.url, target, refresh, policy, kind)
+        if size is not None:
+            return size
+        ranges_path(target).unlink(missing_ok=True)  # an old record of another file
     chunks = stream_file(client, job.url, refresh_url=refresh, policy=policy, kind=kind)
     chunks = observe_download(client.channel.instrumentation, client.channel.label, kind, chunks)
-    return await _write_atomically(Path(dest), chunks)
+    return await _write_atomically(target, chunks)
+
+
+async def _download_ranged(
+    client: ChannelOwner,
+    url: str,
+    dest: Path,
+    refresh: Callable[[], Awaitable[str]],
+    policy: DownloadPolicy,
+    kind: str,
+) -> int | None:
+    """`ranged.download_ranged` through the credential-free file transport."""
+    channel = client.channel
+
+    async def open_file(at: str, headers: Mapping[str, str], remaining: float) -> HttpResponse:
+        if remaining <= 0:
+            raise exc.LexerTimeoutError("the whole-download deadline passed")
+        return await _open_file(client, at, 0, policy, remaining, headers)
+
+    def progress(received: int, total: int) -> None:
+        channel.emit(DownloadProgress(channel.label, kind, received, total))
+
+    limit = math.inf if policy.timeout is None else policy.timeout
+    try:
+        with anyio.fail_after(limit):
+            return await download_ranged(
+                open_file=open_file,
+                url=url,
+                dest=dest,
+                connections=policy.connections,
+                refresh_url=refresh,
+                max_resumes=policy.max_resumes,
+                max_url_refreshes=policy.max_url_refreshes,
+                deadline=anyio.current_time() + limit,
+                on_progress=progress,
+            )
+    except (TimeoutError, exc.LexerTimeoutError):
+        pass  # raised below, outside the handler
+    raise_detached(
+        exc.DownloadTimeoutError(
+            f"ranged file download timed out (connect {policy.connect_timeout:g}s, read "
+            f"{policy.read_timeout:g}s, whole download "
+            + ("unbounded" if policy.timeout is None else f"{policy.timeout:g}s")
+            + ")",
+            report_type=kind,
+        )
+    )
 
 
 async def _run_one(

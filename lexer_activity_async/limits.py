@@ -183,7 +183,9 @@ class SlidingWindowLimiter(_SlotMixin):
         self._pending = 0  # acquisitions not yet granted: the one at the gate and its queue
 
     def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        if self._clock is None:  # the running loop's clock, looked up once (a limiter
+            self._clock = asyncio.get_running_loop().time  # serves one loop, as its lock)
+        return self._clock()
 
     def _delay(self, now: float) -> float | None:
         """0 when a slot is free now; else seconds until one may be; None if every slot is
@@ -247,14 +249,46 @@ class SlidingWindowLimiter(_SlotMixin):
             self._pending -= 1
 
     async def release(self, lease: Lease) -> None:
+        self._release(lease)
+
+    def _release(self, lease: Lease) -> None:
         self._in_flight -= 1
         bisect.insort(self._frees_at, self._now() + self.window)
         self._changed.set()
+
+    def slot(  # type: ignore[override]  # the mixin's is a generator-based manager
+        self, on_wait: WaitCallback | None = None
+    ) -> AbstractAsyncContextManager[Lease]:
+        """As `Limiter.slot`, without a shielded scope: the release never suspends, so
+        no cancellation can come between the request and it (a third of the slot's cost).
+        A subclass with its own `release` gets the shielded slot, which calls it."""
+        if type(self).release is not SlidingWindowLimiter.release:
+            return super().slot(on_wait)
+        return _InProcessSlot(self, on_wait)
 
     async def penalize(self, retry_after: float | None = None) -> None:
         hold = self.window if retry_after is None else retry_after
         self._blocked_until = max(self._blocked_until, self._now() + hold)
         self._changed.set()
+
+
+class _InProcessSlot:
+    """`SlidingWindowLimiter.slot`: acquire on entry, release synchronously on exit."""
+
+    __slots__ = ("_lease", "_limiter", "_on_wait")
+
+    def __init__(self, limiter: SlidingWindowLimiter, on_wait: WaitCallback | None) -> None:
+        self._limiter, self._on_wait = limiter, on_wait
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._limiter.acquire(self._on_wait)
+        return self._lease
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._limiter._release(lease)
 
 
 class LimiterFactory(Protocol):

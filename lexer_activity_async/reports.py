@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import enum
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -140,7 +141,21 @@ def _require_aware(name: str, value: object) -> datetime:
             "because the API reads wall-clock times in the request's UTC offset: attach a "
             "tzinfo, e.g. datetime(2024, 1, 1, tzinfo=timezone.utc)"
         )
-    return value.replace(microsecond=0)
+    return value.replace(microsecond=0) if value.microsecond else value
+
+
+# Every token of a backfill asks for the same windows: these answers are kept. The
+# tzinfo is part of each key, as aware datetimes in different zones compare equal.
+
+
+@functools.lru_cache(maxsize=4096)
+def _too_long(start: datetime, _: object, end: datetime, __: object) -> bool:
+    return range_too_long(start, end)
+
+
+@functools.lru_cache(maxsize=4096)
+def _formatted(moment: datetime, _: object) -> str:
+    return format_datetime(moment)
 
 
 def validate_range(
@@ -162,7 +177,7 @@ def validate_range(
         raise ValidationError(
             f"date_from ({format_datetime(start)}) must be before date_to ({format_datetime(end)})"
         )
-    if max_months is not None and range_too_long(start, end):
+    if max_months is not None and _too_long(start, start.tzinfo, end, end.tzinfo):
         raise ValidationError(
             f"the range {format_datetime(start)} .. {format_datetime(end)} is longer than "
             f"{max_months} months; the API rejects it (split it into windows)"
@@ -283,8 +298,8 @@ def build_report_body(
     start, end = validate_range(date_from, date_to, now=now)
     body: dict[str, object] = {
         "type": type_name,
-        "date_from": format_datetime(start),
-        "date_to": format_datetime(end),
+        "date_from": _formatted(start, start.tzinfo),
+        "date_to": _formatted(end, end.tzinfo),
     }
     if needs_form:
         if forms is not None:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import NoReturn, Protocol, TypeVar
 
 import aiohttp
 import anyio
 import attrs
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import exceptions as exc
@@ -134,6 +138,17 @@ class HttpRequest:
         return text
 
 
+def redact_headers(headers: Mapping[str, str], request: HttpRequest) -> dict[str, str]:
+    """``headers`` as a dict, every echo of a secret header's value cut out. One join and
+    one search when nothing is echoed (every answer but a hostile one)."""
+    copied = dict(headers)
+    if request.secret_headers:
+        joined = "\n".join(copied.values())
+        if any(secret.reveal() in joined for secret in request.secret_headers.values()):
+            return {key: request.redact_text(value) for key, value in copied.items()}
+    return copied
+
+
 class HttpResponse:
     """An answer: ``status``, ``headers`` and a body, given whole (``content``) or as a
     stream of chunks. `read` returns the whole body; `aiter_bytes` yields it once;
@@ -210,7 +225,7 @@ def api_session(
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"lexer-activity-async/{__version__}"},
         proxy=network.proxy,
-        trust_env=network.trust_env,
+        trust_env=_reads_env(network),
     )
     no_silent_resend(session)
     return session
@@ -227,8 +242,18 @@ def files_session(network: Network | None = None) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
         proxy=network.proxy,
-        trust_env=network.trust_env,
+        trust_env=_reads_env(network),
     )
+
+
+def _reads_env(network: Network) -> bool:
+    """Whether the session should look up proxy variables. aiohttp does so in a worker
+    thread on every request (a third of a small request's CPU), so a session is made
+    without ``trust_env`` when an explicit proxy wins anyway or, as the environment
+    stands when the session is made, no proxy variable is set."""
+    if not network.trust_env or network.proxy is not None:
+        return False
+    return any(scheme in ("http", "https") for scheme in urllib.request.getproxies())
 
 
 def no_silent_resend(session: aiohttp.ClientSession) -> None:
@@ -319,23 +344,29 @@ class AiohttpTransport:
                 **{key: secret.reveal() for key, secret in request.secret_headers.items()},
             },
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
-            ),
+            timeout=_client_timeout(timeout),
         )
         if not request.stream:
             async with opening as response:
                 body = await response.read()
-                headers = {k: request.redact_text(v) for k, v in response.headers.items()}
+                headers = redact_headers(response.headers, request)
                 return HttpResponse(response.status, headers, request.redact(body))
         response = await opening.__aenter__()
-        headers = {k: request.redact_text(v) for k, v in response.headers.items()}
+        headers = redact_headers(response.headers, request)
         return HttpResponse(
             response.status,
             headers,
             _chunks(response.content, request),
             on_close=lambda: opening.__aexit__(None, None, None),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(timeout: Timeouts) -> aiohttp.ClientTimeout:
+    """aiohttp's form of ``timeout``, made once per distinct deadline set."""
+    return aiohttp.ClientTimeout(
+        total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
+    )
 
 
 async def _chunks(content: aiohttp.StreamReader, request: HttpRequest) -> AsyncIterator[bytes]:
@@ -474,7 +505,7 @@ class MockTransport:
         answer = self.handler(request)
         response = await answer if inspect.isawaitable(answer) else answer
         assert isinstance(response, HttpResponse), "a MockTransport handler returns HttpResponse"
-        headers = {key: request.redact_text(value) for key, value in response.headers.items()}
+        headers = redact_headers(response.headers, request)
         if request.stream:
             return HttpResponse(
                 response.status, headers, _redacted(response, request), on_close=response.aclose
@@ -493,6 +524,20 @@ async def _redacted(response: HttpResponse, request: HttpRequest) -> AsyncIterat
 
 
 # -- the channel: limiter, retries, errors -----------------------------------------------
+
+_GET_HEADERS: Mapping[str, str] = MappingProxyType({"Accept": "application/json"})
+_JSON_HEADERS: Mapping[str, str] = MappingProxyType(
+    {"Accept": "application/json", "Content-Type": "application/json"}
+)
+
+
+def _dumps(body: Mapping[str, object]) -> bytes:
+    """A request body as JSON: orjson, or the standard library for what orjson refuses
+    (integers over 64 bits, non-string keys); bodies are checked as strict JSON before."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
 
 
 class ChannelOwner(Protocol):
@@ -538,13 +583,14 @@ class Channel:
         self.on_event = on_event
         self._now = now or (lambda: datetime.now(timezone.utc))
         # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
-        self._in_flight = in_flight if in_flight is not None else contextlib.nullcontext()
+        self._in_flight = in_flight
         self._opener = opener
         self._timeouts = Timeouts(total=timeout)
         self._secret_headers = {wire.TOKEN_HEADER: token}
         self._api: Transport | None = None
         self._files: Transport | None = None
         self._limiter: Limiter | None = None
+        self._redacting = False
         self.closed = False
         self._warned_retry_after = False
         self.instrumentation = instrumentation
@@ -562,6 +608,8 @@ class Channel:
     def bind(self, api: Transport, files: Transport, limiter: Limiter) -> None:
         """Attach the transports and the token's limiter (done by `LexerClient.open`)."""
         self._api, self._files, self._limiter = api, files, limiter
+        # The package's own transports redact every answer already; another may not.
+        self._redacting = type(api) in (AiohttpTransport, MockTransport)
 
     def close(self) -> None:
         """Refuse further requests (`ClientClosedError`)."""
@@ -718,15 +766,12 @@ class Channel:
 
     def _http_request(self, request: wire.Request) -> HttpRequest:
         base = self.api_url if request.origin == "api" else self.status_url
-        headers = {"Accept": "application/json"}
-        if request.json is not None:
-            headers["Content-Type"] = "application/json"
         return HttpRequest(
             request.method,
             base + request.path,
-            headers=headers,
+            headers=_GET_HEADERS if request.json is None else _JSON_HEADERS,
             secret_headers=self._secret_headers,
-            body=None if request.json is None else json.dumps(request.json).encode(),
+            body=None if request.json is None else _dumps(request.json),
             params=request.params,
             timeout=self._timeouts,
             origin=request.origin,
@@ -738,12 +783,20 @@ class Channel:
         """One exchange inside a limiter slot; the answer is read whole before the slot
         is released, and redacted here too, so a caller's own `Transport` that does not
         redact still never lets an echoed token reach an error or a log."""
-        async with self._slot(observer), self._in_flight:
+        async with self._slot(observer):
             http = self._http_request(request)
-            response = await self.api.handle(http)
-            body = http.redact(await response.read())
-        headers = {key: http.redact_text(value) for key, value in response.headers.items()}
-        return HttpResponse(response.status, headers, body)
+            if self._in_flight is None:
+                response = await self.api.handle(http)
+                body = await response.read()
+            else:
+                async with self._in_flight:
+                    response = await self.api.handle(http)
+                    body = await response.read()
+        if self._redacting:
+            return HttpResponse(response.status, response.headers, body)
+        return HttpResponse(
+            response.status, redact_headers(response.headers, http), http.redact(body)
+        )
 
     async def _attempt(
         self, request: wire.Request, observer: RequestObserver | None = None

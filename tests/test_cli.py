@@ -403,6 +403,31 @@ def test_export_writes_the_csv(tmp_path: Path, sandbox_in_thread: Callable[..., 
     assert_no_tokens(result.output, data)
 
 
+def test_export_in_parallel_ranges(
+    tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox]
+) -> None:
+    sb = sandbox_in_thread(export_size_bytes=4_500_000)  # over 4 MiB: 4 ranges of 1 MiB+
+    dests = [tmp_path / "one.csv", tmp_path / "four.csv"]
+    for dest, connections in zip(dests, ("1", "4"), strict=True):
+        result = invoke(
+            "export", "case_details", "--from", "2024-01-01", "--to", "2024-02-01",
+            "-o", str(dest), "--connections", connections,
+            "--api-url", sb.api_url, "--status-url", sb.status_url,
+            env={"LEXER_API_TOKEN": TOKEN_A},
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert dests[0].read_bytes() == dests[1].read_bytes()
+    assert len(dests[0].read_bytes()) == 4_500_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four.csv", "one.csv"]
+    assert sb.stats.file_requests == 1 + 1 + 4  # one stream; a probe and four ranges
+    bad = invoke("export", "case_details", "--from", "2024-01-01", "--to", "2024-02-01",
+                 "-o", str(tmp_path / "x.csv"), "--connections", "0",
+                 env={"LEXER_API_TOKEN": TOKEN_A})  # fmt: skip
+    assert bad.exit_code == 2
+    assert "--connections" in bad.output
+    assert sb.stats.exports_started == 2
+
+
 def test_backfill_progress_and_summary_in_a_non_tty(
     tmp_path: Path, sandbox_in_thread: Callable[..., Sandbox], write_spec: Callable[..., Path]
 ) -> None:

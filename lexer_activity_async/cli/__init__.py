@@ -31,6 +31,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .. import eventloop
 from .. import exceptions as exc
 from .._version import __version__
 from ..backfill import (
@@ -48,7 +49,7 @@ from ..backfill import (
 from ..backfill.writer import report_kinds
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
-from ..exports import PollPolicy
+from ..exports import DownloadPolicy, PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from ..limits_sqlite import default_store_path
 from ..logs import JsonFormatter
@@ -74,7 +75,12 @@ RESERVED_FILTERS = {"type", "date_from", "date_to", "form", "nps_category", "use
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; bad input found by the library is a usage error (exit 2)."""
     try:
-        return asyncio.run(_interruptible(coro))
+        eventloop.loop_name()  # a bad LEXER_ACTIVITY_LOOP fails before anything starts
+    except exc.ConfigurationError:
+        coro.close()
+        raise
+    try:
+        return eventloop.run(_interruptible(coro))
     except exc.ValidationError as error:
         raise click.UsageError(str(error)) from None
 
@@ -583,6 +589,13 @@ def report(
     help="Window size when the range is over 12 months.",
 )
 @click.option("--split", is_flag=True, help="One file per window instead of one merged file.")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 32),
+    default=1,
+    show_default=True,
+    help="Fetch the file as this many parallel byte ranges (when its host allows it).",
+)
 @_filter_options
 @_rate_options
 @_with_client
@@ -595,6 +608,7 @@ def export(
     nps_category: str | None,
     window_months: int,
     split: bool,
+    connections: int,
     users: list[int] | None,
     groups: list[int] | None,
     extra_filters: dict[str, object] | None,
@@ -628,6 +642,7 @@ def export(
                 users=users,
                 groups=groups,
                 extra_filters=extra_filters,
+                policy=DownloadPolicy(connections=connections),
             )
 
     with view, _form_hint(form):
@@ -1084,7 +1099,7 @@ def sandbox(
             export_rows=export_rows,
         ),
     )
-    asyncio.run(serve_forever(config))
+    eventloop.run(serve_forever(config))
 
 
 DEMO_OUTPUT = Path("lexer-demo-output")

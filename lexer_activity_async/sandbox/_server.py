@@ -35,6 +35,29 @@ API_PREFIX = "/v1"
 STATUS_PREFIX = "/api/public/v1"
 STATUS_PATH = STATUS_PREFIX + "/activity/reports/status"
 CHUNK = 256 * 1024
+
+
+class Pacer:
+    """Holds one response to ``rate`` bytes per second (`SandboxConfig.file_bandwidth`):
+    before each piece of at most 1/20 s worth of bytes, `wait` sleeps until the bytes sent
+    so far are due, so the cap holds on short spans too."""
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.began = clock()
+        self.piece = max(1, min(CHUNK, int(rate / 20)))
+
+    async def wait(self, sent: int) -> None:
+        ahead = self.began + sent / self.rate - self.clock()
+        if ahead > 0:
+            await self.sleep(ahead)
+
+
 ANSWER_CACHE_SIZE = 256
 """Recent report answers kept (bodies of at most `ANSWER_CACHE_MAX_BYTES`): at most 16 MiB."""
 ANSWER_CACHE_MAX_BYTES = 64 * 1024
@@ -493,10 +516,15 @@ class Sandbox:
         """Send bytes [first, stop) of ``path`` in chunks; close the connection after
         ``cut`` bytes when a download fault is armed."""
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        rate = self.config.file_bandwidth
+        pacer = None if rate is None else Pacer(rate, asyncio.get_running_loop().time)
+        piece = CHUNK if pacer is None else pacer.piece
         try:
             offset, sent = first, 0
             while offset < stop:
-                size = min(CHUNK, stop - offset)
+                if pacer is not None:
+                    await pacer.wait(sent)
+                size = min(piece, stop - offset)
                 if cut is not None:
                     size = min(size, cut - sent)
                 if size <= 0:

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import bisect
+import math
 import ssl
 from collections.abc import Callable
 from datetime import datetime
 
 import attrs
 
+from ..exceptions import ConfigurationError
 from ..reports import DEFAULT_WORKFLOW_STATES_TYPE
 
 __all__ = ["SandboxConfig", "SandboxStats", "Faults", "Rule"]
+
+
+def _bandwidth(_: object, attribute: attrs.Attribute[float | None], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigurationError(
+            f"SandboxConfig.{attribute.name} must be a positive number of bytes per second"
+        )
 
 
 @attrs.define
@@ -51,6 +62,9 @@ class SandboxConfig:
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     """The report type name that answers workflow-state totals (unpublished: the reference's
     example uses Team Volume's ``user_volume``)."""
+    file_bandwidth: float | None = attrs.field(default=None, validator=_bandwidth)
+    """Bytes per second the file host sends on each connection (None: as fast as it can),
+    as object stores and long links cap a single stream; parallel ranges add up."""
 
 
 @attrs.define
@@ -123,13 +137,16 @@ class Faults:
     API/status faults (`fail_next`, `drop_next`, `malformed_next`) apply after auth and the
     rate limit, so the failed request still counts as an arrival. File-host knobs:
     ``drop_download_after`` bytes then cut, ``drop_download_count`` times (set
-    ``drop_download_after`` alone to cut once); ``expire_urls`` next file requests get 410;
+    ``drop_download_after`` alone to cut once); ``download_cuts``: the next file requests
+    are cut after these many bytes each, in turn (before ``drop_download_after`` applies);
+    ``expire_urls`` next file requests get 410;
     ``ranges=False`` ignores Range. Export knobs: ``fail_jobs`` next started jobs end
     "failed"; ``never_complete`` keeps jobs "pending".
     """
 
     drop_download_after: int | None = None
     drop_download_count: int = 1
+    download_cuts: list[int] = attrs.Factory(list)
     expire_urls: int = 0
     ranges: bool = True
     fail_jobs: int = 0
@@ -180,6 +197,8 @@ class Faults:
 
     def take_download_cut(self) -> int | None:
         """Bytes after which to cut this download, or None."""
+        if self.download_cuts:
+            return self.download_cuts.pop(0)
         if self.drop_download_after is None or self.drop_download_count <= 0:
             return None
         self.drop_download_count -= 1

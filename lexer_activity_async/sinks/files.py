@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
+import orjson
+
 from .. import durable
 from .. import exceptions as exc
 from ..kinds import ReportResult
@@ -115,8 +117,16 @@ class JsonSink(FileSink):
         return self.output / slot.label / "reports" / slot.name / f"{slot.stamp}.json"
 
     def encode(self, slot: Slot, result: ReportResult, body: bytes | None) -> bytes:
-        # Compact: json's C encoder is skipped whenever indent is set (4-5x slower here).
-        return (json.dumps(converter.unstructure(result), separators=(",", ":")) + "\n").encode()
+        return _encode(converter.unstructure(result))
+
+
+def _encode(payload: object) -> bytes:
+    """Compact UTF-8 JSON and a newline: orjson (5x json's C encoder here), or the
+    standard library for what orjson refuses (integers over 64 bits)."""
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return (json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
 class RawSink(FileSink):
