@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+)
 from datetime import datetime, timedelta, timezone
 from typing import NoReturn, Protocol, TypeVar
 
@@ -27,7 +35,7 @@ from . import exceptions as exc
 from . import wire
 from ._version import __version__
 from .events import Event, RateLimited, RateLimitWait, RequestSent, Retrying
-from .limits import Limiter
+from .limits import Lease, Limiter, Priority, check_priority
 from .network import Network
 from .retry import RetryPolicy, is_retryable
 
@@ -49,6 +57,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("lexer_activity_async")
+
+_call_priority: contextvars.ContextVar[Priority | None] = contextvars.ContextVar(
+    "lexer_call_priority", default=None
+)
 
 DEFAULT_TIMEOUT = 60.0
 REDACTED_TEXT = "<redacted>"
@@ -474,6 +486,7 @@ class Channel:
         timeout: float,
         retry: RetryPolicy,
         window: float,
+        priority: Priority = "interactive",
         on_event: Callable[[Event], None] | None = None,
         now: Callable[[], datetime] | None = None,
         in_flight: contextlib.AbstractAsyncContextManager[object] | None = None,
@@ -486,6 +499,7 @@ class Channel:
         self.timeout = timeout
         self.retry = retry
         self.window = window
+        self.priority = priority
         self.on_event = on_event
         self._now = now or (lambda: datetime.now(timezone.utc))
         # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
@@ -572,6 +586,19 @@ class Channel:
         if not self.bound and self._opener is not None:
             await self._opener()
 
+    @contextlib.contextmanager
+    def prioritized(self, priority: Priority | None) -> Iterator[None]:
+        """Within the block (this task and the tasks it starts), requests sent without a
+        priority of their own use ``priority`` (None: the channel's)."""
+        if priority is None:
+            yield
+            return
+        reset = _call_priority.set(check_priority(priority))
+        try:
+            yield
+        finally:
+            _call_priority.reset(reset)
+
     async def send(
         self,
         request: wire.Request,
@@ -580,19 +607,24 @@ class Channel:
         idempotent: bool = True,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T:
         """Send ``request`` under the limiter with retries, and decode its answer.
 
-        ``max_retries`` and ``deadline`` override the `RetryPolicy` for this call."""
+        ``max_retries`` and ``deadline`` override the `RetryPolicy` for this call,
+        ``priority`` the channel's (and any `prioritized` block's)."""
+        if priority is not None:
+            check_priority(priority)
         await self.ensure_open()
+        priority = priority or _call_priority.get() or self.priority
         policy = self.retry
         retries = policy.max_retries if max_retries is None else max_retries
         limit = policy.deadline if deadline is None else deadline
         if limit is None:  # no deadline: skip the cancel scope (it costs ~10% per call)
-            return await self._send_with_retries(request, decode, idempotent, retries)
+            return await self._send_with_retries(request, decode, idempotent, retries, priority)
         try:
             with anyio.fail_after(limit):
-                return await self._send_with_retries(request, decode, idempotent, retries)
+                return await self._send_with_retries(request, decode, idempotent, retries, priority)
         except TimeoutError:
             pass
         # Raised outside the handler: the cancelled attempt is no part of its context.
@@ -607,11 +639,11 @@ class Channel:
         self.emit(RateLimitWait(self.label, seconds, until))
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    async def _slot(self, priority: Priority) -> AsyncIterator[Lease]:
         """A rate-limit slot; a `RequestSent` event once it is taken."""
-        async with self.limiter.slot(self._on_wait):
+        async with self.limiter.slot(self._on_wait, priority=priority) as lease:
             self.emit(RequestSent(self.label))
-            yield
+            yield lease
 
     def _http_request(self, request: wire.Request) -> HttpRequest:
         base = self.api_url if request.origin == "api" else self.status_url
@@ -629,21 +661,30 @@ class Channel:
             origin=request.origin,
         )
 
-    async def _exchange(self, request: wire.Request) -> HttpResponse:
+    async def _exchange(self, request: wire.Request, priority: Priority) -> HttpResponse:
         """One exchange inside a limiter slot; the answer is read whole before the slot
         is released, and redacted here too, so a caller's own `Transport` that does not
-        redact still never lets an echoed token reach an error or a log."""
-        async with self._slot(), self._in_flight:
-            http = self._http_request(request)
-            response = await self.api.handle(http)
-            body = http.redact(await response.read())
+        redact still never lets an echoed token reach an error or a log.
+
+        The slot is renewed once the in-flight cap lets the request go: a wait there
+        must not outlast a shared backend's lease (the slot could free before the
+        request even reached the server). A slot lost meanwhile is taken anew (the lost
+        one's release still holds it a window: wasteful, safe, and rare)."""
+        while True:
+            async with self._slot(priority) as lease, self._in_flight:
+                if not await self.limiter.renew(lease):
+                    continue
+                http = self._http_request(request)
+                response = await self.api.handle(http)
+                body = http.redact(await response.read())
+            break
         headers = {key: http.redact_text(value) for key, value in response.headers.items()}
         return HttpResponse(response.status, headers, body)
 
-    async def _attempt(self, request: wire.Request) -> HttpResponse:
+    async def _attempt(self, request: wire.Request, priority: Priority) -> HttpResponse:
         """`_exchange`; a transport error carries the request's report type."""
         try:
-            return await self._exchange(request)
+            return await self._exchange(request, priority)
         except exc.TransportError as error:
             error.report_type = error.report_type or request.report_type
             cut_transport_context(error)  # Python 3.10 may have attached one on the way up
@@ -655,14 +696,19 @@ class Channel:
             raise
 
     async def _send_with_retries(
-        self, request: wire.Request, decode: Decoder[T], idempotent: bool, retries: int
+        self,
+        request: wire.Request,
+        decode: Decoder[T],
+        idempotent: bool,
+        retries: int,
+        priority: Priority,
     ) -> T:
         attempt = rate_limited = 0
         while True:
             error: exc.LexerError
             headers: dict[str, str] = {}
             try:
-                response = await self._attempt(request)
+                response = await self._attempt(request, priority)
             except (exc.LexerConnectionError, exc.LexerTimeoutError) as transport_error:
                 error = transport_error
             else:
