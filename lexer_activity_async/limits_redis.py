@@ -162,16 +162,16 @@ _RENEW = (
 -- A lease that expired meanwhile is taken again if its priority still has room (a 429
 -- penalty does not stop it: it was granted before). Returns 1, or 0 when it is lost.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local until = now + tonumber(ARGV[2])
+local frees = now + tonumber(ARGV[2])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then
   local bulk_max = tonumber(ARGV[4])
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
   if bulk_max >= 0 and #bulk_leases(KEYS[1]) >= bulk_max then return 0 end
-elseif tonumber(score) >= until then
+elseif tonumber(score) >= frees then
   return 1
 end
-redis.call('ZADD', KEYS[1], int(until), ARGV[1])
+redis.call('ZADD', KEYS[1], int(frees), ARGV[1])
 expire_at_last(KEYS[1])
 return 1
 """
