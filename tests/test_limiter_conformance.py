@@ -552,7 +552,7 @@ async def test_bad_settings_raise_configuration_error(backend: Backend) -> None:
         {"window": 0.0},
     ):
         with pytest.raises(ConfigurationError):
-            backend.make(**bad)  # type: ignore[arg-type]
+            backend.make(**bad)
     assert backend.make(max_requests=100).reserve == 10  # the default: 10 % of N
     assert backend.make(max_requests=9).reserve == 0
 
