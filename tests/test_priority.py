@@ -119,7 +119,7 @@ async def test_per_call_priority_reaches_the_limiter_for_every_kind_of_call(
         assert set(limiter.priorities[2:]) == {"bulk"}
 
 
-async def test_the_backfill_runs_as_bulk(
+async def test_the_backfill_runs_as_bulk_with_the_spec_reserve(
     sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sb = await sandbox_factory()
@@ -134,6 +134,7 @@ async def test_the_backfill_runs_as_bulk(
         status_url=sb.status_url,
         max_requests=sb.config.max_requests,
         window=sb.config.window,
+        reserve=7,
     )
     made: list[Recording] = []
     summary = await run_backfill(spec, registry=recording_registry(made))
@@ -141,6 +142,7 @@ async def test_the_backfill_runs_as_bulk(
     [limiter] = made
     assert len(limiter.priorities) == 4  # 2 months x 2 reports
     assert set(limiter.priorities) == {"bulk"}
+    assert limiter.reserve == 7  # the spec's [rate_limit] reserve
 
 
 @pytest.mark.parametrize(
