@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import heapq
 import math
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -271,6 +272,11 @@ class SlidingWindowLimiter(_SlotMixin):
             if cut:
                 del frees[:cut]
 
+    @property
+    def _all_frees(self) -> list[float]:
+        """Every released slot's free time, ascending."""
+        return list(heapq.merge(self._frees_at["interactive"], self._frees_at["bulk"]))
+
     def _held(self, priority: Priority | None = None) -> int:
         chosen = PRIORITIES if priority is None else (priority,)
         return sum(self._in_flight[p] + len(self._frees_at[p]) for p in chosen)
@@ -282,8 +288,13 @@ class SlidingWindowLimiter(_SlotMixin):
         self._purge(now)
         if now < self._blocked_until:
             return self._blocked_until - now
-        every = sorted(self._frees_at["interactive"] + self._frees_at["bulk"])
-        total = slots_until(now, self._held(), every, self.max_requests)
+        held = self._held()
+        # merging the free times costs O(slots): only when every slot is held
+        total = (
+            0.0
+            if held < self.max_requests
+            else slots_until(now, held, self._all_frees, self.max_requests)
+        )
         if priority == "interactive" or total is None:
             return total
         if self._pending["interactive"]:
@@ -304,9 +315,9 @@ class SlidingWindowLimiter(_SlotMixin):
         priority frees: the ``ahead``-th slot to free (one window when that one is not
         known yet); for bulk, the later of that among all slots and among bulk ones."""
         self._purge(now)
-        every = sorted(self._frees_at["interactive"] + self._frees_at["bulk"])
         free_now = self.max_requests - self._held()
-        wait = wait_behind(now, ahead - free_now, every, self.window, self._blocked_until)
+        frees = self._all_frees if ahead >= free_now else []
+        wait = wait_behind(now, ahead - free_now, frees, self.window, self._blocked_until)
         if priority == "bulk":
             bulk_free = self.max_requests - self.reserve - self._held("bulk")
             bulk = self._frees_at["bulk"]
