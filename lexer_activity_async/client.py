@@ -50,6 +50,7 @@ from .reports import (
 from .retry import RetryPolicy
 from .transport import (
     DEFAULT_TIMEOUT,
+    LEASE_MARGIN,
     AiohttpTransport,
     Channel,
     Decoder,
@@ -395,11 +396,15 @@ class LexerClient:
 
                 await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
                 # A slot's lease must outlive the longest attempt, or it could free too early.
-                self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
+                self._registry = shared_registry(
+                    self.redis_url, lease_timeout=self.timeout + LEASE_MARGIN
+                )
             elif self.limit_store is not None:
                 from .limits_sqlite import store_registry
 
-                self._registry = store_registry(self.limit_store, lease_timeout=self.timeout + 5.0)
+                self._registry = store_registry(
+                    self.limit_store, lease_timeout=self.timeout + LEASE_MARGIN
+                )
             limiter = self._registry.get(
                 self._token.reveal(),
                 max_requests=self.max_requests,

@@ -58,6 +58,14 @@ __all__ = [
 
 log = logging.getLogger("lexer_activity_async")
 
+RENEW_AFTER = 1.0
+"""Seconds a request may wait for the in-flight cap before its slot's lease is renewed.
+Shared backends' leases outlast the request timeout by `LEASE_MARGIN`, well over this,
+so a shorter wait needs no renewal (and no extra round trip to Redis or the store)."""
+
+LEASE_MARGIN = 5.0
+"""Seconds by which a shared backend's lease outlasts the client's request timeout."""
+
 _call_priority: contextvars.ContextVar[Priority | None] = contextvars.ContextVar(
     "lexer_call_priority", default=None
 )
@@ -666,17 +674,21 @@ class Channel:
         is released, and redacted here too, so a caller's own `Transport` that does not
         redact still never lets an echoed token reach an error or a log.
 
-        The slot is renewed once the in-flight cap lets the request go: a wait there
-        must not outlast a shared backend's lease (the slot could free before the
-        request even reached the server). A slot lost meanwhile is taken anew (the lost
-        one's release still holds it a window: wasteful, safe, and rare)."""
+        The slot is renewed when the in-flight cap held the request more than
+        `RENEW_AFTER` seconds: a wait there must not outlast a shared backend's lease
+        (the slot could free before the request even reached the server). A slot lost
+        meanwhile is taken anew (the lost one's release still holds it a window:
+        wasteful, safe, and rare)."""
         while True:
-            async with self._slot(priority) as lease, self._in_flight:
-                if not await self.limiter.renew(lease):
-                    continue
-                http = self._http_request(request)
-                response = await self.api.handle(http)
-                body = http.redact(await response.read())
+            async with self._slot(priority) as lease:
+                granted = anyio.current_time()
+                async with self._in_flight:
+                    late = anyio.current_time() - granted > RENEW_AFTER
+                    if late and not await self.limiter.renew(lease):
+                        continue
+                    http = self._http_request(request)
+                    response = await self.api.handle(http)
+                    body = http.redact(await response.read())
             break
         headers = {key: http.redact_text(value) for key, value in response.headers.items()}
         return HttpResponse(response.status, headers, body)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from conftest import TOKEN_A, ClientFor, SandboxFactory
 
@@ -21,6 +22,7 @@ from lexer_activity_async.events import RateLimitWait
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.limits import Lease, Priority, SlidingWindowLimiter, WaitCallback
 from lexer_activity_async.sandbox import Sandbox
+from lexer_activity_async.transport import RENEW_AFTER, HttpRequest, HttpResponse, MockTransport
 
 JAN = datetime(2026, 1, 1, tzinfo=timezone.utc)
 FEB = datetime(2026, 2, 1, tzinfo=timezone.utc)
@@ -187,16 +189,38 @@ def test_the_default_reserve_is_a_tenth_of_the_limit() -> None:
     assert LexerClient(TOKEN_A, max_requests=25, reserve=0).reserve == 0
 
 
-async def test_a_slot_lost_while_waiting_for_the_in_flight_cap_is_taken_anew(
-    sandbox_factory: SandboxFactory, client_for: ClientFor
-) -> None:
+@pytest.mark.looptime
+async def test_a_slot_lost_while_waiting_for_the_in_flight_cap_is_taken_anew() -> None:
     """A shared backend's lease can expire while its request waits for the in-flight
-    cap; renewal then fails and the channel takes a new slot before sending, once."""
-    sb = await sandbox_factory()
+    cap; the channel renews the slot after such a wait, and when the renewal says it was
+    lost, takes a new one before sending, once. A request that did not wait there costs
+    no renewal (no extra round trip to Redis or the store)."""
+    sent: list[str] = []
+
+    def handler(request: HttpRequest) -> HttpResponse:
+        sent.append(request.url)
+        return HttpResponse(200, {}, b"[]")
+
     made: list[Recording] = []
-    async with client_for(sb, registry=recording_registry(made, lose=1)) as client:
-        assert await client.groups()
+    cap = anyio.CapacityLimiter(1)
+    async with LexerClient(
+        TOKEN_A,
+        transport=MockTransport(handler),
+        registry=recording_registry(made, lose=1),
+        max_in_flight=cap,
+    ) as client:
+        assert await client.groups() == []
         [limiter] = made
-    assert limiter.renewals == 2
-    assert limiter.stats.requests == 2  # two slots taken ...
-    assert sb.stats.requests[KEY_A] == 1  # ... for the one request sent
+        assert (limiter.renewals, limiter.stats.requests, len(sent)) == (0, 1, 1)
+
+        async def hold(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with cap:
+                task_status.started()
+                await anyio.sleep(10 * RENEW_AFTER)
+
+        async with anyio.create_task_group() as group:
+            await group.start(hold)
+            assert await client.groups() == []
+    assert limiter.renewals == 1  # after the wait: lost; the new slot met a free cap
+    assert limiter.stats.requests == 3  # three slots taken ...
+    assert len(sent) == 2  # ... for two requests sent
