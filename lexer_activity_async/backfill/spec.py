@@ -28,7 +28,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from .. import exceptions as exc
 from ..exports import PollPolicy
-from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
+from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, default_reserve
 from ..reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
     ExportKind,
@@ -173,6 +173,13 @@ class BackfillSpec:
     def settle_period(self) -> timedelta:
         """`settle`, or `DEFAULT_SETTLE` when unset."""
         return DEFAULT_SETTLE if self.settle is None else self.settle
+
+    @property
+    def bulk_max_requests(self) -> int:
+        """The requests per window the backfill may send: it runs as bulk work, so
+        ``max_requests`` less the reserve (`reserve`, else 10 %)."""
+        reserve = default_reserve(self.max_requests) if self.reserve is None else self.reserve
+        return self.max_requests - reserve
 
     def __attrs_post_init__(self) -> None:
         if self.limit_store is not None and self.redis_url is not None:
