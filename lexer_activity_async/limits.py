@@ -106,7 +106,7 @@ def check_priority(priority: object) -> Priority:
     return priority
 
 
-def slots_until(now: float, held: int, frees_at: list[float], cap: int) -> float | None:
+def _slots_until(now: float, held: int, frees_at: list[float], cap: int) -> float | None:
     """Seconds until fewer than ``cap`` slots are held (0: already), given ``held`` slots
     of which the released ones free at ``frees_at`` (ascending). Released slots free
     before any in-flight one (within a window of now, against at least a window), so
@@ -293,13 +293,13 @@ class SlidingWindowLimiter(_SlotMixin):
         total = (
             0.0
             if held < self.max_requests
-            else slots_until(now, held, self._all_frees, self.max_requests)
+            else _slots_until(now, held, self._all_frees, self.max_requests)
         )
         if priority == "interactive" or total is None:
             return total
         if self._pending["interactive"]:
             return None  # woken when the interactive one is granted
-        bulk = slots_until(
+        bulk = _slots_until(
             now, self._held("bulk"), self._frees_at["bulk"], self.max_requests - self.reserve
         )
         return None if bulk is None else max(total, bulk)

@@ -54,6 +54,8 @@ __all__ = [
     "api_session",
     "files_session",
     "DEFAULT_TIMEOUT",
+    "LEASE_MARGIN",
+    "RENEW_AFTER",
 ]
 
 log = logging.getLogger("lexer_activity_async")
