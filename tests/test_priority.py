@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
 import pytest
 from conftest import TOKEN_A, ClientFor, SandboxFactory
 
-from lexer_activity_async import ConfigurationError, LexerClient, LimiterRegistry
+from lexer_activity_async import (
+    ConfigurationError,
+    LexerClient,
+    LexerTimeoutError,
+    LimiterRegistry,
+    sync,
+)
 from lexer_activity_async.backfill import BackfillSpec, TokenSource, run_backfill
 from lexer_activity_async.events import RateLimitWait
 from lexer_activity_async.exports import PollPolicy
@@ -224,3 +230,28 @@ async def test_a_slot_lost_while_waiting_for_the_in_flight_cap_is_taken_anew() -
     assert limiter.renewals == 1  # after the wait: lost; the new slot met a free cap
     assert limiter.stats.requests == 3  # three slots taken ...
     assert len(sent) == 2  # ... for two requests sent
+
+
+def test_the_sync_client_takes_priorities_too(sandbox_in_thread: Any) -> None:
+    """The blocking twin: a bulk client's fourth call (N = 5, reserve 2) runs out its
+    deadline waiting, while an interactive call goes straight through."""
+    sb = sandbox_in_thread(max_requests=5, window=300.0)
+    with sync.LexerClient(
+        TOKEN_A,
+        api_url=sb.api_url,
+        status_url=sb.status_url,
+        max_requests=5,
+        window=300.0,
+        priority="bulk",
+        reserve=2,
+    ) as client:
+        for _ in range(3):
+            client.groups()
+        with pytest.raises(LexerTimeoutError):
+            client.groups(deadline=0.3)
+        assert client.users(priority="interactive")
+        with pytest.raises(ConfigurationError):
+            client.users(priority=cast(Any, "urgent"))
+        stats = client.stats
+    assert (stats.requests, stats.waits) == (4, 0)  # the timed-out wait took no slot
+    assert sb.stats.requests[KEY_A] == 4
