@@ -295,8 +295,10 @@ class RedisLimiter(_SlotMixin):
 
     Guarantee: as `SlidingWindowLimiter`, across every process sharing ``key`` (all must use
     the same ``max_requests`` and ``window``), provided every request completes within
-    ``lease_timeout`` seconds of its slot being granted or renewed (`renew`, called once
-    the request is about to be sent). A slot whose holder never releases it (the process
+    ``lease_timeout`` seconds of its slot being granted or renewed (`renew`; a client's
+    `Channel` renews a slot whose request waited over ``RENEW_AFTER`` seconds for its
+    in-flight cap, and gives the lease ``LEASE_MARGIN`` seconds over its request timeout).
+    A slot whose holder never releases it (the process
     died) stays held for ``lease_timeout + window`` seconds, then frees. Bulk
     acquisitions of every process together never hold more than ``max_requests -
     reserve`` slots (the bulk side's ``reserve`` decides).

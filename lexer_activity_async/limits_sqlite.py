@@ -429,11 +429,12 @@ class SqliteLimiter(_SlotMixin):
     Guarantee: as `SlidingWindowLimiter`, across every process using the same store file
     (all must use the same ``max_requests`` and ``window``), provided every request
     completes within ``lease_timeout`` seconds of its slot being granted or renewed
-    (`renew`). Bulk acquisitions of every process together never hold more than
-    ``max_requests - reserve`` slots. Waiting works as in `RedisLimiter`: a waiter
-    sleeps until the store says a slot frees, is woken early by this process's releases
-    and penalties, and polls at least every ``poll_interval`` seconds (releases elsewhere
-    only free slots a window later). Waiters of one process and priority are served
+    (`renew`, as with `RedisLimiter`). Bulk acquisitions of every process together
+    never hold more than ``max_requests - reserve`` slots. Waiting works as in
+    `RedisLimiter`: a waiter sleeps until the store says a slot frees, is woken early by
+    this process's releases and penalties, and polls at least every ``poll_interval``
+    seconds (releases elsewhere only free slots a window later). Waiters of one process
+    and priority are served
     FIFO, bulk ones giving way to interactive ones; across processes the order is
     best-effort. Store failures raise `LimitStoreError` (a `LimiterBackendError`); there
     is no fallback. Bad settings raise `ConfigurationError`.
