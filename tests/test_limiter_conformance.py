@@ -555,6 +555,9 @@ async def test_bad_settings_raise_configuration_error(backend: Backend) -> None:
             backend.make(**bad)
     assert backend.make(max_requests=100).reserve == 10  # the default: 10 % of N
     assert backend.make(max_requests=9).reserve == 0
+    if backend.shared:
+        with pytest.raises(ConfigurationError, match="lease_timeout"):
+            backend.make(lease_timeout=0.0)
 
 
 async def test_registry_refuses_a_second_reserve_for_one_token() -> None:
