@@ -8,7 +8,6 @@ in `transport`, the export pipeline in `exports`; neither imports this module.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import ssl as ssl_module
 import types
@@ -36,6 +35,9 @@ from .limits import (
     Limiter,
     LimiterRegistry,
     LimiterStats,
+    Priority,
+    check_limit,
+    check_priority,
     default_registry,
     token_key,
 )
@@ -50,6 +52,7 @@ from .reports import (
 from .retry import RetryPolicy
 from .transport import (
     DEFAULT_TIMEOUT,
+    LEASE_MARGIN,
     AiohttpTransport,
     Channel,
     Decoder,
@@ -90,6 +93,7 @@ class PlainReport(Protocol[T_co]):
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> Awaitable[T_co]: ...
 
 
@@ -108,6 +112,7 @@ class NpsReport(Protocol[T_co]):
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> Awaitable[T_co]: ...
 
 
@@ -148,6 +153,7 @@ def _plain(kind: ReportKind[T], doc: str) -> _ReportMethod[PlainReport[T]]:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T:
         return await self.report(
             kind,
@@ -159,6 +165,7 @@ def _plain(kind: ReportKind[T], doc: str) -> _ReportMethod[PlainReport[T]]:
             extra_filters=extra_filters,
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
 
     method.__doc__ = f"{doc} Filters as in `report`."
@@ -178,6 +185,7 @@ def _nps(kind: ReportKind[T], doc: str) -> _ReportMethod[NpsReport[T]]:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T:
         return await self.report(
             kind,
@@ -190,6 +198,7 @@ def _nps(kind: ReportKind[T], doc: str) -> _ReportMethod[NpsReport[T]]:
             extra_filters=extra_filters,
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
 
     method.__doc__ = f"{doc} Filters as in `report`."
@@ -215,6 +224,11 @@ class LexerClient:
         timeout: seconds for one attempt (connect, send and read).
         retry: retries and the per-call deadline (`RetryPolicy`).
         max_requests, window: the rate limit (100 per 300 s).
+        priority: ``"interactive"`` (default) or ``"bulk"``: the priority of this
+            client's calls unless a call says otherwise (``priority=`` on every method).
+        reserve: slots of each window that bulk calls of this token never take, so
+            interactive ones need not wait behind them (default 10 % of
+            ``max_requests``, rounded down; 0 to 1 less than ``max_requests``).
         registry: where the per-token limiters live (default: process-wide).
         max_in_flight: at most this many requests of this client on the wire at once; pass
             one `anyio.CapacityLimiter` (or any async context manager entered around each
@@ -256,6 +270,8 @@ class LexerClient:
         retry: RetryPolicy | None = None,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
+        priority: Priority = "interactive",
+        reserve: int | None = None,
         registry: LimiterRegistry | None = None,
         redis_url: str | None = None,
         limit_store: str | os.PathLike[str] | None = None,
@@ -286,10 +302,8 @@ class LexerClient:
             )
         if not timeout > 0:
             raise exc.ConfigurationError("timeout must be positive")
-        if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
-            raise exc.ConfigurationError("max_requests must be an integer of at least 1")
-        if not 0 < window < math.inf:
-            raise exc.ConfigurationError("window must be a positive number of seconds")
+        self.reserve = check_limit(max_requests, window, reserve)
+        self.priority = check_priority(priority)
         if transport is not None and session is not None:
             raise exc.ConfigurationError("pass either session or transport, not both")
         if files_transport is not None and file_session is not None:
@@ -335,6 +349,7 @@ class LexerClient:
             timeout=timeout,
             retry=self.retry,
             window=window,
+            priority=self.priority,
             on_event=on_event,
             now=now,
             in_flight=max_in_flight,
@@ -388,13 +403,20 @@ class LexerClient:
 
                 await check_redis(self.redis_url)  # unreachable: a clear error, no fall-back
                 # A slot's lease must outlive the longest attempt, or it could free too early.
-                self._registry = shared_registry(self.redis_url, lease_timeout=self.timeout + 5.0)
+                self._registry = shared_registry(
+                    self.redis_url, lease_timeout=self.timeout + LEASE_MARGIN
+                )
             elif self.limit_store is not None:
                 from .limits_sqlite import store_registry
 
-                self._registry = store_registry(self.limit_store, lease_timeout=self.timeout + 5.0)
+                self._registry = store_registry(
+                    self.limit_store, lease_timeout=self.timeout + LEASE_MARGIN
+                )
             limiter = self._registry.get(
-                self._token.reveal(), max_requests=self.max_requests, window=self.window
+                self._token.reveal(),
+                max_requests=self.max_requests,
+                window=self.window,
+                reserve=self.reserve,
             )
         except BaseException:
             # Nothing half-open is left behind (a failed `async with` never calls aexit).
@@ -460,20 +482,30 @@ class LexerClient:
         idempotent: bool = True,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T:
         """Send ``request`` through the token's `Channel` (limiter, retries, typed errors)
         and decode its answer; ``max_retries`` and ``deadline`` override the client's
-        `RetryPolicy` for this call."""
+        `RetryPolicy` for this call, ``priority`` the client's."""
         if self._closed:
             raise exc.ClientClosedError("this LexerClient is closed; create a new one")
         return await self.channel.send(
-            request, decode, idempotent=idempotent, max_retries=max_retries, deadline=deadline
+            request,
+            decode,
+            idempotent=idempotent,
+            max_retries=max_retries,
+            deadline=deadline,
+            priority=priority,
         )
 
     # -- lists -------------------------------------------------------------------------
 
     async def users(
-        self, *, max_retries: int | None = None, deadline: float | None = None
+        self,
+        *,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> list[m.User]:
         """``GET /v1/users``: the account's users (their ids filter reports: ``users=``)."""
         return await self.send(
@@ -481,10 +513,15 @@ class LexerClient:
             _list_decoder(m.User),
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
 
     async def groups(
-        self, *, max_retries: int | None = None, deadline: float | None = None
+        self,
+        *,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> list[m.Group]:
         """``GET /v1/groups``: the account's groups (their ids filter reports: ``groups=``)."""
         return await self.send(
@@ -492,10 +529,15 @@ class LexerClient:
             _list_decoder(m.Group),
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
 
     async def forms(
-        self, *, max_retries: int | None = None, deadline: float | None = None
+        self,
+        *,
+        max_retries: int | None = None,
+        deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> list[m.Form]:
         """``GET /v1/forms``: the account's forms; those with ``nps`` set are the NPS
         surveys that NPS reports and exports take as ``form=``."""
@@ -504,6 +546,7 @@ class LexerClient:
             _list_decoder(m.Form),
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
 
     # -- reports -----------------------------------------------------------------------
@@ -552,6 +595,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T: ...
 
     @overload
@@ -569,6 +613,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> ReportResult: ...
 
     async def report(
@@ -585,6 +630,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T | ReportResult:
         """Fetch any report; the typed methods below all come through here.
 
@@ -602,6 +648,8 @@ class LexerClient:
             extra_filters: further body fields, sent verbatim (strict JSON values). The
                 names above, and type/date_from/date_to, are refused here.
             max_retries, deadline: override the client's `RetryPolicy` for this call.
+            priority: ``"interactive"`` or ``"bulk"`` for this call (default: the
+                client's); bulk never takes the rate limit's reserve.
         """
         raw = await self._report(
             report_type,
@@ -617,6 +665,7 @@ class LexerClient:
             ),
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
         return cast("T | ReportResult", raw.result)
 
@@ -635,6 +684,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> RawReport[T]: ...
 
     @overload
@@ -652,6 +702,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> RawReport[ReportResult]: ...
 
     async def report_raw(
@@ -668,6 +719,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> RawReport[T] | RawReport[ReportResult]:
         """`report`, also keeping the response body byte for byte (`RawReport.body`, for
         audits and raw archives): the same arguments, validation and decoding."""
@@ -685,6 +737,7 @@ class LexerClient:
             ),
             max_retries=max_retries,
             deadline=deadline,
+            priority=priority,
         )
 
     async def _report(
@@ -696,6 +749,7 @@ class LexerClient:
         *,
         max_retries: int | None,
         deadline: float | None,
+        priority: Priority | None,
     ) -> RawReport[Any]:
         """`report_raw`'s work; the result is typed by the public overloads."""
         if isinstance(report_type, ReportKind):
@@ -718,7 +772,11 @@ class LexerClient:
             return RawReport(wire.decode_report(row, status, raw, tz=tz, report_type=name), raw)
 
         return await self.send(
-            wire.report_request(body), decode, max_retries=max_retries, deadline=deadline
+            wire.report_request(body),
+            decode,
+            max_retries=max_retries,
+            deadline=deadline,
+            priority=priority,
         )
 
     # The typed methods, one per row of the table in `kinds`, share one keyword-only
@@ -777,31 +835,41 @@ class LexerClient:
         groups: Sequence[int] | None = None,
         forms: Sequence[int] | None = None,
         extra_filters: Mapping[str, object] | None = None,
+        priority: Priority | None = None,
     ) -> m.ExportJob:
         """Start an export job (at most 12 months); returns it with its report token.
         ``form`` (required for nps_submissions) and the filters are as in `report`."""
-        return await exports.start_export(
-            self,
-            kind,
-            date_from,
-            date_to,
-            form=form,
-            nps_category=nps_category,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-        )
+        with self.channel.prioritized(priority):
+            return await exports.start_export(
+                self,
+                kind,
+                date_from,
+                date_to,
+                form=form,
+                nps_category=nps_category,
+                users=users,
+                groups=groups,
+                forms=forms,
+                extra_filters=extra_filters,
+            )
 
-    async def export_status(self, report_token: str) -> m.ExportJob:
+    async def export_status(
+        self, report_token: str, *, priority: Priority | None = None
+    ) -> m.ExportJob:
         """Poll an export job once (status host)."""
-        return await exports.export_status(self, report_token)
+        with self.channel.prioritized(priority):
+            return await exports.export_status(self, report_token)
 
     async def wait_for_export(
-        self, job: m.ExportJob, *, poll: exports.PollPolicy | None = None
+        self,
+        job: m.ExportJob,
+        *,
+        poll: exports.PollPolicy | None = None,
+        priority: Priority | None = None,
     ) -> m.ExportJob:
         """Poll until the job is complete (with backoff); raises on failure or timeout."""
-        return await exports.wait_for_export(self, job, poll=poll)
+        with self.channel.prioritized(priority):
+            return await exports.wait_for_export(self, job, poll=poll)
 
     async def download_export(
         self,
@@ -830,27 +898,29 @@ class LexerClient:
         merge: bool = True,
         poll: exports.PollPolicy | None = None,
         policy: exports.DownloadPolicy | None = None,
+        priority: Priority | None = None,
     ) -> exports.ExportResult:
         """Start, wait for and download an export to ``dest``; past 12 months the range is
         split into windows of ``window_months``, merged into ``dest`` (``merge=True``) or
         written one file per window. ``form`` and the filters are as in `report`."""
-        return await exports.export(
-            self,
-            kind,
-            date_from,
-            date_to,
-            dest,
-            form=form,
-            nps_category=nps_category,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            window_months=window_months,
-            merge=merge,
-            poll=poll,
-            policy=policy,
-        )
+        with self.channel.prioritized(priority):
+            return await exports.export(
+                self,
+                kind,
+                date_from,
+                date_to,
+                dest,
+                form=form,
+                nps_category=nps_category,
+                users=users,
+                groups=groups,
+                forms=forms,
+                extra_filters=extra_filters,
+                window_months=window_months,
+                merge=merge,
+                poll=poll,
+                policy=policy,
+            )
 
     def export_rows(
         self,
@@ -866,10 +936,11 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         poll: exports.PollPolicy | None = None,
         policy: exports.DownloadPolicy | None = None,
+        priority: Priority | None = None,
     ) -> AsyncIterator[dict[str, str]]:
         """``async for row in client.export_rows(...)``: an export (at most 12 months)
         parsed as its CSV streams, nothing written to disk. Arguments as in `export`."""
-        return exports.export_rows(
+        rows = exports.export_rows(
             self,
             kind,
             date_from,
@@ -883,6 +954,28 @@ class LexerClient:
             poll=poll,
             policy=policy,
         )
+        if priority is None:
+            return rows
+        return _prioritized(self.channel, check_priority(priority), rows)
+
+
+async def _prioritized(
+    channel: Channel, priority: Priority, rows: AsyncIterator[T]
+) -> AsyncIterator[T]:
+    """``rows``, each step taken under ``priority`` (an async generator's steps run in
+    its consumer's context, so the block is entered around each one)."""
+    try:
+        while True:
+            with channel.prioritized(priority):
+                try:
+                    row = await rows.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield row
+    finally:
+        close = getattr(rows, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _list_decoder(cls: type[T]) -> Decoder[list[T]]:

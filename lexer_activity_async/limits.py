@@ -7,6 +7,12 @@ moment its response completed. So each request holds a slot from before it is se
 most ``max_requests`` slots held at once, no ``window``-second span can contain more than
 ``max_requests`` arrivals, whatever the latency.
 
+Priorities: every acquisition is ``"interactive"`` (the default) or ``"bulk"`` (backfills).
+Bulk work never holds more than ``max_requests - reserve`` slots, so the last ``reserve``
+slots of every window are kept for interactive calls: an interactive call never waits
+while fewer than ``reserve`` interactive slots are held, however hard bulk work pushes.
+Interactive work may use every slot when bulk work leaves them free.
+
 Why not aiolimiter: ``AsyncLimiter(100, 300)`` is a leaky bucket that drains continuously
 (one unit per 3 s), so after an initial burst of 100 it admits a further acquisition every
 3 s: 199 acquisitions fit in one sliding 300 s span (``tests/test_limits.py`` shows it).
@@ -19,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import heapq
 import math
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import anyio
 import attrs
@@ -33,6 +40,11 @@ from .exceptions import ConfigurationError
 __all__ = [
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_WINDOW",
+    "PRIORITIES",
+    "Priority",
+    "check_limit",
+    "check_priority",
+    "default_reserve",
     "Clock",
     "WaitCallback",
     "LimiterStats",
@@ -53,6 +65,56 @@ Clock = Callable[[], float]
 
 WaitCallback = Callable[[float], None]
 """Called once per acquisition that must wait, with the number of seconds it expects."""
+
+Priority = Literal["interactive", "bulk"]
+"""``"interactive"`` may take any slot; ``"bulk"`` never takes the window's reserve."""
+
+PRIORITIES: tuple[Priority, ...] = ("interactive", "bulk")
+
+
+def default_reserve(max_requests: int) -> int:
+    """The slots of each window kept from bulk work unless told otherwise: 10 % of
+    ``max_requests``, rounded down (none below 10)."""
+    return max_requests // 10
+
+
+def check_limit(max_requests: object, window: object, reserve: object = None) -> int:
+    """Validate a rate limit; returns the reserve (`default_reserve` when None). Raises
+    `ConfigurationError` naming the bad value, before anything is sent."""
+    if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
+        raise ConfigurationError("max_requests must be an integer of at least 1")
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, (int, float))
+        or not 0 < window < math.inf
+    ):
+        raise ConfigurationError("window must be a positive number of seconds")
+    if reserve is None:
+        return default_reserve(max_requests)
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or not 0 <= reserve < max_requests:
+        raise ConfigurationError(
+            f"reserve must be an integer from 0 to max_requests - 1 ({max_requests - 1}): "
+            f"bulk work needs at least one slot; got {reserve!r}"
+        )
+    return reserve
+
+
+def check_priority(priority: object) -> Priority:
+    """``priority`` if it is one of `PRIORITIES`, else a `ConfigurationError`."""
+    if priority not in PRIORITIES:
+        raise ConfigurationError(f"priority must be 'interactive' or 'bulk', got {priority!r}")
+    return priority
+
+
+def _slots_until(now: float, held: int, frees_at: list[float], cap: int) -> float | None:
+    """Seconds until fewer than ``cap`` slots are held (0: already), given ``held`` slots
+    of which the released ones free at ``frees_at`` (ascending). Released slots free
+    before any in-flight one (within a window of now, against at least a window), so
+    it is the ``held - cap``-th of them; None when that one is still in flight."""
+    if held < cap:
+        return 0.0
+    rank = held - cap
+    return max(0.0, frees_at[rank] - now) if rank < len(frees_at) else None
 
 
 def token_key(token: str) -> str:
@@ -89,10 +151,11 @@ class LimiterStats:
 @attrs.frozen
 class Lease:
     """A held slot. ``ident`` identifies it to a shared backend; ``acquired_at`` is the
-    limiter clock's reading when it was granted."""
+    limiter clock's reading when it was granted; ``priority`` is the work it was taken for."""
 
     ident: str
     acquired_at: float
+    priority: Priority = "interactive"
 
 
 @runtime_checkable
@@ -101,15 +164,25 @@ class Limiter(Protocol):
     local limit store (`limits_sqlite`) implement it.
 
     Guarantee: the server never sees more than ``max_requests`` requests in any
-    ``window``-second span, provided every request is made inside `slot`.
+    ``window``-second span, provided every request is made inside `slot`. Bulk
+    acquisitions never hold more than ``max_requests - reserve`` slots.
     """
 
     max_requests: int
     window: float
+    reserve: int
     stats: LimiterStats
 
-    async def acquire(self, on_wait: WaitCallback | None = None) -> Lease:
-        """Wait (FIFO) for a free slot and take it."""
+    async def acquire(
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
+    ) -> Lease:
+        """Wait (FIFO within a priority; interactive first) for a free slot and take it."""
+        ...
+
+    async def renew(self, lease: Lease) -> bool:
+        """The request is about to be sent (after waiting for an in-flight cap, say):
+        make sure its slot is still held, for a whole lease from now. False if the slot
+        was lost meanwhile and no other is free: take a new one."""
         ...
 
     async def release(self, lease: Lease) -> None:
@@ -122,7 +195,9 @@ class Limiter(Protocol):
         or for a whole window when the server did not say."""
         ...
 
-    def slot(self, on_wait: WaitCallback | None = None) -> AbstractAsyncContextManager[Lease]:
+    def slot(
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
+    ) -> AbstractAsyncContextManager[Lease]:
         """``async with limiter.slot(): send the request and read its response``."""
         ...
 
@@ -131,15 +206,19 @@ class _SlotMixin:
     """`slot` on top of acquire/release; the release is shielded from cancellation so a
     cancelled request still holds its slot for a window (the server may have seen it)."""
 
-    async def acquire(self, on_wait: WaitCallback | None = None) -> Lease:
+    async def acquire(
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
+    ) -> Lease:
         raise NotImplementedError
 
     async def release(self, lease: Lease) -> None:
         raise NotImplementedError
 
     @asynccontextmanager
-    async def slot(self, on_wait: WaitCallback | None = None) -> AsyncIterator[Lease]:
-        lease = await self.acquire(on_wait)
+    async def slot(
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
+    ) -> AsyncIterator[Lease]:
+        lease = await self.acquire(on_wait, priority=priority)
         try:
             yield lease
         finally:
@@ -155,8 +234,10 @@ class SlidingWindowLimiter(_SlotMixin):
     before sending until ``window`` seconds after the response completed.
 
     Bursts: with an empty window, ``max_requests`` acquisitions succeed at once; the next
-    one waits exactly until the earliest slot frees. Waiters are served first come, first
-    served (one gate, FIFO); a task cancelled while waiting takes no slot.
+    one waits exactly until the earliest slot frees. Waiters of one priority are served
+    first come, first served (one gate each, FIFO); a bulk waiter also gives way to any
+    interactive one, and never takes one of the ``reserve`` slots (default
+    `default_reserve`). A task cancelled while waiting takes no slot.
     """
 
     def __init__(
@@ -164,125 +245,170 @@ class SlidingWindowLimiter(_SlotMixin):
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
         *,
+        reserve: int | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if max_requests < 1:
-            raise ValueError("max_requests must be at least 1")
-        if not window > 0:
-            raise ValueError("window must be positive")
+        self.reserve = check_limit(max_requests, window, reserve)
         self.max_requests = max_requests
         self.window = float(window)
         self.stats = LimiterStats()
         self._clock = clock
-        self._frees_at: list[float] = []  # ascending times at which released slots free up
-        self._in_flight = 0
+        # per priority: ascending times at which released slots free up, and in flight
+        self._frees_at: dict[Priority, list[float]] = {p: [] for p in PRIORITIES}
+        self._in_flight: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)
         self._blocked_until = -math.inf
-        self._gate = asyncio.Lock()
-        self._changed = asyncio.Event()
+        self._gate = {p: asyncio.Lock() for p in PRIORITIES}
+        self._changed = {p: asyncio.Event() for p in PRIORITIES}
         self._serial = 0
-        self._pending = 0  # acquisitions not yet granted: the one at the gate and its queue
+        # acquisitions not yet granted, per priority: the one at the gate and its queue
+        self._pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)
 
     def _now(self) -> float:
         if self._clock is None:  # the running loop's clock, looked up once (a limiter
             self._clock = asyncio.get_running_loop().time  # serves one loop, as its lock)
         return self._clock()
 
-    def _delay(self, now: float) -> float | None:
-        """0 when a slot is free now; else seconds until one may be; None if every slot is
-        held by a request still in flight."""
-        cut = bisect.bisect_right(self._frees_at, now)
-        if cut:
-            del self._frees_at[:cut]
+    def _purge(self, now: float) -> None:
+        for frees in self._frees_at.values():
+            cut = bisect.bisect_right(frees, now)
+            if cut:
+                del frees[:cut]
+
+    @property
+    def _all_frees(self) -> list[float]:
+        """Every released slot's free time, ascending."""
+        return list(heapq.merge(self._frees_at["interactive"], self._frees_at["bulk"]))
+
+    def _held(self, priority: Priority | None = None) -> int:
+        chosen = PRIORITIES if priority is None else (priority,)
+        return sum(self._in_flight[p] + len(self._frees_at[p]) for p in chosen)
+
+    def _delay(self, now: float, priority: Priority) -> float | None:
+        """0 when a slot is free now for ``priority``; else seconds until one may be;
+        None if the slot it needs is held by a request still in flight (or, for bulk,
+        an interactive acquisition is waiting)."""
+        self._purge(now)
         if now < self._blocked_until:
             return self._blocked_until - now
-        if self._in_flight + len(self._frees_at) < self.max_requests:
-            return 0.0
-        return self._frees_at[0] - now if self._frees_at else None
+        held = self._held()
+        # merging the free times costs O(slots): only when every slot is held
+        total = (
+            0.0
+            if held < self.max_requests
+            else _slots_until(now, held, self._all_frees, self.max_requests)
+        )
+        if priority == "interactive" or total is None:
+            return total
+        if self._pending["interactive"]:
+            return None  # woken when the interactive one is granted
+        bulk = _slots_until(
+            now, self._held("bulk"), self._frees_at["bulk"], self.max_requests - self.reserve
+        )
+        return None if bulk is None else max(total, bulk)
 
     @property
     def in_use(self) -> int:
         """Slots held now: requests in flight plus those released less than a window ago."""
-        self._delay(self._now())
-        return self._in_flight + len(self._frees_at)
+        self._purge(self._now())
+        return self._held()
 
-    def _expected_wait(self, now: float, ahead: int) -> float:
-        """Seconds until the slot of an acquisition queued behind ``ahead`` others frees:
-        the ``ahead``-th slot to free (one window when that one is not known yet)."""
-        self._delay(now)
-        free_now = self.max_requests - self._in_flight - len(self._frees_at)
-        return wait_behind(now, ahead - free_now, self._frees_at, self.window, self._blocked_until)
+    def _expected_wait(self, now: float, ahead: int, priority: Priority) -> float:
+        """Seconds until the slot of an acquisition queued behind ``ahead`` others of its
+        priority frees: the ``ahead``-th slot to free (one window when that one is not
+        known yet); for bulk, the later of that among all slots and among bulk ones."""
+        self._purge(now)
+        free_now = self.max_requests - self._held()
+        frees = self._all_frees if ahead >= free_now else []
+        wait = wait_behind(now, ahead - free_now, frees, self.window, self._blocked_until)
+        if priority == "bulk":
+            bulk_free = self.max_requests - self.reserve - self._held("bulk")
+            bulk = self._frees_at["bulk"]
+            wait = max(wait, wait_behind(now, ahead - bulk_free, bulk, self.window, -math.inf))
+        return wait
 
-    async def acquire(self, on_wait: WaitCallback | None = None) -> Lease:
+    async def acquire(
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
+    ) -> Lease:
         # Arrival and the wait notice come before the gate: a task queued behind the one
         # waiting at the gate waits as well, and is counted and told like it.
         started = self._now()
         told = waited = False
-        if self._pending:
-            expected = self._expected_wait(started, self._pending)
+        if self._pending[priority]:
+            expected = self._expected_wait(started, self._pending[priority], priority)
             if expected > 0:
                 waited = told = True
                 if on_wait is not None:
                     on_wait(expected)
-        self._pending += 1
+        self._pending[priority] += 1
+        changed = self._changed[priority]
         try:
-            async with self._gate:
+            async with self._gate[priority]:
                 while True:
-                    delay = self._delay(self._now())
+                    delay = self._delay(self._now(), priority)
                     if delay == 0.0:
                         break
                     waited = True
                     if on_wait is not None and not told:
                         told = True
                         on_wait(delay if delay is not None else self.window)
-                    self._changed.clear()
+                    changed.clear()
                     with anyio.move_on_after(math.inf if delay is None else delay):
-                        await self._changed.wait()
-                self._in_flight += 1
+                        await changed.wait()
+                self._in_flight[priority] += 1
                 self._serial += 1
                 now = self._now()
                 self.stats.requests += 1
                 if waited:  # merely passing through an uncontended gate is not a wait
                     self.stats.waits += 1
                     self.stats.wait_seconds += now - started
-                return Lease(str(self._serial), now)
+                return Lease(str(self._serial), now, priority)
         finally:
-            self._pending -= 1
+            self._pending[priority] -= 1
+            if priority == "interactive":
+                self._changed["bulk"].set()  # a bulk waiter may have given way to it
+
+    async def renew(self, lease: Lease) -> bool:
+        return True  # in-process slots never expire: they die with the process
 
     async def release(self, lease: Lease) -> None:
         self._release(lease)
 
     def _release(self, lease: Lease) -> None:
-        self._in_flight -= 1
-        bisect.insort(self._frees_at, self._now() + self.window)
-        self._changed.set()
+        self._in_flight[lease.priority] -= 1
+        bisect.insort(self._frees_at[lease.priority], self._now() + self.window)
+        for changed in self._changed.values():
+            changed.set()
 
     def slot(  # type: ignore[override]  # the mixin's is a generator-based manager
-        self, on_wait: WaitCallback | None = None
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
     ) -> AbstractAsyncContextManager[Lease]:
         """As `Limiter.slot`, without a shielded scope: the release never suspends, so
         no cancellation can come between the request and it (a third of the slot's cost).
         A subclass with its own `release` gets the shielded slot, which calls it."""
         if type(self).release is not SlidingWindowLimiter.release:
-            return super().slot(on_wait)
-        return _InProcessSlot(self, on_wait)
+            return super().slot(on_wait, priority=priority)
+        return _InProcessSlot(self, on_wait, priority)
 
     async def penalize(self, retry_after: float | None = None) -> None:
         hold = self.window if retry_after is None else retry_after
         self._blocked_until = max(self._blocked_until, self._now() + hold)
-        self._changed.set()
+        for changed in self._changed.values():
+            changed.set()
 
 
 class _InProcessSlot:
     """`SlidingWindowLimiter.slot`: acquire on entry, release synchronously on exit."""
 
-    __slots__ = ("_lease", "_limiter", "_on_wait")
+    __slots__ = ("_lease", "_limiter", "_on_wait", "_priority")
 
-    def __init__(self, limiter: SlidingWindowLimiter, on_wait: WaitCallback | None) -> None:
-        self._limiter, self._on_wait = limiter, on_wait
+    def __init__(
+        self, limiter: SlidingWindowLimiter, on_wait: WaitCallback | None, priority: Priority
+    ) -> None:
+        self._limiter, self._on_wait, self._priority = limiter, on_wait, priority
         self._lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
-        self._lease = await self._limiter.acquire(self._on_wait)
+        self._lease = await self._limiter.acquire(self._on_wait, priority=self._priority)
         return self._lease
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -292,11 +418,11 @@ class _InProcessSlot:
 
 
 class LimiterFactory(Protocol):
-    def __call__(self, key: str, max_requests: int, window: float) -> Limiter: ...
+    def __call__(self, key: str, max_requests: int, window: float, *, reserve: int) -> Limiter: ...
 
 
-def _in_process(key: str, max_requests: int, window: float) -> Limiter:
-    return SlidingWindowLimiter(max_requests, window)
+def _in_process(key: str, max_requests: int, window: float, *, reserve: int) -> Limiter:
+    return SlidingWindowLimiter(max_requests, window, reserve=reserve)
 
 
 class LimiterRegistry:
@@ -319,16 +445,24 @@ class LimiterRegistry:
         *,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
+        reserve: int | None = None,
     ) -> Limiter:
+        """The token's limiter, made on first use; ``reserve`` None means the default."""
+        reserve = check_limit(max_requests, window, reserve)
         key = token_key(token)
         table = self._tables.setdefault(asyncio.get_running_loop(), {})
         limiter = table.get(key)
         if limiter is None:
-            limiter = table[key] = self._factory(key, max_requests, window)
-        elif (limiter.max_requests, limiter.window) != (max_requests, float(window)):
+            limiter = table[key] = self._factory(key, max_requests, window, reserve=reserve)
+        elif (limiter.max_requests, limiter.window, limiter.reserve) != (
+            max_requests,
+            float(window),
+            reserve,
+        ):
             raise ConfigurationError(
                 "this token already has a limiter with a different limit "
-                f"({limiter.max_requests} per {limiter.window:g}s); one token, one limit"
+                f"({limiter.max_requests} per {limiter.window:g}s, reserve "
+                f"{limiter.reserve}); one token, one limit"
             )
         return limiter
 

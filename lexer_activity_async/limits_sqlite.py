@@ -24,6 +24,10 @@ After a reboot the anchor is the wall clock, but never earlier than the latest t
 store recorded: a clock that came back behind holds slots longer instead of stalling for
 the size of the step. (Without a boot id, as outside Linux, each process anchors on its
 own start the same way.) Rows are purged once they have freed, so the file stays small.
+
+Priorities: a bulk lease's id starts with ``b:`` (the primary key makes counting them a
+range scan, and the schema is unchanged); bulk is granted only while fewer than
+``max_requests - reserve`` such slots are held, and fewer than ``max_requests`` in all.
 """
 
 from __future__ import annotations
@@ -44,15 +48,17 @@ from .exceptions import LimitStoreError
 from .limits import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_WINDOW,
+    PRIORITIES,
     Lease,
-    Limiter,
     LimiterFactory,
     LimiterRegistry,
     LimiterStats,
+    Priority,
     WaitCallback,
     _SlotMixin,
+    check_limit,
 )
-from .limits_redis import DEFAULT_LEASE_TIMEOUT, _View
+from .limits_redis import DEFAULT_LEASE_TIMEOUT, _View, check_positive
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -272,12 +278,20 @@ class LimitStore:
     # -- the operations (each one transaction) ----------------------------------------
 
     def try_acquire(
-        self, key: str, ident: str, max_requests: int, hold: float, window: float
+        self,
+        key: str,
+        ident: str,
+        max_requests: int,
+        hold: float,
+        window: float,
+        bulk_max: int | None = None,
     ) -> tuple[bool, float, list[float]]:
         """Grant lease ``ident`` (freeing ``hold`` seconds from now unless released) if
-        fewer than ``max_requests`` slots are held and no penalty blocks. Returns
-        (granted, now, []) or, refused, (False, now, [held, blocked_for, full_for,
-        released slots' free-in seconds ascending...])."""
+        fewer than ``max_requests`` slots are held, no penalty blocks and, for a bulk
+        lease (``bulk_max`` given, ``ident`` starting ``b:``), fewer than ``bulk_max`` bulk
+        slots are held. Returns (granted, now, []) or, refused, (False, now, [held,
+        blocked_for, full_for, released slots' free-in seconds ascending...]); for bulk,
+        ``held`` and the free times are the bulk slots'."""
 
         def work() -> tuple[bool, float, list[float]]:
             conn = self._conn
@@ -286,20 +300,77 @@ class LimitStore:
             row = conn.execute("SELECT until FROM blocks WHERE token = ?", (key,)).fetchone()
             blocked = max(0.0, row[0] - now) if row else 0.0
             held = conn.execute("SELECT count(*) FROM slots WHERE token = ?", (key,)).fetchone()[0]
-            if blocked == 0.0 and held < max_requests:
+            bulk = self._bulk_slots(key) if bulk_max is not None else []
+            if (
+                blocked == 0.0
+                and held < max_requests
+                and (bulk_max is None or len(bulk) < bulk_max)
+            ):
                 conn.execute("INSERT INTO slots VALUES (?, ?, ?)", (key, ident, now + hold))
                 self._seen(now)
                 return True, now, []
-            first = conn.execute(
-                "SELECT min(frees_at) FROM slots WHERE token = ?", (key,)
-            ).fetchone()[0]
-            full = max(0.0, first - now) if held >= max_requests and first is not None else 0.0
-            frees = conn.execute(
+            full = 0.0
+            if held >= max_requests:
+                # a late release may have pushed it over: the (held - max + 1)-th to free
+                nth = conn.execute(
+                    "SELECT frees_at FROM slots WHERE token = ? ORDER BY frees_at LIMIT 1 OFFSET ?",
+                    (key, held - max_requests),
+                ).fetchone()
+                full = max(0.0, nth[0] - now)
+            if bulk_max is not None:
+                if len(bulk) >= bulk_max:
+                    full = max(full, bulk[len(bulk) - bulk_max] - now)
+                frees = [f - now for f in bulk[:max_requests] if f <= now + window]
+                return False, now, [float(len(bulk)), blocked, full, *frees]
+            rows = conn.execute(
                 "SELECT frees_at FROM slots WHERE token = ? AND frees_at <= ? "
                 "ORDER BY frees_at LIMIT ?",
                 (key, now + window, max_requests),
             ).fetchall()
-            return False, now, [float(held), blocked, full, *(f - now for (f,) in frees)]
+            return False, now, [float(held), blocked, full, *(f - now for (f,) in rows)]
+
+        return self._run(work)
+
+    def _bulk_slots(self, key: str) -> list[float]:
+        """When the token's bulk slots free, ascending (inside a transaction)."""
+        rows = self._conn.execute(
+            "SELECT frees_at FROM slots WHERE token = ? AND lease >= 'b:' AND lease < 'b;' "
+            "ORDER BY frees_at",
+            (key,),
+        ).fetchall()
+        return [float(f) for (f,) in rows]
+
+    def renew(
+        self, key: str, ident: str, max_requests: int, hold: float, bulk_max: int | None = None
+    ) -> bool:
+        """The request is about to be sent: lease ``ident`` frees no earlier than ``hold``
+        seconds from now. One that expired meanwhile is taken again if its priority has
+        room (a penalty does not stop it: it was granted before); False when lost."""
+
+        def work() -> bool:
+            conn = self._conn
+            now = self.now()
+            conn.execute("DELETE FROM slots WHERE token = ? AND frees_at <= ?", (key, now))
+            row = conn.execute(
+                "SELECT frees_at FROM slots WHERE token = ? AND lease = ?", (key, ident)
+            ).fetchone()
+            if row is None:
+                held = conn.execute(
+                    "SELECT count(*) FROM slots WHERE token = ?", (key,)
+                ).fetchone()[0]
+                if held >= max_requests:
+                    return False
+                if bulk_max is not None and len(self._bulk_slots(key)) >= bulk_max:
+                    return False
+            elif row[0] >= now + hold:
+                return True
+            conn.execute(
+                "INSERT INTO slots VALUES (?, ?, ?) ON CONFLICT (token, lease) "
+                "DO UPDATE SET frees_at = excluded.frees_at",
+                (key, ident, now + hold),
+            )
+            self._seen(now)
+            return True
 
         return self._run(work)
 
@@ -357,12 +428,16 @@ class SqliteLimiter(_SlotMixin):
 
     Guarantee: as `SlidingWindowLimiter`, across every process using the same store file
     (all must use the same ``max_requests`` and ``window``), provided every request
-    completes within ``lease_timeout`` seconds of its slot being granted. Waiting works
-    as in `RedisLimiter`: a waiter sleeps until the store says a slot frees, is woken
-    early by this process's releases and penalties, and polls at least every
-    ``poll_interval`` seconds (releases elsewhere only free slots a window later). Waiters
-    of one process are served FIFO; across processes the order is best-effort. Store
-    failures raise `LimitStoreError` (a `LimiterBackendError`); there is no fallback.
+    completes within ``lease_timeout`` seconds of its slot being granted or renewed
+    (`renew`, as with `RedisLimiter`). Bulk acquisitions of every process together
+    never hold more than ``max_requests - reserve`` slots. Waiting works as in
+    `RedisLimiter`: a waiter sleeps until the store says a slot frees, is woken early by
+    this process's releases and penalties, and polls at least every ``poll_interval``
+    seconds (releases elsewhere only free slots a window later). Waiters of one process
+    and priority are served
+    FIFO, bulk ones giving way to interactive ones; across processes the order is
+    best-effort. Store failures raise `LimitStoreError` (a `LimiterBackendError`); there
+    is no fallback. Bad settings raise `ConfigurationError`.
     """
 
     def __init__(
@@ -372,17 +447,12 @@ class SqliteLimiter(_SlotMixin):
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
         *,
+        reserve: int | None = None,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         poll_interval: float = 1.0,
     ) -> None:
-        if max_requests < 1:
-            raise ValueError("max_requests must be at least 1")
-        if not window > 0:
-            raise ValueError("window must be positive")
-        if not lease_timeout > 0:
-            raise ValueError("lease_timeout must be positive")
-        if not poll_interval > 0:
-            raise ValueError("poll_interval must be positive")
+        self.reserve = check_limit(max_requests, window, reserve)
+        check_positive(lease_timeout=lease_timeout, poll_interval=poll_interval)
         self.store = store
         self.key = key
         self.max_requests = max_requests
@@ -390,10 +460,11 @@ class SqliteLimiter(_SlotMixin):
         self.lease_timeout = float(lease_timeout)
         self.stats = LimiterStats()
         self._poll = min(float(poll_interval), self.window)
-        self._gate = asyncio.Lock()
-        self._changed = asyncio.Event()
-        self._pending = 0  # acquisitions not yet granted: the one at the gate and its queue
-        self._view = _View()
+        self._gate = {p: asyncio.Lock() for p in PRIORITIES}
+        self._changed = {p: asyncio.Event() for p in PRIORITIES}
+        # acquisitions not yet granted, per priority: the one at the gate and its queue
+        self._pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)
+        self._views = {p: _View() for p in PRIORITIES}
 
     def __repr__(self) -> str:
         return f"SqliteLimiter({self.max_requests} per {self.window:g}s, {self.store!r})"
@@ -402,73 +473,112 @@ class SqliteLimiter(_SlotMixin):
     def in_use(self) -> int:
         return self.store.held(self.key)
 
-    def _try_acquire(self, ident: str) -> tuple[bool, float]:
+    def _bulk_max(self, priority: Priority) -> int | None:
+        return self.max_requests - self.reserve if priority == "bulk" else None
+
+    def _try_acquire(self, ident: str, priority: Priority) -> tuple[bool, float]:
         granted, now, refusal = self.store.try_acquire(
-            self.key, ident, self.max_requests, self.lease_timeout + self.window, self.window
+            self.key,
+            ident,
+            self.max_requests,
+            self.lease_timeout + self.window,
+            self.window,
+            self._bulk_max(priority),
         )
         if granted:
-            self._view.held += 1
+            for view in self._views.values() if priority == "bulk" else [self._views[priority]]:
+                view.held += 1
         else:
             at = asyncio.get_running_loop().time()
             held, blocked, full, *frees = refusal
-            self._view = _View(int(held), [at + f for f in frees], at + blocked, at + full)
+            self._views[priority] = _View(
+                int(held), [at + f for f in frees], at + blocked, at + full
+            )
         return granted, now
 
-    async def acquire(self, on_wait: WaitCallback | None = None) -> Lease:
-        """Wait (FIFO within this process) for a free slot and take it; arrival and the
-        wait notice come before the gate, as in the other limiters."""
+    async def acquire(
+        self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
+    ) -> Lease:
+        """Wait (FIFO within this process and priority) for a free slot and take it;
+        arrival and the wait notice come before the gate, as in the other limiters."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         waited = told = False
-        if self._pending:
-            expected = self._view.expected_wait(started, self._pending, self)
+        capacity = self.max_requests - (self.reserve if priority == "bulk" else 0)
+        if self._pending[priority]:
+            expected = self._views[priority].expected_wait(
+                started, self._pending[priority], capacity, self.window
+            )
             if expected > 0:
                 waited = True
                 if on_wait is not None:
                     told = True
                     on_wait(expected)
-        self._pending += 1
+        self._pending[priority] += 1
+        changed = self._changed[priority]
         try:
-            async with self._gate:
+            async with self._gate[priority]:
                 while True:
-                    self._changed.clear()  # before asking, so no release is missed
-                    ident = uuid.uuid4().hex
-                    granted, store_now = self._try_acquire(ident)
+                    changed.clear()  # before asking, so no release is missed
+                    if priority == "bulk" and self._pending["interactive"]:
+                        await changed.wait()  # set when the interactive one is granted
+                        continue
+                    ident = ("b:" if priority == "bulk" else "") + uuid.uuid4().hex
+                    granted, store_now = self._try_acquire(ident, priority)
                     if granted:
                         break
                     waited = True
                     now = loop.time()
-                    view = self._view
+                    view = self._views[priority]
                     if on_wait is not None and not told:
                         told = True
                         on_wait(max(view.blocked_until - now, min(view.full_at - now, self.window)))
                     wait = max(view.blocked_until, view.full_at) - now
                     with anyio.move_on_after(min(wait, self._poll)):
-                        await self._changed.wait()
+                        await changed.wait()
                 self.stats.requests += 1
                 if waited:
                     self.stats.waits += 1
                     self.stats.wait_seconds += loop.time() - started
-                return Lease(ident, store_now)
+                return Lease(ident, store_now, priority)
         finally:
-            self._pending -= 1
+            self._pending[priority] -= 1
+            if priority == "interactive":
+                self._changed["bulk"].set()
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease to a whole ``lease_timeout + window`` from now (store clock),
+        or take it again if it expired meanwhile and its priority has room; False if not."""
+        return self.store.renew(
+            self.key,
+            lease.ident,
+            self.max_requests,
+            self.lease_timeout + self.window,
+            self._bulk_max(lease.priority),
+        )
 
     async def release(self, lease: Lease) -> None:
         """The request completed: its slot frees a window from now (store clock)."""
         try:
             self.store.release(self.key, lease.ident, self.window)
         finally:
-            self._view.released(asyncio.get_running_loop().time() + self.window)
-            self._changed.set()
+            frees_at = asyncio.get_running_loop().time() + self.window
+            for priority, view in self._views.items():
+                if priority == "interactive" or lease.priority == "bulk":
+                    view.released(frees_at)
+            for changed in self._changed.values():
+                changed.set()
 
     async def penalize(self, retry_after: float | None = None) -> None:
         """A 429: block every process's acquisitions of this token for ``retry_after``
         seconds (or a window); never shortens an existing block."""
         hold = self.window if retry_after is None else max(0.0, retry_after)
         self.store.penalize(self.key, hold)
-        view = self._view
-        view.blocked_until = max(view.blocked_until, asyncio.get_running_loop().time() + hold)
-        self._changed.set()
+        until = asyncio.get_running_loop().time() + hold
+        for view in self._views.values():
+            view.blocked_until = max(view.blocked_until, until)
+        for changed in self._changed.values():
+            changed.set()
 
 
 _stores: dict[Path, LimitStore] = {}
@@ -492,8 +602,10 @@ def store_limiter_factory(
 ) -> LimiterFactory:
     """A `LimiterRegistry` factory keeping every token's slots in ``store``."""
 
-    def factory(key: str, max_requests: int, window: float) -> Limiter:
-        return SqliteLimiter(store, key, max_requests, window, lease_timeout=lease_timeout)
+    def factory(key: str, max_requests: int, window: float, *, reserve: int) -> SqliteLimiter:
+        return SqliteLimiter(
+            store, key, max_requests, window, reserve=reserve, lease_timeout=lease_timeout
+        )
 
     return factory
 

@@ -34,7 +34,13 @@ from .client import LexerClient as AsyncLexerClient
 from .events import EventHook
 from .instrumentation import InstrumentationOption
 from .kinds import ReportKind, ReportResult, Reports
-from .limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, LimiterRegistry, LimiterStats
+from .limits import (
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_WINDOW,
+    LimiterRegistry,
+    LimiterStats,
+    Priority,
+)
 from .reports import DEFAULT_WORKFLOW_STATES_TYPE, NpsCategory, ReportType
 from .retry import RetryPolicy
 from .transport import DEFAULT_TIMEOUT, Transport
@@ -146,6 +152,7 @@ class SyncPlainReport(Protocol[T_co]):
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T_co: ...
 
 
@@ -164,6 +171,7 @@ class SyncNpsReport(Protocol[T_co]):
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T_co: ...
 
 
@@ -201,6 +209,8 @@ class LexerClient:
         retry: RetryPolicy | None = None,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         window: float = DEFAULT_WINDOW,
+        priority: Priority = "interactive",
+        reserve: int | None = None,
         registry: LimiterRegistry | None = None,
         redis_url: str | None = None,
         limit_store: str | os.PathLike[str] | None = None,
@@ -228,6 +238,8 @@ class LexerClient:
             retry=retry,
             max_requests=max_requests,
             window=window,
+            priority=priority,
+            reserve=reserve,
             registry=registry,
             redis_url=redis_url,
             limit_store=limit_store,
@@ -382,6 +394,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T: ...
     @overload
     def report(
@@ -398,6 +411,7 @@ class LexerClient:
         extra_filters: Mapping[str, object] | None = None,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> ReportResult: ...
     def report(self, *args: Any, **kwargs: Any) -> Any:
         """Blocking `lexer_activity_async.LexerClient.report`."""

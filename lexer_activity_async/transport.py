@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import json
 import logging
 import urllib.request
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+)
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import NoReturn, Protocol, TypeVar
@@ -32,7 +40,7 @@ from . import wire
 from ._version import __version__
 from .events import Event, RateLimited, RateLimitWait, RequestSent, Retrying
 from .instrumentation import Instrumentation, RequestDetails, RequestObserver
-from .limits import Limiter
+from .limits import Lease, Limiter, Priority, check_priority
 from .logs import fields as log_fields
 from .logs import new_request_id
 from .network import Network
@@ -53,9 +61,23 @@ __all__ = [
     "api_session",
     "files_session",
     "DEFAULT_TIMEOUT",
+    "LEASE_MARGIN",
+    "RENEW_AFTER",
 ]
 
 log = logging.getLogger("lexer_activity_async")
+
+RENEW_AFTER = 1.0
+"""Seconds a request may wait for the in-flight cap before its slot's lease is renewed.
+Shared backends' leases outlast the request timeout by `LEASE_MARGIN`, well over this,
+so a shorter wait needs no renewal (and no extra round trip to Redis or the store)."""
+
+LEASE_MARGIN = 5.0
+"""Seconds by which a shared backend's lease outlasts the client's request timeout."""
+
+_call_priority: contextvars.ContextVar[Priority | None] = contextvars.ContextVar(
+    "lexer_call_priority", default=None
+)
 
 DEFAULT_TIMEOUT = 60.0
 REDACTED_TEXT = "<redacted>"
@@ -567,6 +589,7 @@ class Channel:
         timeout: float,
         retry: RetryPolicy,
         window: float,
+        priority: Priority = "interactive",
         on_event: Callable[[Event], None] | None = None,
         now: Callable[[], datetime] | None = None,
         in_flight: contextlib.AbstractAsyncContextManager[object] | None = None,
@@ -580,6 +603,7 @@ class Channel:
         self.timeout = timeout
         self.retry = retry
         self.window = window
+        self.priority = priority
         self.on_event = on_event
         self._now = now or (lambda: datetime.now(timezone.utc))
         # Taken after the rate-limit slot, so waiting on the rate limit never holds one.
@@ -671,6 +695,19 @@ class Channel:
         if not self.bound and self._opener is not None:
             await self._opener()
 
+    @contextlib.contextmanager
+    def prioritized(self, priority: Priority | None) -> Iterator[None]:
+        """Within the block (this task and the tasks it starts), requests sent without a
+        priority of their own use ``priority`` (None: the channel's)."""
+        if priority is None:
+            yield
+            return
+        reset = _call_priority.set(check_priority(priority))
+        try:
+            yield
+        finally:
+            _call_priority.reset(reset)
+
     async def send(
         self,
         request: wire.Request,
@@ -679,14 +716,21 @@ class Channel:
         idempotent: bool = True,
         max_retries: int | None = None,
         deadline: float | None = None,
+        priority: Priority | None = None,
     ) -> T:
         """Send ``request`` under the limiter with retries, and decode its answer.
 
-        ``max_retries`` and ``deadline`` override the `RetryPolicy` for this call."""
+        ``max_retries`` and ``deadline`` override the `RetryPolicy` for this call,
+        ``priority`` the channel's (and any `prioritized` block's)."""
+        if priority is not None:
+            check_priority(priority)
         await self.ensure_open()
         request_id = new_request_id()
+        priority = priority or _call_priority.get() or self.priority
         if self.instrumentation is None:
-            return await self._send(request, decode, idempotent, max_retries, deadline, request_id)
+            return await self._send(
+                request, decode, idempotent, max_retries, deadline, request_id, priority
+            )
         observer = self.instrumentation.request(
             RequestDetails(
                 self.label,
@@ -699,7 +743,7 @@ class Channel:
         )
         try:
             result = await self._send(
-                request, decode, idempotent, max_retries, deadline, request_id, observer
+                request, decode, idempotent, max_retries, deadline, request_id, priority, observer
             )
         except BaseException as error:
             observer.finished(error)
@@ -715,6 +759,7 @@ class Channel:
         max_retries: int | None,
         deadline: float | None,
         request_id: str,
+        priority: Priority,
         observer: RequestObserver | None = None,
     ) -> T:
         policy = self.retry
@@ -722,12 +767,12 @@ class Channel:
         limit = policy.deadline if deadline is None else deadline
         if limit is None:  # no deadline: skip the cancel scope (it costs ~10% per call)
             return await self._send_with_retries(
-                request, decode, idempotent, retries, request_id, observer
+                request, decode, idempotent, retries, request_id, priority, observer
             )
         try:
             with anyio.fail_after(limit):
                 return await self._send_with_retries(
-                    request, decode, idempotent, retries, request_id, observer
+                    request, decode, idempotent, retries, request_id, priority, observer
                 )
         except TimeoutError:
             pass
@@ -743,13 +788,15 @@ class Channel:
         self.emit(RateLimitWait(self.label, seconds, until))
 
     @contextlib.asynccontextmanager
-    async def _slot(self, observer: RequestObserver | None = None) -> AsyncIterator[None]:
+    async def _slot(
+        self, priority: Priority, observer: RequestObserver | None = None
+    ) -> AsyncIterator[Lease]:
         """A rate-limit slot; a `RequestSent` event once it is taken. An ``observer`` is
         told how long the attempt waited for it, if it had to."""
         if observer is None:
-            async with self.limiter.slot(self._on_wait):
+            async with self.limiter.slot(self._on_wait, priority=priority) as lease:
                 self.emit(RequestSent(self.label))
-                yield
+                yield lease
             return
         started, waited = anyio.current_time(), False
 
@@ -758,11 +805,11 @@ class Channel:
             waited = True
             self._on_wait(seconds)
 
-        async with self.limiter.slot(on_wait):
+        async with self.limiter.slot(on_wait, priority=priority) as lease:
             if waited:
                 observer.rate_limit_wait(anyio.current_time() - started)
             self.emit(RequestSent(self.label))
-            yield
+            yield lease
 
     def _http_request(self, request: wire.Request) -> HttpRequest:
         base = self.api_url if request.origin == "api" else self.status_url
@@ -778,20 +825,32 @@ class Channel:
         )
 
     async def _exchange(
-        self, request: wire.Request, observer: RequestObserver | None = None
+        self, request: wire.Request, priority: Priority, observer: RequestObserver | None = None
     ) -> HttpResponse:
         """One exchange inside a limiter slot; the answer is read whole before the slot
         is released, and redacted here too, so a caller's own `Transport` that does not
-        redact still never lets an echoed token reach an error or a log."""
-        async with self._slot(observer):
-            http = self._http_request(request)
-            if self._in_flight is None:
-                response = await self.api.handle(http)
-                body = await response.read()
-            else:
-                async with self._in_flight:
+        redact still never lets an echoed token reach an error or a log.
+
+        The slot is renewed when the in-flight cap held the request more than
+        `RENEW_AFTER` seconds: a wait there must not outlast a shared backend's lease
+        (the slot could free before the request even reached the server). A slot lost
+        meanwhile is taken anew (the lost one's release still holds it a window:
+        wasteful, safe, and rare)."""
+        while True:
+            async with self._slot(priority, observer) as lease:
+                http = self._http_request(request)
+                if self._in_flight is None:
                     response = await self.api.handle(http)
                     body = await response.read()
+                else:
+                    granted = anyio.current_time()
+                    async with self._in_flight:
+                        late = anyio.current_time() - granted > RENEW_AFTER
+                        if late and not await self.limiter.renew(lease):
+                            continue
+                        response = await self.api.handle(http)
+                        body = await response.read()
+            break
         if self._redacting:
             return HttpResponse(response.status, response.headers, body)
         return HttpResponse(
@@ -799,11 +858,11 @@ class Channel:
         )
 
     async def _attempt(
-        self, request: wire.Request, observer: RequestObserver | None = None
+        self, request: wire.Request, priority: Priority, observer: RequestObserver | None = None
     ) -> HttpResponse:
         """`_exchange`; a transport error carries the request's report type."""
         try:
-            return await self._exchange(request, observer)
+            return await self._exchange(request, priority, observer)
         except exc.TransportError as error:
             if observer is not None:
                 observer.failed(error)
@@ -823,6 +882,7 @@ class Channel:
         idempotent: bool,
         retries: int,
         request_id: str,
+        priority: Priority,
         observer: RequestObserver | None = None,
     ) -> T:
         attempt = rate_limited = 0
@@ -832,7 +892,7 @@ class Channel:
             if observer is not None:
                 observer.attempt(attempt + rate_limited + 1)
             try:
-                response = await self._attempt(request, observer)
+                response = await self._attempt(request, priority, observer)
             except (exc.LexerConnectionError, exc.LexerTimeoutError) as transport_error:
                 error = transport_error
             else:

@@ -325,9 +325,11 @@ def test_plan_units_windows_requests_and_least_time(tmp_path: Path) -> None:
     assert len(set(the_plan.units)) == len(the_plan.units)
     assert len(the_plan.units_of("a")) == 60
     # 45 reports x 1 request + 15 exports x (start + 2 polls) = 90 requests;
-    # 10 per 60 s: ceil(90 / 10) - 1 = 8 full windows = 480 s.
+    # 10 per 60 s less the reserve of 1 (a backfill is bulk work): ceil(90 / 9) - 1 = 9
+    # full windows = 540 s; with no reserve, ceil(90 / 10) - 1 = 8 windows = 480 s.
     assert the_plan.requests_of("a") == 90
-    assert the_plan.least_seconds("a") == 480.0
+    assert the_plan.least_seconds("a") == 540.0
+    assert plan(attrs.evolve(spec, reserve=0)).least_seconds("a") == 480.0
     unit = the_plan.units_of("b")[0]
     assert unit == Unit("b", "summary", False, *the_plan.windows[0])
     assert unit.path(tmp_path) == (

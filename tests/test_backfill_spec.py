@@ -51,6 +51,12 @@ WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
     ({"rate_limit": {"window": math.inf}}, "[rate_limit] window must be a finite number"),
     ({"rate_limit": {"window": -1}}, "rate_limit needs max_requests >= 1 and window > 0"),
     ({"rate_limit": {"maximum": 1}}, "unknown keys in [rate_limit]: maximum"),
+    (
+        {"rate_limit": {"max_requests": 10, "reserve": 10}},
+        "[rate_limit] reserve must be 0 to max_requests - 1 (9), got int 10",
+    ),
+    ({"rate_limit": {"reserve": -1}}, "[rate_limit] reserve must be 0 to max_requests - 1"),
+    ({"rate_limit": {"reserve": "2"}}, "[rate_limit] reserve must be an integer, got a string"),
     ({"poll": {"first_delay": -1}}, "[poll] first_delay must be >= 0, got -1"),
     ({"poll": {"cap": -0.5}}, "[poll] cap must be >= 0, got -0.5"),
     ({"poll": {"timeout": 0}}, "[poll] timeout must be > 0, got 0"),
@@ -202,7 +208,7 @@ def test_a_valid_spec_still_loads_with_every_table(tmp_path: Path) -> None:
             "nps": {"form": 55},
             "exports": ["case_details", {"kind": "nps_submissions", "form": 55}],
             "concurrency": {"per_token": 2, "total": 3},
-            "rate_limit": {"max_requests": 10, "window": 2.5},
+            "rate_limit": {"max_requests": 10, "window": 2.5, "reserve": 3},
             "poll": {"first_delay": 0, "factor": 1, "cap": 0.5, "jitter_low": 1, "timeout": 9},
             "redis_url": "redis://127.0.0.1:6379/0",
             "api_url": "http://[::1]:8080/v1",
@@ -214,7 +220,7 @@ def test_a_valid_spec_still_loads_with_every_table(tmp_path: Path) -> None:
         ExportSpec(ExportKind.CASE_DETAILS),
         ExportSpec(ExportKind.NPS_SUBMISSIONS, 55),
     )
-    assert spec.window == 2.5
+    assert (spec.window, spec.reserve) == (2.5, 3)
     assert len(plan(spec).units) == 2 * 5
 
 
@@ -339,7 +345,7 @@ WILD: dict[str, st.SearchStrategy[Any]] = {
 TABLES = {
     "nps": ["form", "category"],
     "concurrency": ["per_token", "total"],
-    "rate_limit": ["max_requests", "window"],
+    "rate_limit": ["max_requests", "window", "reserve"],
     "poll": ["first_delay", "factor", "cap", "jitter_low", "timeout"],
 }
 TOP_KEYS = [

@@ -343,7 +343,7 @@ class _ReleaseFails(SlidingWindowLimiter):
 
 
 async def test_a_limiter_failing_while_a_malformed_answer_propagates_keeps_it_out() -> None:
-    registry = LimiterRegistry(factory=lambda key, n, w: _ReleaseFails(n, w))
+    registry = LimiterRegistry(factory=lambda key, n, w, *, reserve: _ReleaseFails(n, w))
     answer = b"HTTP/1.1 2x0 " + ECHO + b"\r\n\r\n"
     async with raw_server(reply(answer)) as server:
         client = LexerClient(TOKEN, api_url=server.url, registry=registry, retry=RetryPolicy(0))

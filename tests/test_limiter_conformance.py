@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING
 import pytest
 from redis_server import free_port, redis_server  # tests/ is on sys.path
 
-from lexer_activity_async.exceptions import LimiterBackendError
+from lexer_activity_async.exceptions import ConfigurationError, LimiterBackendError
 from lexer_activity_async.limits import (
     Limiter,
     LimiterRegistry,
+    Priority,
     SlidingWindowLimiter,
     token_key,
 )
@@ -66,8 +67,9 @@ class Backend:
         *,
         lease_timeout: float = 60.0,
         key: str | None = None,
+        reserve: int | None = None,
     ) -> Limiter:
-        return SlidingWindowLimiter(max_requests, window)
+        return SlidingWindowLimiter(max_requests, window, reserve=reserve)
 
     async def aclose(self) -> None:
         pass
@@ -97,6 +99,7 @@ class RedisBackend(Backend):
         *,
         lease_timeout: float = 60.0,
         key: str | None = None,
+        reserve: int | None = None,
     ) -> Limiter:
         from lexer_activity_async.limits_redis import RedisLimiter
 
@@ -105,6 +108,7 @@ class RedisBackend(Backend):
             key or self.key,
             max_requests,
             window,
+            reserve=reserve,
             lease_timeout=lease_timeout,
             prefix=self.prefix,
         )
@@ -133,11 +137,17 @@ class SqliteBackend(Backend):
         *,
         lease_timeout: float = 60.0,
         key: str | None = None,
+        reserve: int | None = None,
     ) -> Limiter:
         store = LimitStore(self.path)
         self.stores.append(store)
         return SqliteLimiter(
-            store, key or self.key, max_requests, window, lease_timeout=lease_timeout
+            store,
+            key or self.key,
+            max_requests,
+            window,
+            reserve=reserve,
+            lease_timeout=lease_timeout,
         )
 
     async def aclose(self) -> None:
@@ -193,23 +203,35 @@ def assert_window_invariant(spans: list[tuple[float, float]], max_requests: int)
 
 
 async def run_workload(
-    limiters: list[Limiter], *, workers: int, per_worker: int, seed: int
+    limiters: list[Limiter],
+    *,
+    workers: int,
+    per_worker: int,
+    seed: int,
+    priorities: tuple[Priority, ...] = ("interactive",),
+    by_priority: dict[Priority, list[tuple[float, float]]] | None = None,
 ) -> list[tuple[float, float]]:
     """Workers make requests of random duration through ``slot``, spread over
-    ``limiters``; returns the recorded (acquired, released) spans."""
+    ``limiters`` and ``priorities``; returns the recorded (acquired, released) spans
+    (also filed by priority into ``by_priority`` when given)."""
     rng = random.Random(seed)
     spans: list[tuple[float, float]] = []
     plans = [[rng.uniform(0, 0.12) for _ in range(per_worker)] for _ in range(workers)]
 
-    async def worker(limiter: Limiter, plan: list[float]) -> None:
+    async def worker(limiter: Limiter, plan: list[float], priority: Priority) -> None:
         for duration in plan:
-            async with limiter.slot():
+            async with limiter.slot(priority=priority):
                 acquired = now()
                 await asyncio.sleep(duration)
                 spans.append((acquired, now()))
+                if by_priority is not None:
+                    by_priority.setdefault(priority, []).append(spans[-1])
 
     await asyncio.gather(
-        *(worker(limiters[i % len(limiters)], plan) for i, plan in enumerate(plans))
+        *(
+            worker(limiters[i % len(limiters)], plan, priorities[i % len(priorities)])
+            for i, plan in enumerate(plans)
+        )
     )
     return spans
 
@@ -426,6 +448,167 @@ async def test_dead_holder_lease_is_held_for_lease_timeout_plus_window(
     live = backend.make(lease_timeout=lease_timeout)
     await live.acquire()
     assert before + lease_timeout + W - SLACK <= now() <= granted + lease_timeout + W + LATE
+
+
+# --------------------------------------------------------------------------- priorities
+
+R = 2  # the reserve: bulk work may hold N - R slots
+
+
+async def test_bulk_leaves_the_reserve_to_interactive_calls(backend: Backend) -> None:
+    limiter = backend.make(reserve=R)
+    assert limiter.reserve == R
+    start = now()
+    bulk = [await limiter.acquire(priority="bulk") for _ in range(N - R)]
+    assert now() - start < LATE, "bulk work gets N - reserve slots at once"
+    told: list[float] = []
+    waiter = asyncio.create_task(limiter.acquire(told.append, priority="bulk"))
+    await asyncio.sleep(0.1)
+    assert not waiter.done(), "bulk work must not take the reserve"
+    # the reserve is the interactive calls': taken at once, past the waiting bulk one
+    interactive_told: list[float] = []
+    started = now()
+    interactive = [await limiter.acquire(interactive_told.append) for _ in range(R)]
+    assert now() - started < LATE
+    assert interactive_told == []
+    assert limiter.stats.waits == 0
+    assert [lease.priority for lease in bulk + interactive] == ["bulk"] * (N - R) + [
+        "interactive"
+    ] * R
+    # an interactive slot freeing does not let bulk work in: bulk holds its N - R
+    await limiter.release(interactive[0])
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    released = now()
+    await limiter.release(bulk[0])
+    lease = await waiter
+    assert released + W - SLACK <= now() <= released + W + LATE
+    assert lease.priority == "bulk"
+    # every bulk slot was in flight when it asked: the estimate is one window
+    assert told == [pytest.approx(W, abs=SLACK)]
+
+
+async def test_interactive_calls_may_use_every_slot_bulk_leaves_free(backend: Backend) -> None:
+    limiter = backend.make(reserve=R)
+    start = now()
+    leases = [await limiter.acquire() for _ in range(N)]
+    assert now() - start < LATE
+    bulk = asyncio.create_task(limiter.acquire(priority="bulk"))
+    await asyncio.sleep(0.1)
+    assert not bulk.done(), "bulk work still counts the interactive slots against N"
+    released = now()
+    await limiter.release(leases[0])
+    await bulk
+    assert released + W - SLACK <= now() <= released + W + LATE
+
+
+async def test_a_waiting_interactive_call_goes_before_waiting_bulk_work(
+    backend: Backend,
+) -> None:
+    limiter = backend.make(reserve=0)  # no reserve: both wait for the same slots
+    leases = [await limiter.acquire() for _ in range(N)]
+    order: list[Priority] = []
+
+    async def want(priority: Priority) -> None:
+        await limiter.acquire(priority=priority)
+        order.append(priority)
+
+    bulk = asyncio.create_task(want("bulk"))
+    await asyncio.sleep(0.05)  # bulk asked first ...
+    interactive = asyncio.create_task(want("interactive"))
+    await asyncio.sleep(0.05)
+    await limiter.release(leases[0])
+    await interactive  # ... but the slot that frees is the interactive call's
+    assert order == ["interactive"]
+    assert not bulk.done()
+    await limiter.release(leases[1])
+    await bulk
+    assert order == ["interactive", "bulk"]
+
+
+async def test_window_invariant_holds_for_mixed_priorities(backend: Backend) -> None:
+    limiter = backend.make(reserve=R)
+    by_priority: dict[Priority, list[tuple[float, float]]] = {}
+    spans = await run_workload(
+        [limiter],
+        workers=4,
+        per_worker=3,
+        seed=4,
+        priorities=("bulk", "bulk", "bulk", "interactive"),
+        by_priority=by_priority,
+    )
+    assert len(spans) == 12
+    assert_window_invariant(spans, N)
+    assert_window_invariant(by_priority["bulk"], N - R)
+    assert len(by_priority["bulk"]) == 9
+
+
+async def test_bad_settings_raise_configuration_error(backend: Backend) -> None:
+    for bad in (
+        {"reserve": N},
+        {"reserve": -1},
+        {"reserve": 1.5},
+        {"max_requests": 0},
+        {"window": 0.0},
+    ):
+        with pytest.raises(ConfigurationError):
+            backend.make(**bad)
+    assert backend.make(max_requests=100).reserve == 10  # the default: 10 % of N
+    assert backend.make(max_requests=9).reserve == 0
+    if backend.shared:
+        with pytest.raises(ConfigurationError, match="lease_timeout"):
+            backend.make(lease_timeout=0.0)
+
+
+async def test_registry_refuses_a_second_reserve_for_one_token() -> None:
+    registry = LimiterRegistry()
+    limiter = registry.get("tok-reserve", max_requests=N, window=W, reserve=R)
+    assert registry.get("tok-reserve", max_requests=N, window=W, reserve=R) is limiter
+    with pytest.raises(ConfigurationError, match="reserve"):
+        registry.get("tok-reserve", max_requests=N, window=W, reserve=R + 1)
+    with pytest.raises(ConfigurationError, match="reserve"):
+        registry.get("tok-other", max_requests=N, window=W, reserve=N)
+
+
+async def test_renew_holds_the_slot_a_whole_lease_from_the_renewal(
+    shared_backend: Backend,
+) -> None:
+    """A request that waited (for an in-flight cap) after its slot was granted renews it
+    before sending: a holder dying then keeps it a lease and a window from the renewal."""
+    lease_timeout = 0.3
+    limiter = shared_backend.make(max_requests=1, lease_timeout=lease_timeout)
+    other = shared_backend.make(max_requests=1, lease_timeout=lease_timeout)
+    lease = await limiter.acquire()
+    await asyncio.sleep(0.2)
+    renewing = now()
+    assert await limiter.renew(lease)
+    await other.acquire()  # the holder "died": never released
+    assert renewing + lease_timeout + W - SLACK <= now()
+    assert now() <= renewing + lease_timeout + W + LATE
+
+
+async def test_renew_retakes_an_expired_lease_only_if_its_priority_has_room(
+    shared_backend: Backend,
+) -> None:
+    limiter = shared_backend.make(max_requests=2, reserve=1, lease_timeout=0.1)
+    lost = await limiter.acquire(priority="bulk")
+    await asyncio.sleep(0.1 + W + 0.05)  # its lease expired unrenewed
+    taken = await limiter.acquire(priority="bulk")  # the only bulk slot
+    assert not await limiter.renew(lost), "bulk work has no room: the lease is lost"
+    await limiter.release(taken)
+    await asyncio.sleep(W + 0.05)
+    assert await limiter.renew(lost), "room again: taken anew"
+    blocked = asyncio.create_task(limiter.acquire(priority="bulk"))
+    await asyncio.sleep(0.1)
+    assert not blocked.done(), "the retaken lease counts as bulk"
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+
+
+async def test_in_process_slots_always_renew() -> None:
+    limiter = SlidingWindowLimiter(N, W)
+    assert await limiter.renew(await limiter.acquire())
 
 
 # --------------------------------------------------------------------------- shared only

@@ -98,9 +98,11 @@ class Plan:
         return sum(1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label))
 
     def least_seconds(self, label: str) -> float:
-        """The least time the rate limit allows for the token's requests: N go at once,
-        then each further N wait a window (ignoring latency)."""
-        return rate_limit_floor(self.requests_of(label), self.spec.max_requests, self.spec.window)
+        """The least time the rate limit allows for the token's requests: N (less the
+        reserve: a backfill is bulk work) go at once, then each further N wait a window
+        (ignoring latency)."""
+        n = self.spec.bulk_max_requests
+        return rate_limit_floor(self.requests_of(label), n, self.spec.window)
 
 
 def rate_limit_floor(requests: int, max_requests: int, window: float) -> float:

@@ -130,6 +130,8 @@ class _TokenRun:
                 status_url=self.spec.status_url,
                 max_requests=self.spec.max_requests,
                 window=self.spec.window,
+                priority="bulk",  # a backfill never takes the reserve kept for services
+                reserve=self.spec.reserve,
                 registry=self.registry,
                 redis_url=self.spec.redis_url if self.registry is None else None,
                 session=session,

@@ -29,7 +29,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from .. import exceptions as exc
 from ..exports import PollPolicy
-from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
+from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, default_reserve
 from ..network import network, redact_url
 from ..reports import (
     DEFAULT_WORKFLOW_STATES_TYPE,
@@ -154,6 +154,11 @@ class BackfillSpec:
     window: float = attrs.field(
         default=DEFAULT_WINDOW, validator=lambda _s, _a, v: _check_rate(1, v)
     )
+    reserve: int | None = attrs.field(
+        default=None, validator=lambda s, _a, v: _check_reserve(v, s.max_requests)
+    )
+    """Slots of each window the backfill (bulk work) leaves to interactive calls of its
+    tokens; None: 10 % of ``max_requests``."""
     redis_url: str | None = attrs.field(
         default=None,
         validator=lambda _s, _a, v: _check_url("redis_url", v, ("redis", "rediss", "unix")),
@@ -193,6 +198,13 @@ class BackfillSpec:
     def settle_period(self) -> timedelta:
         """`settle`, or `DEFAULT_SETTLE` when unset."""
         return DEFAULT_SETTLE if self.settle is None else self.settle
+
+    @property
+    def bulk_max_requests(self) -> int:
+        """The requests per window the backfill may send: it runs as bulk work, so
+        ``max_requests`` less the reserve (`reserve`, else 10 %)."""
+        reserve = default_reserve(self.max_requests) if self.reserve is None else self.reserve
+        return self.max_requests - reserve
 
     def __attrs_post_init__(self) -> None:
         if self.limit_store is not None and self.redis_url is not None:
@@ -317,6 +329,14 @@ def _check_rate(max_requests: object, window: object) -> None:
         or not 0 < window < math.inf
     ):
         raise SpecError("rate_limit needs max_requests >= 1 and window > 0")
+
+
+def _check_reserve(reserve: object, max_requests: int) -> None:
+    if reserve is not None and (not _is_int(reserve) or not 0 <= reserve < max_requests):
+        raise SpecError(
+            f"[rate_limit] reserve must be 0 to max_requests - 1 ({max_requests - 1}), "
+            f"got {shown(reserve)}"
+        )
 
 
 def _check_http(field: attrs.Attribute[Any], url: object) -> None:
@@ -563,6 +583,7 @@ class _ConcurrencyDoc:
 class _RateDoc:
     max_requests: int = DEFAULT_MAX_REQUESTS
     window: float = DEFAULT_WINDOW
+    reserve: int | None = None
 
 
 _Start = NewType("_Start", object)
@@ -914,6 +935,7 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "status_url": doc.status_url,
         "max_requests": doc.rate_limit.max_requests,
         "window": doc.rate_limit.window,
+        "reserve": doc.rate_limit.reserve,
         "redis_url": doc.redis_url,
         "limit_store": _limit_store(doc.limit_store, base_dir),
         "workflow_states_type": doc.workflow_states_type,

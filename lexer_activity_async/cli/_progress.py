@@ -197,7 +197,7 @@ class BackfillView:
         self.mode = mode
         self.clock = clock
         self.started = clock()
-        self.max_requests, self.window = spec.max_requests, spec.window
+        self.max_requests, self.window = spec.bulk_max_requests, spec.window
         self.echo = echo or (lambda line: click.echo(line, err=True))
         the_plan = plan(spec)
         self.tokens = {

@@ -252,7 +252,7 @@ class Sandbox:
 
     # -- the gate: auth, rate limit, latency, faults -------------------------------------
 
-    def _admit(self, key: str) -> bool:
+    def _admit(self, key: str, path: str = "") -> bool:
         """Sliding window on arrival: admit and count, or refuse without counting."""
         now = self._clock()
         window = self._windows.setdefault(key, deque())
@@ -262,6 +262,7 @@ class Sandbox:
             return False
         window.append(now)
         self.stats.arrivals.setdefault(key, []).append(now)
+        self.stats.paths.setdefault(key, []).append(path)
         self.stats.requests[key] = self.stats.requests.get(key, 0) + 1
         return True
 
@@ -281,7 +282,7 @@ class Sandbox:
             answer = _error(401, MSG_MISMATCH)
         else:
             key = token_key(token)
-            if not self._admit(key):
+            if not self._admit(key, request.path):
                 self.stats.rate_limited += 1
                 by_token = self.stats.rate_limited_by_token
                 by_token[key] = by_token.get(key, 0) + 1

@@ -78,6 +78,8 @@ class SandboxStats:
 
     requests: dict[str, int] = attrs.Factory(dict)
     arrivals: dict[str, list[float]] = attrs.Factory(dict)
+    paths: dict[str, list[str]] = attrs.Factory(dict)
+    """The path of each arrival: ``paths[key][i]`` is the request of ``arrivals[key][i]``."""
     rate_limited: int = 0
     rate_limited_by_token: dict[str, int] = attrs.Factory(dict)
     unauthorized: int = 0
