@@ -69,8 +69,8 @@ def _declared(extras: set[str]) -> set[str]:
 
 def test_the_runtime_imports_only_declared_runtime_dependencies() -> None:
     """Every third-party module the package imports comes from a runtime requirement (or
-    the optional ``redis`` and ``dlt`` extras), so a plain install never lacks one; and no runtime
-    requirement is there only for the tests."""
+    the optional ``redis``, ``dlt`` and ``postgres`` extras), so a plain install never
+    lacks one; and no runtime requirement is there only for the tests."""
     distributions = packages_distributions()
     imported = _imported_top_level_modules()
     assert "aiohttp" in imported  # the scan does see third-party imports
@@ -81,7 +81,7 @@ def test_the_runtime_imports_only_declared_runtime_dependencies() -> None:
         for dist in distributions.get(module, [module])
     }
     runtime = _declared(set())
-    assert provided <= runtime | _declared({"redis", "dlt"}), provided - runtime
+    assert provided <= runtime | _declared({"redis", "dlt", "postgres"}), provided - runtime
     assert "aiolimiter" not in runtime  # only the tests import it
     unused = runtime - provided - {"tomli", "exceptiongroup"}  # back-ports for Python 3.10
     assert not unused, unused

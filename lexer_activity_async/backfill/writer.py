@@ -14,7 +14,7 @@ import attrs
 
 from .. import durable
 from .. import exceptions as exc
-from ..checkpoint import Checkpoint
+from ..checkpoint import CheckpointStore
 
 __all__ = ["ReportWriter", "output_error"]
 
@@ -56,7 +56,9 @@ class ReportWriter:
     rerun of that unit overwrites.
     """
 
-    def __init__(self, checkpoint: Checkpoint, now: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self, checkpoint: CheckpointStore, now: Callable[[], datetime] | None = None
+    ) -> None:
         self._checkpoint = checkpoint
         self._now = now
         self._pending: list[_Pending] = []

@@ -1,0 +1,281 @@
+"""A backfill worker: one of any number of identical processes, on any hosts, sharing a
+run through the PostgreSQL checkpoint (its work queue, `workqueue`) and each token's rate
+limit through Redis.
+
+The worker joins the database's unfinished run, or plans one (exactly one worker does),
+then claims batches of units, a token at a time, and runs them as a single-process
+backfill runs a token (`runner.TokenRun`), recording each unit in the checkpoint and
+finishing it in the queue. A heartbeat renews its leases every third of the lease. When
+no unit is left to claim and none is leased to a live worker, it stops. A worker that
+dies leaves its leases to run out; another then claims its units, and an export job it
+had started is polled (its report token is in the checkpoint), not started again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from contextlib import AsyncExitStack, nullcontext
+from datetime import datetime, timezone
+
+import aiohttp
+import anyio
+from anyio.abc import TaskGroup
+
+from .. import exceptions as exc
+from ..checkpoint import DONE, FAILED, CheckpointError
+from ..checkpoint_pg import PostgresCheckpoint
+from ..client import api_session
+from .events import BackfillEvent, BackfillSummary, UnitFinished
+from .plan import Plan, Unit, plan
+from .runner import TokenRun, gc_tuned, open_checkpoint, select_units
+from .spec import BackfillSpec
+from .workqueue import Claim, Run, WorkQueue
+from .writer import ReportWriter
+
+log = logging.getLogger("lexer_activity_async")
+
+__all__ = ["run_worker", "worker_name", "DEFAULT_LEASE"]
+
+DEFAULT_LEASE = 60.0
+"""Seconds a claim lasts without renewal: how long a dead worker's units wait."""
+
+
+def worker_name() -> str:
+    """A worker id unique across hosts: host, process and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def check_worker_spec(spec: BackfillSpec) -> None:
+    """`ConfigurationError` unless ``spec`` can run as a worker: a PostgreSQL
+    checkpoint to share the run, and Redis to share the rate limits."""
+    if spec.checkpoint_url is None:
+        raise exc.ConfigurationError(
+            '--worker needs a shared checkpoint: set checkpoint_url = "postgresql://..." '
+            "in the spec or give --checkpoint-url"
+        )
+    if spec.redis_url is None:
+        raise exc.ConfigurationError(
+            "--worker needs redis_url (or --redis-url): several workers may serve one token "
+            "(a token split when workers outnumber tokens, or reclaimed from a stalled "
+            "worker), and only Redis shares its rate limit across processes and hosts"
+        )
+
+
+class _Worker:
+    """One worker's run: slots claiming and running batches, a heartbeat, a tally."""
+
+    def __init__(
+        self,
+        spec: BackfillSpec,
+        the_plan: Plan,
+        run: Run,
+        queue: WorkQueue,
+        checkpoint: PostgresCheckpoint,
+        batch: int,
+        on_event: Callable[[BackfillEvent], None] | None,
+        now: Callable[[], datetime] | None,
+    ) -> None:
+        self.spec = spec
+        self.plan = the_plan
+        self.run = run
+        self.queue = queue
+        self.checkpoint = checkpoint
+        self.batch = batch
+        self.on_event = on_event
+        self.now = now
+        self.units = {unit.id: unit for unit in the_plan.units}
+        self.sources = {source.label: source for source in spec.tokens}
+        self.writer = ReportWriter(checkpoint, now)
+        self.overall = anyio.CapacityLimiter(spec.total_concurrency)
+        labels = [source.label for source in spec.tokens]
+        self.done = dict.fromkeys(labels, 0)
+        self.provisional = dict.fromkeys(labels, 0)
+        self.failed: dict[str, list[tuple[str, str]]] = {label: [] for label in labels}
+        self.totals = {"bytes": 0, "files": 0, "requests": 0, "rate_limited": 0, "retries": 0}
+        self.idle = min(1.0, queue.lease / 4)
+        self.session: aiohttp.ClientSession | None = None
+
+    def emit(self, event: BackfillEvent) -> None:
+        if isinstance(event, UnitFinished) and event.state in (DONE, FAILED):
+            self.queue.finish(self.run, [event.unit.id])
+            if event.state == DONE:
+                self.done[event.unit.label] += 1
+                self.provisional[event.unit.label] += self.plan.is_provisional(event.unit)
+                self.totals["bytes"] += event.size
+                self.totals["files"] += 1
+            else:
+                self.failed[event.unit.label].append((event.unit.id, event.error or ""))
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.queue.lease / 3)
+            await anyio.to_thread.run_sync(self.queue.renew)
+
+    async def slot(self) -> None:
+        """Claim and run batches until the run has nothing left for anyone."""
+        held: str | None = None
+        while True:
+            claim = await anyio.to_thread.run_sync(self._claim, held)
+            if claim is None:
+                if held is not None:
+                    await anyio.to_thread.run_sync(self.queue.release_token, self.run, held)
+                    held = None
+                    continue
+                if await anyio.to_thread.run_sync(self.queue.unfinished, self.run) == 0:
+                    return
+                await anyio.sleep(self.idle)  # others' leases: wait for them to end or run out
+                continue
+            held = claim.label if claim.whole else None
+            await self.run_claim(claim)
+
+    def _claim(self, label: str | None) -> Claim | None:
+        return self.queue.claim(self.run, self.batch, label=label)
+
+    async def run_claim(self, claim: Claim) -> None:
+        units: list[Unit] = [self.units[unit_id] for unit_id in claim.unit_ids]
+        token_run = TokenRun(
+            self.spec,
+            self.sources[claim.label],
+            units,
+            self.checkpoint,
+            self.writer,
+            self.overall,
+            self.emit,
+            None,
+            self.plan,
+            self.now,
+        )
+        async with AsyncExitStack() as clients:
+            assert self.session is not None
+            if await token_run.open(clients, self.session):
+                async with anyio.create_task_group() as group:
+                    token_run.start(group)
+            token_run.record_stats()
+        requests, limited, retries = token_run.stats
+        self.totals["requests"] += requests
+        self.totals["rate_limited"] += limited
+        self.totals["retries"] += retries
+        if token_run.fatal is not None:
+            raise token_run.fatal
+
+    async def main(self) -> None:
+        slots = max(1, self.spec.total_concurrency // self.spec.per_token_concurrency)
+        slots = min(slots, len(self.spec.tokens))
+        async with api_session(connections=self.spec.total_concurrency) as session:
+            self.session = session
+            async with anyio.create_task_group() as beat:
+                beat.start_soon(self.heartbeat)
+                async with anyio.create_task_group() as group:
+                    self._start_slots(group, slots)
+                beat.cancel_scope.cancel()
+
+    def _start_slots(self, group: TaskGroup, slots: int) -> None:
+        for _ in range(slots):
+            group.start_soon(self.slot)
+
+    def summary(self) -> BackfillSummary:
+        return BackfillSummary(
+            done=self.done,
+            failed=self.failed,
+            skipped=dict.fromkeys(self.done, 0),
+            provisional=self.provisional,
+            bytes=self.totals["bytes"],
+            files=self.totals["files"],
+            requests=self.totals["requests"],
+            rate_limited=self.totals["rate_limited"],
+            retries=self.totals["retries"],
+        )
+
+
+def _join_or_plan(
+    spec: BackfillSpec,
+    queue: WorkQueue,
+    checkpoint: PostgresCheckpoint,
+    *,
+    new_run: bool,
+    retry_failed: bool,
+    refresh: tuple[datetime, datetime] | None,
+    now: Callable[[], datetime] | None,
+) -> Run:
+    """The run to work on: the latest unfinished one, else a new plan (the first ever,
+    or with ``new_run`` after the last finished)."""
+    latest = queue.latest_run()
+    if latest is not None and (not new_run or queue.unfinished(latest) > 0):
+        return latest
+    moment = now() if now is not None else datetime.now(timezone.utc)
+    the_plan = plan(spec, now=moment)
+    selection = select_units(
+        the_plan, checkpoint.records(), retry_failed=retry_failed, refresh=refresh
+    )
+    todo = [unit for source in spec.tokens for unit in selection.todo[source.label]]
+    return queue.plan_run(latest, moment, todo)
+
+
+async def run_worker(
+    spec: BackfillSpec,
+    *,
+    lease: float = DEFAULT_LEASE,
+    batch: int | None = None,
+    new_run: bool = False,
+    retry_failed: bool = False,
+    refresh: tuple[datetime, datetime] | None = None,
+    on_event: Callable[[BackfillEvent], None] | None = None,
+    worker_id: str | None = None,
+    tune_gc: bool = True,
+    now: Callable[[], datetime] | None = None,
+) -> BackfillSummary:
+    """Work on the spec's run in its PostgreSQL checkpoint until nothing is left; what
+    this worker did. Any number of workers may run at once, on any hosts.
+
+    The first worker (or, with ``new_run``, the first after the last run finished)
+    plans the run as `run_backfill` would choose its units (``retry_failed``,
+    ``refresh``); the others join it. ``lease``: seconds a claim lasts unrenewed;
+    ``batch``: units per claim (default four times the per-token concurrency).
+    `ConfigurationError` without ``checkpoint_url`` and ``redis_url``."""
+    check_worker_spec(spec)
+    if not 0 < lease < 86_400:
+        raise exc.ConfigurationError("the lease must be more than 0 and less than a day")
+    assert spec.redis_url is not None
+    from ..limits_redis import check_redis
+
+    await check_redis(spec.redis_url)  # fail early, clearly, before any claim
+    name = worker_id or worker_name()
+    checkpoint = open_checkpoint(spec, application_name=name)
+    assert isinstance(checkpoint, PostgresCheckpoint)
+    with checkpoint, gc_tuned() if tune_gc else nullcontext():
+        queue = WorkQueue(checkpoint, name, lease)
+        run = _join_or_plan(
+            spec,
+            queue,
+            checkpoint,
+            new_run=new_run,
+            retry_failed=retry_failed,
+            refresh=refresh,
+            now=now,
+        )
+        the_plan = plan(spec, now=run.plan_now)
+        queue.register(socket.gethostname(), os.getpid())
+        worker = _Worker(
+            spec,
+            the_plan,
+            run,
+            queue,
+            checkpoint,
+            batch or 4 * spec.per_token_concurrency,
+            on_event,
+            now,
+        )
+        try:
+            await worker.main()
+        finally:
+            try:
+                queue.stop()
+            except CheckpointError as error:  # the database went away: leases run out
+                log.warning("backfill worker %s: could not release its claims: %s", name, error)
+    return worker.summary()
