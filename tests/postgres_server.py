@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from redis_server import free_port, stop_server
+from redis_server import free_port
 
 __all__ = ["PostgresUnavailable", "find_postgres", "postgres_server", "USER", "PASSWORD"]
 
@@ -44,6 +45,23 @@ def _as_owner(argv: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return argv
     return ["runuser", "-u", "postgres", "--", *argv]
+
+
+def _stop(proc: subprocess.Popen[bytes], data: Path) -> None:
+    """PostgreSQL's fast shutdown (SIGINT: clients disconnected, no wait for them), sent
+    to the postmaster itself (``runuser`` passes on SIGTERM only)."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGINT)
+    except (OSError, ValueError, IndexError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
 
 
 def _ready(bin_dir: Path, port: int) -> bool:
@@ -126,13 +144,13 @@ def postgres_server(*, attempts: int = 3, timeout: float = 30.0) -> Iterator[str
             if proc.poll() is not None or not _ready(bin_dir, port):
                 stderr = proc.stderr.read() if proc.poll() is not None and proc.stderr else b""
                 message = stderr.decode(errors="replace")
-                stop_server(proc)
+                _stop(proc, data)
                 error = PostgresUnavailable(f"postgres did not start: {message}")
                 continue
             try:
                 yield f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/postgres"
             finally:
-                stop_server(proc)
+                _stop(proc, data)
             return
         assert error is not None
         raise error

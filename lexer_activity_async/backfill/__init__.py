@@ -10,7 +10,8 @@ cannot be used stops the run (`CheckpointError`).
 
 The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the floor),
 `runner` (per-token workers, orchestration), `writer` (group commit), `events` (unit
-events and the summary), `status` (where a backfill stands, without a request).
+events and the summary), `status` (where a backfill stands, without a request),
+`workqueue` and `worker` (a run shared by workers on many hosts through PostgreSQL).
 Their public names are all importable from here.
 
 Output layout (keyed by label, never the token)::
@@ -38,6 +39,7 @@ from .spec import (
     parse_duration,
 )
 from .status import TokenStatus, backfill_status
+from .worker import DEFAULT_LEASE, run_worker
 
 __all__ = [
     "SpecError",
@@ -65,4 +67,6 @@ __all__ = [
     "backfill_status",
     "DEFAULT_SETTLE",
     "parse_duration",
+    "run_worker",
+    "DEFAULT_LEASE",
 ]

@@ -45,6 +45,7 @@ from ..backfill import (
     plan,
     run_backfill,
 )
+from ..backfill.worker import DEFAULT_LEASE, check_worker_spec, run_worker
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
 from ..exports import PollPolicy
@@ -770,6 +771,31 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
     type=click.Path(path_type=Path),
     help="Output directory (overrides the spec's).",
 )
+# -- workers (issue 18) --
+@click.option(
+    "--checkpoint-url",
+    metavar="URL",
+    help="Keep the checkpoint in PostgreSQL (postgresql://...) instead of the output folder.",
+)
+@click.option(
+    "--worker",
+    is_flag=True,
+    help="Run as one of several workers sharing the run through the PostgreSQL checkpoint "
+    "(needs --checkpoint-url and --redis-url, or both in the spec).",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True, max=86_400, max_open=True),
+    default=DEFAULT_LEASE,
+    show_default=True,
+    help="With --worker: seconds a claim lasts unrenewed (a dead worker's units wait this).",
+)
+@click.option(
+    "--new-run",
+    is_flag=True,
+    help="With --worker: once the database's last run has finished, plan a new one "
+    "(provisional windows, lookback, --refresh); without it the worker just exits.",
+)
 def backfill(
     spec_path: Path,
     dry_run: bool,
@@ -779,6 +805,10 @@ def backfill(
     redis_url: str | None,
     limit_store: str | None,
     output: Path | None,
+    checkpoint_url: str | None = None,
+    worker: bool = False,
+    lease: float = DEFAULT_LEASE,
+    new_run: bool = False,
 ) -> None:
     """Backfill every report and export of a spec (TOML), resumably.
 
@@ -794,7 +824,13 @@ def backfill(
         overrides["limit_store"] = IN_PROCESS if limit_store == IN_PROCESS else Path(limit_store)
     if output:
         overrides["output"] = output
+    if checkpoint_url:
+        overrides["checkpoint_url"] = checkpoint_url
     spec = _load_spec(spec_path, overrides)
+    if worker:
+        check_worker_spec(spec)  # before anything is planned, opened or sent
+    elif lease != DEFAULT_LEASE or new_run:
+        raise click.UsageError("--lease and --new-run go with --worker")
     if spec.limit_store is None and spec.redis_url is None:
         spec = attrs.evolve(spec, limit_store=default_store_path())
     the_plan = _plan_of(spec, spec_path)
@@ -818,7 +854,16 @@ def backfill(
     _writable(check_directory, spec.output)
     with _view(spec, as_json) as view:
         summary = _run(
-            run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
+            run_worker(
+                spec,
+                lease=lease,
+                new_run=new_run,
+                retry_failed=retry_failed,
+                refresh=refresh,
+                on_event=view,
+            )
+            if worker
+            else run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
         )
     _print_summary(summary, spec, as_json)
     sys.exit(0 if summary.ok else 1)
