@@ -299,3 +299,126 @@ def test_an_unreachable_database_fails_the_worker_in_one_line_without_the_passwo
     assert "lexer:***@127.0.0.1:1" in result.output
     assert PASSWORD not in result.output
     assert "Traceback" not in result.output
+
+
+# -- status from the database ----------------------------------------------------------
+
+
+def _status(spec: Path, *extra: str) -> list[dict[str, Any]]:
+    result = _invoke("status", str(spec), "--json", *extra)
+    assert result.exit_code == 0, result.output
+    assert PASSWORD not in result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_status_reads_the_database_read_only_per_token_and_overall(
+    tmp_path: Path, write_spec: Callable[..., Path], pg_url: str
+) -> None:
+    from datetime import datetime, timezone
+
+    from lexer_activity_async.backfill.spec import run_identity
+    from lexer_activity_async.backfill.workqueue import WorkQueue
+    from lexer_activity_async.checkpoint_pg import PostgresCheckpoint
+
+    data = _spec_data_offline(
+        tokens=[{"label": label, "env": f"LEXER_TEST_{label.upper()}"} for label in ("w0", "w1")],
+        date_to="2024-03-01",
+    )
+    spec_path = write_spec(tmp_path / "spec.toml", data)
+    # Empty database: every unit pending, nobody alive, and nothing created by asking.
+    lines = _status(spec_path, "--checkpoint-url", pg_url)
+    assert [(r["label"], r["pending"], r["leased"]) for r in lines[:2]] == [
+        ("w0", 2, 0),
+        ("w1", 2, 0),
+    ]
+    assert lines[2] == {
+        "overall": {"final": 0, "provisional": 0, "failed": 0, "leased": 0, "pending": 4},
+        "workers_alive": 0,
+        "run": None,
+    }
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        assert _one(db, "SELECT to_regclass('lexer_units')") is None
+
+    spec = BackfillSpec.from_toml(spec_path, checkpoint_url=pg_url)
+    the_plan = plan(spec, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    w0, w1 = the_plan.units_of("w0"), the_plan.units_of("w1")
+    with PostgresCheckpoint(pg_url, run_identity(spec)) as cp:
+        queue = WorkQueue(cp, "host-a:1:abc", lease=60)
+        run = queue.plan_run(None, the_plan.now, the_plan.units)
+        queue.register("host-a", 1)
+        claim = queue.claim(run, 1)
+        assert claim is not None
+        assert (claim.label, claim.unit_ids, claim.whole) == ("w0", (w0[0].id,), True)
+        cp.mark_done(w1[0].id, 10)
+        cp.mark_failed(w1[1].id, "HTTPError: boom")
+    lines = _status(spec_path, "--checkpoint-url", pg_url)
+    by_label = {r["label"]: r for r in lines[:2]}
+    assert (by_label["w0"]["leased"], by_label["w0"]["pending"]) == (1, 1)
+    assert (by_label["w1"]["final"], by_label["w1"]["failed"]) == (1, 1)
+    assert lines[2]["overall"] == {
+        "final": 1,
+        "provisional": 0,
+        "failed": 1,
+        "leased": 1,
+        "pending": 1,
+    }
+    assert (lines[2]["workers_alive"], lines[2]["run"]) == (1, 1)
+    table = _invoke("status", str(spec_path), "--checkpoint-url", pg_url)
+    assert table.exit_code == 0, table.output
+    assert "leased" in table.stdout
+    assert "workers alive: 1" in table.stdout
+    assert PASSWORD not in table.output
+
+
+def test_claims_take_free_tokens_whole_then_help_and_expired_leases_are_reclaimed(
+    tmp_path: Path, write_spec: Callable[..., Path], pg_url: str
+) -> None:
+    from datetime import datetime, timezone
+
+    from lexer_activity_async.backfill.spec import run_identity
+    from lexer_activity_async.backfill.workqueue import WorkQueue
+    from lexer_activity_async.checkpoint_pg import PostgresCheckpoint
+
+    data = _spec_data_offline(
+        tokens=[{"label": label, "env": f"LEXER_TEST_{label.upper()}"} for label in ("w0", "w1")],
+        date_to="2024-04-01",
+    )
+    spec = BackfillSpec.from_toml(write_spec(tmp_path / "spec.toml", data), checkpoint_url=pg_url)
+    the_plan = plan(spec, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    with PostgresCheckpoint(pg_url, run_identity(spec)) as cp:
+        a = WorkQueue(cp, "a", lease=60)
+        b = WorkQueue(cp, "b", lease=60)
+        run = a.plan_run(None, the_plan.now, the_plan.units)
+        assert b.plan_run(None, the_plan.now, the_plan.units) == run  # planned once
+        first = a.claim(run, 2)
+        second = b.claim(run, 2)
+        assert first is not None
+        assert second is not None
+        assert (first.label, first.whole, second.label, second.whole) == ("w0", True, "w1", True)
+        # Every token is held: b helps with w0's queued unit, not as a whole.
+        helping = b.claim(run, 2)
+        assert helping is not None
+        assert (helping.label, helping.whole, len(helping.unit_ids)) == ("w0", False, 1)
+        assert a.claim(run, 2, label="w0") is None  # nothing of w0 left to claim
+        assert b.unfinished(run) == 6
+        # a's leases run out (as if it died): its units go to the next claim.
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute(
+                "UPDATE lexer_queue SET lease_until = now() - interval '1 second' "
+                "WHERE claimed_by = 'a'"
+            )
+            db.execute(
+                "UPDATE lexer_tokens SET lease_until = now() - interval '1 second' "
+                "WHERE claimed_by = 'a'"
+            )
+        again = b.claim(run, 5)
+        assert again is not None
+        assert (again.label, again.unit_ids, again.whole) == ("w0", first.unit_ids, True)
+        b.finish(run, [*second.unit_ids, *helping.unit_ids, *again.unit_ids])
+        a.finish(run, first.unit_ids)  # a lost them: its late finish changes nothing
+        assert b.unfinished(run) == 1
+        rest = b.claim(run, 5, label="w1")
+        assert rest is not None
+        b.finish(run, rest.unit_ids)
+        assert b.unfinished(run) == 0
+        b.stop()

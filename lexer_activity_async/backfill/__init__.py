@@ -38,7 +38,7 @@ from .spec import (
     check_name,
     parse_duration,
 )
-from .status import TokenStatus, backfill_status
+from .status import RunStatus, TokenStatus, backfill_status, run_status
 from .worker import DEFAULT_LEASE, run_worker
 
 __all__ = [
@@ -65,6 +65,8 @@ __all__ = [
     "CheckpointError",
     "TokenStatus",
     "backfill_status",
+    "RunStatus",
+    "run_status",
     "DEFAULT_SETTLE",
     "parse_duration",
     "run_worker",

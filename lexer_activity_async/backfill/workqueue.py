@@ -26,7 +26,7 @@ from .plan import Unit
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["WorkQueue", "Run", "Claim", "QueueCounts", "QUEUED", "LEASED", "FINISHED"]
+__all__ = ["WorkQueue", "Run", "Claim", "QUEUED", "LEASED", "FINISHED"]
 
 QUEUED, LEASED, FINISHED = "queued", "leased", "finished"
 _PLAN_LOCK = 7_211_180_392
@@ -49,17 +49,6 @@ class Claim:
     label: str
     unit_ids: tuple[str, ...]
     whole: bool
-
-
-@attrs.frozen
-class QueueCounts:
-    """A run's queue: per label, units finished, leased (a live lease) and waiting;
-    and workers alive."""
-
-    finished: dict[str, int]
-    leased: dict[str, int]
-    waiting: dict[str, int]
-    workers_alive: int
 
 
 class WorkQueue:
@@ -264,26 +253,23 @@ class WorkQueue:
 
     # -- status --------------------------------------------------------------------------
 
-    def counts(self, run: Run) -> QueueCounts:
-        """``run``'s queue by label, and the workers alive now."""
-
-        def count(db: psycopg.Connection[Any]) -> QueueCounts:
-            rows = db.execute(
-                "SELECT label, count(*) FILTER (WHERE status = 'finished'), "
-                "count(*) FILTER (WHERE status = 'leased' AND lease_until >= now()), "
-                "count(*) FILTER (WHERE status = 'queued' OR (status = 'leased' AND "
-                "lease_until < now())) FROM lexer_queue WHERE run_id = %s GROUP BY label",
+    def leased_units(self, run: Run) -> set[str]:
+        """Units of ``run`` leased to a live worker (a lease not run out)."""
+        rows = self.db.run(
+            lambda db: db.execute(
+                "SELECT unit_id FROM lexer_queue WHERE run_id = %s AND status = 'leased' "
+                "AND lease_until >= now()",
                 (run.run_id,),
             ).fetchall()
-            alive = db.execute(
+        )
+        return {row[0] for row in rows}
+
+    def workers_alive(self) -> int:
+        """Workers whose heartbeat has not run out and that have not stopped."""
+        row = self.db.run(
+            lambda db: db.execute(
                 "SELECT count(*) FROM lexer_workers WHERE alive_until >= now() "
                 "AND stopped_at IS NULL"
             ).fetchone()
-            return QueueCounts(
-                {r[0]: r[1] for r in rows},
-                {r[0]: r[2] for r in rows},
-                {r[0]: r[3] for r in rows},
-                int(alive[0]) if alive else 0,
-            )
-
-        return self.db.run(count)
+        )
+        return int(row[0]) if row else 0

@@ -41,11 +41,12 @@ from ..backfill import (
     Plan,
     TokenSource,
     TokenStatus,
-    backfill_status,
     plan,
     run_backfill,
 )
+from ..backfill.status import RunStatus, run_status
 from ..backfill.worker import DEFAULT_LEASE, check_worker_spec, run_worker
+from ..checkpoint_pg import redact
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
 from ..exports import PollPolicy
@@ -869,23 +870,38 @@ def backfill(
     sys.exit(0 if summary.ok else 1)
 
 
-def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
+def _status_table(spec: BackfillSpec, status: RunStatus) -> Table:
+    shared = status.workers_alive is not None
+    where = f"run {status.run_id or '-'} in {redact(spec.checkpoint_url or '')}"
     table = _table(
-        f"Backfill status: {spec.output}",
-        ("token", "final", "provisional", "failed", "pending", "next provisional refresh"),
+        f"Backfill status: {where if shared else spec.output}",
+        (
+            "token",
+            "final",
+            "provisional",
+            "failed",
+            *(("leased",) if shared else ()),
+            "pending",
+            "next provisional refresh",
+        ),
         free=("next provisional refresh",),
     )
-    for row in rows:
+    for row in status.tokens:
         refresh = "-"
         if row.next_final is not None:
             first = row.next_final.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             refresh = f"next run (the first becomes final at a run after {first})"
-        table.add_row(
-            row.label,
-            *(str(n) for n in (row.final, row.provisional, row.failed, row.pending)),
-            refresh,
-        )
+        counts = (row.final, row.provisional, row.failed, *((row.leased,) if shared else ()))
+        table.add_row(row.label, *(str(n) for n in (*counts, row.pending)), refresh)
     return table
+
+
+def _status_record(row: TokenStatus) -> dict[str, Any]:
+    record: dict[str, Any] = converter.unstructure(row)
+    record["next_final"] = row.next_final.isoformat() if row.next_final else None
+    if row.leased is None:
+        del record["leased"]
+    return record
 
 
 @main.command(short_help="Final, provisional, failed and pending units of a spec.")
@@ -897,19 +913,40 @@ def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
     type=click.Path(path_type=Path),
     help="Output directory (overrides the spec's).",
 )
-def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
+@click.option(
+    "--checkpoint-url",
+    metavar="URL",
+    help="Read the PostgreSQL checkpoint of workers (overrides the spec's checkpoint_url).",
+)
+def status(
+    spec_path: Path, as_json: bool, output: Path | None, checkpoint_url: str | None = None
+) -> None:
     """Per token of a backfill spec: final, provisional, failed and pending units, and
-    the next provisional refresh. Reads the checkpoint and files; sends nothing."""
-    spec = _load_spec(spec_path, {"output": output} if output else {})
+    the next provisional refresh. Reads the checkpoint and files; sends nothing.
+
+    With a PostgreSQL checkpoint (workers), from any host: also the units leased to
+    live workers, a last JSON line with the totals, and how many workers are alive.
+    """
+    overrides: dict[str, Any] = {"output": output} if output else {}
+    if checkpoint_url:
+        overrides["checkpoint_url"] = checkpoint_url
+    spec = _load_spec(spec_path, overrides)
     _plan_of(spec, spec_path)  # a range that cannot be planned: one line, status 2
-    rows = backfill_status(spec)
+    result = run_status(spec)
+    if result.workers_alive is not None:
+        keys = ("final", "provisional", "failed", "leased", "pending")
+        overall = {key: sum(getattr(row, key) or 0 for row in result.tokens) for key in keys}
     if as_json:
-        for row in rows:
-            record = converter.unstructure(row)
-            record["next_final"] = row.next_final.isoformat() if row.next_final else None
-            click.echo(json.dumps(record))
+        for row in result.tokens:
+            click.echo(json.dumps(_status_record(row)))
+        if result.workers_alive is not None:
+            record = {"overall": overall, "workers_alive": result.workers_alive}
+            click.echo(json.dumps({**record, "run": result.run_id}))
         return
-    Console().print(_status_table(spec, rows))
+    Console().print(_status_table(spec, result))
+    if result.workers_alive is not None:
+        totals = " ".join(f"{key}={value}" for key, value in overall.items())
+        click.echo(f"overall: {totals}; workers alive: {result.workers_alive}")
 
 
 @main.command()
