@@ -208,15 +208,13 @@ def test_a_worker_killed_mid_run_has_its_units_reclaimed_and_the_output_is_uncha
     pg_url: str,
     redis_url: str,
 ) -> None:
-    # The reference: one process, the SQLite checkpoint, its own sandbox (same worlds).
+    # The reference: one process, the SQLite checkpoint, its own sandbox (same worlds),
+    # run beside the workers.
     reference_sb = _strict(sandbox_in_thread)
     reference_spec = write_spec(tmp_path / "reference.toml", _spec_data(reference_sb))
     reference = tmp_path / "reference" / "out"
     reference.parent.mkdir()
     single = _start(reference_spec, reference, "single")
-    _wait([single], reference, ["single"])
-    expected = _files(reference)
-    assert len(expected) == UNITS
 
     sb = _strict(sandbox_in_thread)
     spec = write_spec(
@@ -242,6 +240,9 @@ def test_a_worker_killed_mid_run_has_its_units_reclaimed_and_the_output_is_uncha
         )
         assert reclaimed == len(lost)
         assert _one(db, "SELECT count(*) FROM lexer_units WHERE state = 'done'") == UNITS
+    _wait([single], reference, ["single"])
+    expected = _files(reference)
+    assert len(expected) == UNITS
 
     assert _files(out) == expected  # byte for byte
     assert sb.stats.rate_limited == 0
@@ -395,8 +396,9 @@ def test_claims_take_free_tokens_whole_then_help_and_expired_leases_are_reclaime
         assert first is not None
         assert second is not None
         assert (first.label, first.whole, second.label, second.whole) == ("w0", True, "w1", True)
-        # Every token is held: b helps with w0's queued unit, not as a whole.
-        helping = b.claim(run, 2)
+        # Every token is held: b may help with w0's queued unit, not as a whole.
+        assert b.claim(run, 2) is None
+        helping = b.claim(run, 2, share=True)
         assert helping is not None
         assert (helping.label, helping.whole, len(helping.unit_ids)) == ("w0", False, 1)
         assert a.claim(run, 2, label="w0") is None  # nothing of w0 left to claim

@@ -98,6 +98,9 @@ class _Worker:
         self.totals = {"bytes": 0, "files": 0, "requests": 0, "rate_limited": 0, "retries": 0}
         self.idle = min(1.0, queue.lease / 4)
         self.session: aiohttp.ClientSession | None = None
+        self.held: set[str] = set()
+        self.helping = 0
+        self.changed = anyio.Event()
 
     def emit(self, event: BackfillEvent) -> None:
         if isinstance(event, UnitFinished) and event.state in (DONE, FAILED):
@@ -117,31 +120,68 @@ class _Worker:
             await anyio.sleep(self.queue.lease / 3)
             await anyio.to_thread.run_sync(self.queue.renew)
 
-    async def slot(self) -> None:
-        """Claim and run batches until the run has nothing left for anyone."""
-        held: str | None = None
-        while True:
-            claim = await anyio.to_thread.run_sync(self._claim, held)
-            if claim is None:
-                if held is not None:
-                    await anyio.to_thread.run_sync(self.queue.release_token, self.run, held)
-                    held = None
-                    continue
-                if await anyio.to_thread.run_sync(self.queue.unfinished, self.run) == 0:
-                    return
-                await anyio.sleep(self.idle)  # others' leases: wait for them to end or run out
-                continue
-            held = claim.label if claim.whole else None
-            await self.run_claim(claim)
+    async def _share(self) -> tuple[int, bool]:
+        """How many tokens this worker should hold (its fair share of the tokens with
+        work among the live workers), and whether tokens must be shared (fewer tokens
+        with work than workers: only then does a worker help with another's token)."""
+        tokens, alive = await anyio.to_thread.run_sync(self.queue.load, self.run)
+        alive = max(1, alive)
+        return max(1, -(-tokens // alive)), tokens < alive
 
-    def _claim(self, label: str | None) -> Claim | None:
-        return self.queue.claim(self.run, self.batch, label=label)
+    async def claimer(self, group: TaskGroup) -> None:
+        """Claim tokens up to this worker's fair share, each run by its own task, until
+        the run has nothing left for anyone."""
+        while True:
+            share, must_share = await self._share()
+            claim = None
+            if len(self.held) + self.helping < share:
+                claim = await anyio.to_thread.run_sync(self._claim, None, must_share)
+            if claim is not None:
+                if claim.whole:
+                    self.held.add(claim.label)
+                else:
+                    self.helping += 1
+                group.start_soon(self.token, claim)
+                continue
+            idle = not self.held and not self.helping
+            if idle and await anyio.to_thread.run_sync(self.queue.unfinished, self.run) == 0:
+                return
+            # Others' leases, or this worker's own tokens: look again when one of its
+            # tokens ends, or after a while (a lease may run out, a worker may leave).
+            self.changed = anyio.Event()
+            with anyio.move_on_after(self.idle):
+                await self.changed.wait()
+
+    async def token(self, claim: Claim) -> None:
+        """Run ``claim``, then more of its token while this worker's share allows."""
+        try:
+            current: Claim | None = claim
+            while current is not None:
+                await self.run_claim(current)
+                if not claim.whole:
+                    return  # helping: one batch, then the claimer looks again
+                share, _ = await self._share()
+                if len(self.held) > share:
+                    return  # others joined: leave the rest of this token to them
+                current = await anyio.to_thread.run_sync(self._claim, claim.label, False)
+        finally:
+            if not claim.whole:
+                self.helping -= 1
+            else:
+                self.held.discard(claim.label)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.queue.release_token, self.run, claim.label)
+            self.changed.set()
+
+    def _claim(self, label: str | None, share: bool) -> Claim | None:
+        return self.queue.claim(self.run, self.batch, label=label, share=share)
 
     async def run_claim(self, claim: Claim) -> None:
         units: list[Unit] = [self.units[unit_id] for unit_id in claim.unit_ids]
+        label = claim.label
         token_run = TokenRun(
             self.spec,
-            self.sources[claim.label],
+            self.sources[label],
             units,
             self.checkpoint,
             self.writer,
@@ -165,19 +205,13 @@ class _Worker:
             raise token_run.fatal
 
     async def main(self) -> None:
-        slots = max(1, self.spec.total_concurrency // self.spec.per_token_concurrency)
-        slots = min(slots, len(self.spec.tokens))
         async with api_session(connections=self.spec.total_concurrency) as session:
             self.session = session
             async with anyio.create_task_group() as beat:
                 beat.start_soon(self.heartbeat)
                 async with anyio.create_task_group() as group:
-                    self._start_slots(group, slots)
+                    group.start_soon(self.claimer, group)
                 beat.cancel_scope.cancel()
-
-    def _start_slots(self, group: TaskGroup, slots: int) -> None:
-        for _ in range(slots):
-            group.start_soon(self.slot)
 
     def summary(self) -> BackfillSummary:
         return BackfillSummary(

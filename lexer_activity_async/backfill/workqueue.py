@@ -179,10 +179,13 @@ class WorkQueue:
 
     # -- claims --------------------------------------------------------------------------
 
-    def claim(self, run: Run, batch: int, *, label: str | None = None) -> Claim | None:
+    def claim(
+        self, run: Run, batch: int, *, label: str | None = None, share: bool = False
+    ) -> Claim | None:
         """Lease up to ``batch`` units: of ``label`` (a token this worker holds), else of
-        a token no live worker holds (taken as a whole), else - every token with work
-        being held - queued units of another's token. None if nothing is claimable now."""
+        a token no live worker holds (taken as a whole), else - with ``share``, when
+        every token with work is held - queued units of another's token. None if nothing
+        is claimable now."""
 
         def claim(db: psycopg.Connection[Any]) -> Claim | None:
             with db.transaction():
@@ -197,7 +200,7 @@ class WorkQueue:
                         "ORDER BY t.seq LIMIT 1 FOR UPDATE SKIP LOCKED",
                         (run.run_id,),
                     ).fetchone()
-                    if row is None:
+                    if row is None and share:
                         whole = False
                         row = db.execute(
                             "SELECT q.label FROM lexer_queue q WHERE q.run_id = %s AND "
@@ -227,6 +230,23 @@ class WorkQueue:
                 return Claim(chosen, tuple(unit_id for _, unit_id in sorted(rows)), whole)
 
         return self.db.run(claim)
+
+    def load(self, run: Run) -> tuple[int, int]:
+        """(tokens of ``run`` with units not finished, workers alive): how to share."""
+
+        def load(db: psycopg.Connection[Any]) -> tuple[int, int]:
+            tokens = db.execute(
+                "SELECT count(DISTINCT label) FROM lexer_queue WHERE run_id = %s "
+                "AND status <> 'finished'",
+                (run.run_id,),
+            ).fetchone()
+            alive = db.execute(
+                "SELECT count(*) FROM lexer_workers WHERE alive_until >= now() "
+                "AND stopped_at IS NULL"
+            ).fetchone()
+            return (int(tokens[0]) if tokens else 0, int(alive[0]) if alive else 0)
+
+        return self.db.run(load)
 
     def finish(self, run: Run, unit_ids: Iterable[str]) -> None:
         """These units ended (done or failed, as the checkpoint says)."""
