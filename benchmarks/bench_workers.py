@@ -5,9 +5,10 @@ unit (issue 18, item 5).
 The sandbox runs in its own process (`_common.SandboxProcess`) enforcing N requests per
 W seconds per token. A PostgreSQL cluster and a redis-server are started on free loopback
 ports (the tests' helpers). The plan is reports only, many tokens, at a scaled window:
-``--tokens`` (40) x ``--months`` (6) windows x 4 report types, N = 10 per W = 2 s, so each
-token's 24 requests take three bursts: floor = 2 W = 4 s for every token (they run in
-parallel), whatever the number of workers.
+``--tokens`` (40) x ``--months`` (12) windows x 4 report types, N = 10 per W = 2 s, so
+each token's 48 requests take five bursts: floor = 4 W = 8 s for every token (they run in
+parallel), whatever the number of workers. Claims are 20 units (four times the per-token
+concurrency of 5), so a worker hands tokens beyond its fair share back after 20 units.
 
 For each worker count (runs alternate between counts; fresh tokens and a fresh schema each
 run): wall from starting the workers to the last one's exit (process start included),
@@ -66,8 +67,8 @@ def _spec(
     folder: Path, sb: c.SandboxProcess, tokens: int, months: int, urls: dict[str, str]
 ) -> Path:
     lines = [
-        'date_from = "2024-01-01"',
-        f'date_to = "2024-{months + 1:02d}-01"',
+        'date_from = "2023-01-01"',
+        f'date_to = "{2023 + months // 12}-{months % 12 + 1:02d}-01"',
         f"reports = {json.dumps(REPORTS)}",
         f'api_url = "{sb.api_url}"',
         f'status_url = "{sb.status_url}"',
@@ -75,7 +76,7 @@ def _spec(
         f'checkpoint_url = "{urls["postgres"]}"',
         f'output = "{folder / "out"}"',
         f"rate_limit = {{ max_requests = {N}, window = {W} }}",
-        "concurrency = { per_token = 10, total = 100 }",
+        "concurrency = { per_token = 5, total = 100 }",
     ]
     lines += [f'[[tokens]]\nlabel = "t{i}"\nenv = "BENCH_T{i}"' for i in range(tokens)]
     path = folder / "spec.toml"
@@ -162,7 +163,7 @@ def _claim_overhead(cluster: str, units: int, batch: int) -> dict[str, float]:
 def main() -> None:
     parser = c.base_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=40)
-    parser.add_argument("--months", type=int, default=6)
+    parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 3)
