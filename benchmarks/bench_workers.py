@@ -94,21 +94,28 @@ def _run_workers(
     with tempfile.TemporaryDirectory() as tmp, _schema(cluster) as url:
         folder = Path(tmp)
         spec = _spec(folder, sb, tokens, months, {"redis": redis, "postgres": url})
+        # Output to files, not pipes: a worker blocked on a full pipe stops renewing its
+        # leases, and its units are taken over.
+        logs = [(folder / f"w{i}.out", folder / f"w{i}.err") for i in range(workers)]
         started = time.perf_counter()
-        procs = [
-            subprocess.Popen(
-                [*COMMAND, str(spec), "--worker", "--json", "--lease", "10"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-            )
-            for _ in range(workers)
-        ]
-        outputs = [proc.communicate(timeout=600) for proc in procs]
+        procs = []
+        for out_path, err_path in logs:
+            with out_path.open("wb") as out, err_path.open("wb") as err:
+                procs.append(
+                    subprocess.Popen(
+                        [*COMMAND, str(spec), "--worker", "--json", "--lease", "10"],
+                        stdout=out,
+                        stderr=err,
+                        env=env,
+                    )
+                )
+        for proc in procs:
+            proc.wait(timeout=600)
         wall = time.perf_counter() - started
-        for proc, (_, err) in zip(procs, outputs, strict=True):
+        outputs = [(o.read_text(), e.read_text()) for o, e in logs]
+        for proc, (out_text, err_text) in zip(procs, outputs, strict=True):
             if proc.returncode != 0:
-                raise RuntimeError(f"a worker failed: {err.decode(errors='replace')}")
+                raise RuntimeError(f"a worker failed: {err_text} {out_text.splitlines()[-1:]}")
     done = [json.loads(out.splitlines()[-1])["units_done"] for out, _ in outputs]
     return {
         "wall": wall,
@@ -197,7 +204,7 @@ def main() -> None:
         per_worker = c.median(units / workers / r["wall"] for r in measured)
         balance = c.median(min(r["units"]) / max(r["units"]) for r in measured)
         limited = sum(r["rate_limited"] for r in measured)
-        assert all(sum(r["units"]) == units for r in measured)
+        assert all(sum(r["units"]) == units for r in measured), (units, measured)
         rows.append(
             [workers, c.fmt(wall), c.fmt(wall / floor), c.fmt(per_worker), c.fmt(balance), limited]
         )

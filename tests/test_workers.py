@@ -160,6 +160,18 @@ def _victim_id(db: psycopg.Connection[Any], pid: int) -> str | None:
     return None if row is None else str(row[0])
 
 
+def _wait_for_leases(db: psycopg.Connection[Any], worker: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, "the worker ended before it claimed anything"
+        worker_id = _victim_id(db, worker.pid)
+        if worker_id is not None and _one(
+            db, "SELECT count(*) FROM lexer_queue WHERE claimed_by = %s", worker_id
+        ):
+            return
+    raise AssertionError("the worker claimed nothing")
+
+
 def _kill_mid_run(db: psycopg.Connection[Any], victim: subprocess.Popen[bytes]) -> str:
     """SIGKILL ``victim`` once it has finished a unit and holds leases, at a moment when
     none of its export units is between recording its intent and its job's token (the
@@ -182,10 +194,12 @@ def _kill_mid_run(db: psycopg.Connection[Any], victim: subprocess.Popen[bytes]) 
         victim.send_signal(signal.SIGSTOP)
         while _one(
             db,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state <> 'idle'",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state = 'active'",
             worker_id[:63],
         ):
-            pass  # a statement sent before the stop is still running
+            pass  # a statement sent before the stop is still running (an open transaction
+            # is fine: the kill rolls it back, and nothing it wrote was ever visible)
         starting = _one(
             db,
             "SELECT count(*) FROM lexer_queue q JOIN lexer_units u USING (unit_id) "
@@ -221,9 +235,12 @@ def test_a_worker_killed_mid_run_has_its_units_reclaimed_and_the_output_is_uncha
         tmp_path / "spec.toml", _spec_data(sb, checkpoint_url=pg_url, redis_url=redis_url)
     )
     out = tmp_path / "out"
+    # The victim starts alone and claims every token; the others join once it holds
+    # them, and get tokens as it hands them back between batches (and after its death).
     victim = _worker(spec, out, "victim")
-    others = [_worker(spec, out, name) for name in ("second", "third")]
     with psycopg.connect(pg_url, autocommit=True) as db:
+        _wait_for_leases(db, victim)
+        others = [_worker(spec, out, name) for name in ("second", "third")]
         victim_id = _kill_mid_run(db, victim)
         lost = db.execute(
             "SELECT unit_id FROM lexer_queue WHERE claimed_by = %s AND status = 'leased'",
@@ -424,3 +441,23 @@ def test_claims_take_free_tokens_whole_then_help_and_expired_leases_are_reclaime
         b.finish(run, rest.unit_ids)
         assert b.unfinished(run) == 0
         b.stop()
+
+
+def test_a_worker_with_another_spec_than_the_database_is_refused_naming_the_keys(
+    tmp_path: Path, write_spec: Callable[..., Path], pg_url: str, redis_url: str
+) -> None:
+    from lexer_activity_async.backfill.spec import run_identity
+    from lexer_activity_async.checkpoint_pg import PostgresCheckpoint
+
+    first = write_spec(tmp_path / "first.toml", _spec_data_offline(redis_url=redis_url))
+    PostgresCheckpoint(pg_url, run_identity(BackfillSpec.from_toml(first))).close()
+    other = write_spec(
+        tmp_path / "other.toml",
+        _spec_data_offline(redis_url=redis_url, reports=["summary", "user_volume"]),
+    )
+    result = _invoke("backfill", str(other), "--worker", "--checkpoint-url", pg_url)
+    assert result.exit_code == 1
+    assert "another spec (keys that differ: reports)" in result.output
+    assert PASSWORD not in result.output
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        assert _one(db, "SELECT count(*) FROM lexer_runs") == 0  # nothing planned

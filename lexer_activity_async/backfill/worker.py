@@ -96,7 +96,7 @@ class _Worker:
         self.provisional = dict.fromkeys(labels, 0)
         self.failed: dict[str, list[tuple[str, str]]] = {label: [] for label in labels}
         self.totals = {"bytes": 0, "files": 0, "requests": 0, "rate_limited": 0, "retries": 0}
-        self.idle = min(1.0, queue.lease / 4)
+        self.idle = min(0.5, queue.lease / 4)
         self.session: aiohttp.ClientSession | None = None
         self.held: set[str] = set()
         self.helping = 0
@@ -284,28 +284,29 @@ async def run_worker(
     assert isinstance(checkpoint, PostgresCheckpoint)
     with checkpoint, gc_tuned() if tune_gc else nullcontext():
         queue = WorkQueue(checkpoint, name, lease)
-        run = _join_or_plan(
-            spec,
-            queue,
-            checkpoint,
-            new_run=new_run,
-            retry_failed=retry_failed,
-            refresh=refresh,
-            now=now,
-        )
-        the_plan = plan(spec, now=run.plan_now)
+        # Registered before planning: workers started together then count each other
+        # from their first claim, and share the tokens from the start.
         queue.register(socket.gethostname(), os.getpid())
-        worker = _Worker(
-            spec,
-            the_plan,
-            run,
-            queue,
-            checkpoint,
-            batch or 4 * spec.per_token_concurrency,
-            on_event,
-            now,
-        )
         try:
+            run = _join_or_plan(
+                spec,
+                queue,
+                checkpoint,
+                new_run=new_run,
+                retry_failed=retry_failed,
+                refresh=refresh,
+                now=now,
+            )
+            worker = _Worker(
+                spec,
+                plan(spec, now=run.plan_now),
+                run,
+                queue,
+                checkpoint,
+                batch or 4 * spec.per_token_concurrency,
+                on_event,
+                now,
+            )
             await worker.main()
         finally:
             try:
