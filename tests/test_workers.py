@@ -433,6 +433,15 @@ def test_claims_take_free_tokens_whole_then_help_and_expired_leases_are_reclaime
         again = b.claim(run, 5)
         assert again is not None
         assert (again.label, again.unit_ids, again.whole) == ("w0", first.unit_ids, True)
+        # a, alive after all, fails a unit b took over: not recorded over b's work.
+        from lexer_activity_async.backfill.worker import LeaseGuard
+
+        LeaseGuard(cp, a, run).mark_failed(first.unit_ids[0], "OutputError: gone")
+        assert cp.get(first.unit_ids[0]) is None
+        LeaseGuard(cp, b, run).mark_failed(first.unit_ids[0], "HTTPError: boom")
+        failed = cp.get(first.unit_ids[0])
+        assert failed is not None
+        assert failed.error == "HTTPError: boom"
         b.finish(run, [*second.unit_ids, *helping.unit_ids, *again.unit_ids])
         a.finish(run, first.unit_ids)  # a lost them: its late finish changes nothing
         assert b.unfinished(run) == 1

@@ -38,7 +38,7 @@ from .writer import ReportWriter
 
 log = logging.getLogger("lexer_activity_async")
 
-__all__ = ["run_worker", "worker_name", "DEFAULT_LEASE"]
+__all__ = ["run_worker", "worker_name", "check_worker_spec", "LeaseGuard", "DEFAULT_LEASE"]
 
 DEFAULT_LEASE = 60.0
 """Seconds a claim lasts without renewal: how long a dead worker's units wait."""
@@ -65,6 +65,36 @@ def check_worker_spec(spec: BackfillSpec) -> None:
         )
 
 
+class LeaseGuard:
+    """The checkpoint as a worker's token runs see it: a failure is recorded only while
+    the unit is still leased to this worker. A worker that stalled past its lease may
+    find the unit taken over and done by another; its own failure (say, its part file
+    renamed by the other) must not overwrite that."""
+
+    def __init__(self, checkpoint: PostgresCheckpoint, queue: WorkQueue, run: Run) -> None:
+        self._checkpoint = checkpoint
+        self._queue = queue
+        self._run = run
+        self.record_intent = checkpoint.record_intent
+        self.record_job = checkpoint.record_job
+        self.mark_done = checkpoint.mark_done
+        self.mark_done_many = checkpoint.mark_done_many
+        self.get = checkpoint.get
+        self.records = checkpoint.records
+        self.close = checkpoint.close
+
+    def mark_failed(self, unit_id: str, error: str, report_token: str | None = None) -> None:
+        if not self._queue.holds(self._run, unit_id):
+            log.warning(
+                "backfill unit %s: another worker took it over (this worker's lease ran "
+                "out); this worker's failure is not recorded: %s",
+                unit_id,
+                error,
+            )
+            return
+        self._checkpoint.mark_failed(unit_id, error, report_token)
+
+
 class _Worker:
     """One worker's run: slots claiming and running batches, a heartbeat, a tally."""
 
@@ -89,7 +119,8 @@ class _Worker:
         self.now = now
         self.units = {unit.id: unit for unit in the_plan.units}
         self.sources = {source.label: source for source in spec.tokens}
-        self.writer = ReportWriter(checkpoint, now)
+        self.guarded = LeaseGuard(checkpoint, queue, run)
+        self.writer = ReportWriter(self.guarded, now)
         self.overall = anyio.CapacityLimiter(spec.total_concurrency)
         labels = [source.label for source in spec.tokens]
         self.done = dict.fromkeys(labels, 0)
@@ -183,7 +214,7 @@ class _Worker:
             self.spec,
             self.sources[label],
             units,
-            self.checkpoint,
+            self.guarded,
             self.writer,
             self.overall,
             self.emit,

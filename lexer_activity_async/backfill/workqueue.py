@@ -261,6 +261,18 @@ class WorkQueue:
             )
         )
 
+    def holds(self, run: Run, unit_id: str) -> bool:
+        """Whether ``unit_id`` is still leased to this worker (not taken over by another
+        after this worker's lease ran out)."""
+        row = self.db.run(
+            lambda db: db.execute(
+                "SELECT 1 FROM lexer_queue WHERE run_id = %s AND unit_id = %s "
+                "AND claimed_by = %s AND status = 'leased'",
+                (run.run_id, unit_id, self.worker_id),
+            ).fetchone()
+        )
+        return row is not None
+
     def release_token(self, run: Run, label: str) -> None:
         """This worker no longer holds ``label`` as a whole."""
         self.db.run(
