@@ -786,6 +786,7 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
 )
 @click.option(
     "--lease",
+    metavar="SECONDS",
     type=click.FloatRange(min=0, min_open=True, max=86_400, max_open=True),
     default=DEFAULT_LEASE,
     show_default=True,
