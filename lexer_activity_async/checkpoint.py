@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
@@ -34,6 +34,7 @@ from . import exceptions as exc
 
 __all__ = [
     "Checkpoint",
+    "CheckpointStore",
     "CheckpointError",
     "UnitRecord",
     "DONE",
@@ -135,6 +136,36 @@ class UnitRecord:
             fetched_at,
             None if final is None else bool(final),
         )
+
+
+class CheckpointStore(Protocol):
+    """What the backfill's runner and writer need of a checkpoint: the SQLite file
+    (`Checkpoint`) on one host, or PostgreSQL (`checkpoint_pg.PostgresCheckpoint`)
+    shared by workers on many. Every write is durable when the call returns."""
+
+    def record_intent(self, unit_id: str) -> None: ...
+
+    def record_job(self, unit_id: str, report_token: str) -> None: ...
+
+    def mark_done(
+        self, unit_id: str, size: int, *, final: bool = True, fetched_at: float | None = None
+    ) -> None: ...
+
+    def mark_done_many(
+        self,
+        units: Sequence[tuple[str, int]],
+        *,
+        final: bool | Sequence[bool] = True,
+        fetched_at: float | None = None,
+    ) -> None: ...
+
+    def mark_failed(self, unit_id: str, error: str, report_token: str | None = None) -> None: ...
+
+    def get(self, unit_id: str) -> UnitRecord | None: ...
+
+    def records(self) -> dict[str, UnitRecord]: ...
+
+    def close(self) -> None: ...
 
 
 class Checkpoint:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aioresponses import aioresponses
+from postgres_server import find_postgres, postgres_server
 from redis_server import find_redis_server, redis_server  # tests/ is on sys.path
 
 from lexer_activity_async import LexerClient, LimiterRegistry
@@ -324,3 +325,32 @@ def other_process() -> Iterator[Callable[[str], subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[str]:
+    """A real PostgreSQL cluster for the session (one: starting one takes a second or
+    two). Skipped locally without the binaries; under CI=true their absence fails."""
+    if find_postgres() is None:
+        message = "PostgreSQL is not installed (apt install postgresql) - PostgreSQL tests"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} cannot be skipped under CI")
+        pytest.skip(f"{message} skipped")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(postgres_cluster: str) -> Iterator[str]:
+    """A ``postgresql://`` URL whose connections use a fresh, empty schema of the session's
+    cluster (through ``search_path``), so each test has a database of its own."""
+    import uuid
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_cluster, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    yield f"{postgres_cluster}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(postgres_cluster, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -88,9 +88,9 @@ def test_only_the_opentelemetry_api_is_imported() -> None:
 
 def test_the_runtime_imports_only_declared_runtime_dependencies() -> None:
     """Every third-party module the package imports comes from a runtime requirement (or
-    the optional ``redis``, ``dlt``, ``otel``, ``tables`` and ``uvloop`` extras), so a plain
-    install never lacks
-    one; and no runtime requirement is there only for the tests."""
+    the optional ``redis``, ``dlt``, ``otel``, ``tables``, ``uvloop`` and ``postgres``
+    extras), so a plain install never lacks one; and no runtime requirement is there only
+    for the tests."""
     distributions = packages_distributions()
     imported = _imported_top_level_modules()
     assert "aiohttp" in imported  # the scan does see third-party imports
@@ -101,7 +101,7 @@ def test_the_runtime_imports_only_declared_runtime_dependencies() -> None:
         for dist in _OWNERS.get(module, distributions.get(module, [module]))
     }
     runtime = _declared(set())
-    optional = _declared({"redis", "dlt", "otel", "tables", "uvloop"})
+    optional = _declared({"redis", "dlt", "otel", "tables", "uvloop", "postgres"})
     assert provided <= runtime | optional, provided - runtime
     assert "aiolimiter" not in runtime  # only the tests import it
     unused = runtime - provided - {"tomli", "exceptiongroup"}  # back-ports for Python 3.10

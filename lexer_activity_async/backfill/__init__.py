@@ -11,7 +11,8 @@ cannot be used stops the run (`CheckpointError`).
 The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the floor),
 `runner` (per-token workers, orchestration), `writer` (group commit through the run's
 sink), `events` (unit events and the summary), `status` (where a backfill stands,
-without a request).
+without a request), `workqueue` and `worker` (a run shared by workers on many hosts
+through PostgreSQL).
 Their public names are all importable from here.
 
 Output layout (keyed by label, never the token), reports in the spec's ``format``
@@ -39,7 +40,8 @@ from .spec import (
     check_name,
     parse_duration,
 )
-from .status import TokenStatus, backfill_status
+from .status import RunStatus, TokenStatus, backfill_status, run_status
+from .worker import DEFAULT_LEASE, run_worker
 
 __all__ = [
     "SpecError",
@@ -65,6 +67,10 @@ __all__ = [
     "CheckpointError",
     "TokenStatus",
     "backfill_status",
+    "RunStatus",
+    "run_status",
     "DEFAULT_SETTLE",
     "parse_duration",
+    "run_worker",
+    "DEFAULT_LEASE",
 ]

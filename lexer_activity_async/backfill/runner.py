@@ -7,18 +7,28 @@ import contextlib
 import gc
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, closing, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import aiohttp
 import anyio
+import attrs
 from anyio.abc import TaskGroup
 
 from .. import exceptions as exc
 from .. import exports
-from ..checkpoint import DONE, FAILED, PENDING, STARTING, Checkpoint, CheckpointError, UnitRecord
+from ..checkpoint import (
+    DONE,
+    FAILED,
+    PENDING,
+    STARTING,
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    UnitRecord,
+)
 from ..client import LexerClient, api_session, files_session
 from ..instrumentation import Instrumentation, InstrumentationOption
 from ..instrumentation import resolve as resolve_instrumentation
@@ -30,7 +40,7 @@ from ..network import network
 from ..sinks import ReportSink, Slot, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Plan, Unit, plan
-from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource
+from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource, run_identity
 from .writer import ReportWriter, output_error, report_kinds, report_slot
 
 log = logging.getLogger("lexer_activity_async")
@@ -43,6 +53,10 @@ __all__ = [
     "is_final",
     "file_matches",
     "unit_present",
+    "open_checkpoint",
+    "select_units",
+    "Selection",
+    "TokenRun",
 ]
 
 CHECKPOINT_NAME = ".lexer-checkpoint.sqlite"
@@ -68,15 +82,16 @@ class _InFlight:
         self._overall.release()
 
 
-class _TokenRun:
-    """Runs one token's units, concurrently up to the caps, recording each."""
+class TokenRun:
+    """Runs one token's units, concurrently up to the caps, recording each (the whole
+    run's tokens in `run_backfill`, a claimed batch of one token in a worker)."""
 
     def __init__(
         self,
         spec: BackfillSpec,
         source: TokenSource,
         units: Sequence[Unit],
-        checkpoint: Checkpoint,
+        checkpoint: CheckpointStore,
         writer: ReportWriter,
         overall: anyio.CapacityLimiter,
         emit: Callable[[BackfillEvent], None],
@@ -305,6 +320,64 @@ class _TokenRun:
         return converted.bytes
 
 
+def open_checkpoint(
+    spec: BackfillSpec, *, read_only: bool = False, application_name: str = "lexer-activity"
+) -> CheckpointStore:
+    """The spec's checkpoint: PostgreSQL at its ``checkpoint_url`` (refusing a database
+    that holds another spec's backfill), else the SQLite file in its output folder."""
+    if spec.checkpoint_url is None:
+        return Checkpoint(spec.output / CHECKPOINT_NAME)
+    from ..checkpoint_pg import PostgresCheckpoint
+
+    return PostgresCheckpoint(
+        spec.checkpoint_url,
+        run_identity(spec),
+        read_only=read_only,
+        application_name=application_name,
+    )
+
+
+@attrs.frozen
+class Selection:
+    """A run's units by what the checkpoint says of them, per label: to run, skipped
+    (done, or failed before without ``retry_failed``) and, of those, failed before."""
+
+    todo: dict[str, list[Unit]]
+    skipped: dict[str, list[Unit]]
+    failed_before: dict[str, list[tuple[Unit, str]]]
+
+
+def select_units(
+    the_plan: Plan,
+    sink: ReportSink,
+    records: Mapping[str, UnitRecord],
+    *,
+    retry_failed: bool = False,
+    refresh: tuple[datetime, datetime] | None = None,
+) -> Selection:
+    """Which units a run does (see `run_backfill` for the rules)."""
+    selection = Selection({}, {}, {})
+    for source in the_plan.spec.tokens:
+        todo = selection.todo.setdefault(source.label, [])
+        skipped = selection.skipped.setdefault(source.label, [])
+        failed = selection.failed_before.setdefault(source.label, [])
+        for unit in the_plan.units_of(source.label):
+            record = records.get(unit.id)
+            state = record.state if record is not None else None
+            if state == FAILED and not retry_failed:
+                failed.append((unit, record.error or "" if record else ""))
+            # A rerun does every unit not done, except that failed ones need
+            # --retry-failed; units a crash left unfinished always run.
+            keep = state == DONE and record is not None
+            if keep and record is not None:
+                keep = not _needs_refetch(the_plan, sink, unit, record, refresh)
+            if keep or (state == FAILED and not retry_failed):
+                skipped.append(unit)
+            else:
+                todo.append(unit)
+    return selection
+
+
 def is_final(the_plan: Plan, unit: Unit, record: UnitRecord) -> bool:
     """Whether a done unit's file is final. A checkpoint from before provisional windows
     does not say: then final if its window had settled when it was fetched."""
@@ -455,34 +528,24 @@ async def run_backfill(
     with (
         contextlib.closing(sink),
         gc_tuned() if tune_gc else nullcontext(),
-        Checkpoint(spec.output / CHECKPOINT_NAME) as checkpoint,
+        closing(open_checkpoint(spec)) as checkpoint,
     ):
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
         writer = ReportWriter(checkpoint, sink, now)
+        selected = select_units(the_plan, sink, records, retry_failed=retry_failed, refresh=refresh)
         runs = []
         for source in spec.tokens:
-            todo = []
-            for unit in the_plan.units_of(source.label):
-                record = records.get(unit.id)
-                state = record.state if record is not None else None
-                if state == FAILED and not retry_failed:
-                    failed[source.label].append((unit.id, record.error or "" if record else ""))
-                # A rerun does every unit not done, except that failed ones need
-                # --retry-failed; units a crash left unfinished always run.
-                keep = state == DONE and record is not None
-                if keep and record is not None:
-                    keep = not _needs_refetch(the_plan, sink, unit, record, refresh)
-                if keep or (state == FAILED and not retry_failed):
-                    skipped[source.label] += 1
-                    emit(UnitFinished(unit, "skipped"))
-                else:
-                    todo.append(unit)
+            for unit, error in selected.failed_before[source.label]:
+                failed[source.label].append((unit.id, error))
+            for unit in selected.skipped[source.label]:
+                skipped[source.label] += 1
+                emit(UnitFinished(unit, "skipped"))
             runs.append(
-                _TokenRun(
+                TokenRun(
                     spec,
                     source,
-                    todo,
+                    selected.todo[source.label],
                     checkpoint,
                     writer,
                     overall,

@@ -58,6 +58,7 @@ __all__ = [
     "check_spans",
     "parse_duration",
     "DEFAULT_SETTLE",
+    "run_identity",
 ]
 
 ALL_REPORTS = tuple(k.value for k in ReportType)
@@ -167,6 +168,11 @@ class BackfillSpec:
         default=None, validator=lambda _s, _a, v: _check_limit_store(v)
     )
     """A local limit-store file (`limits_sqlite`), or ``"memory"`` for in-process only."""
+    checkpoint_url: str | None = attrs.field(
+        default=None, validator=lambda _s, _a, v: _check_checkpoint_url(v)
+    )
+    """A ``postgresql://`` database for the checkpoint (and the workers' queue) instead of
+    the SQLite file in the output folder."""
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     poll: PollPolicy = attrs.field(
         factory=PollPolicy, validator=lambda _s, _a, v: _check_poll("[poll]", v)
@@ -495,6 +501,52 @@ def _check_url(key: str, url: object, schemes: tuple[str, ...]) -> None:
         raise SpecError(f"`{key}` must be a {'/'.join(schemes)} URL, got {url!r}")
 
 
+def _check_checkpoint_url(url: object) -> None:
+    """A postgresql:// URL (the host may be left to libpq); never echoed, it may hold a
+    password."""
+    if url is None:
+        return
+    if not isinstance(url, str):
+        raise SpecError(f"`checkpoint_url` must be a string, got {shown(url)}")
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if not url.isprintable() or " " in url or scheme not in ("postgresql", "postgres"):
+        raise SpecError("`checkpoint_url` must be a postgresql:// URL")
+
+
+# The keys that decide which files a run writes, and what is in them: workers sharing a
+# checkpoint database must agree on every one (see `run_identity`).
+_IDENTITY_KEYS = (
+    "tokens",
+    "date_from",
+    "date_to",
+    "reports",
+    "exports",
+    "nps_form",
+    "nps_category",
+    "window_months",
+    "workflow_states_type",
+    "settle",
+    "lookback",
+    "max_requests",
+    "window",
+)
+
+
+def run_identity(spec: BackfillSpec) -> dict[str, str]:
+    """The spec's identity for a shared checkpoint: each key deciding the units and
+    their files, as text. Not the output folder, URLs or caps, which may differ by host."""
+    values: dict[str, object] = {
+        "tokens": [source.label for source in spec.tokens],
+        "exports": [[e.kind.value, e.form, e.nps_category] for e in spec.exports],
+    }
+    return {
+        key: str(values[key] if key in values else getattr(spec, key)) for key in _IDENTITY_KEYS
+    }
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -612,6 +664,7 @@ class _SpecDoc:
     rate_limit: _RateDoc = attrs.Factory(_RateDoc)
     redis_url: str | None = None
     limit_store: _PathText | None = None
+    checkpoint_url: str | None = None
     workflow_states_type: str = DEFAULT_WORKFLOW_STATES_TYPE
     poll: PollPolicy = attrs.Factory(PollPolicy)
     format: str = "json"
@@ -938,6 +991,7 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "reserve": doc.rate_limit.reserve,
         "redis_url": doc.redis_url,
         "limit_store": _limit_store(doc.limit_store, base_dir),
+        "checkpoint_url": doc.checkpoint_url,
         "workflow_states_type": doc.workflow_states_type,
         "poll": doc.poll,
         "format": doc.format,

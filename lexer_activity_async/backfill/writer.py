@@ -9,7 +9,7 @@ from datetime import datetime
 import anyio
 import attrs
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import CheckpointStore
 from ..kinds import ReportResult
 from ..reports import ReportType
 from ..sinks import ReportSink, Slot, Staged
@@ -60,7 +60,10 @@ class ReportWriter:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, sink: ReportSink, now: Callable[[], datetime] | None = None
+        self,
+        checkpoint: CheckpointStore,
+        sink: ReportSink,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._checkpoint = checkpoint
         self._sink = sink

@@ -42,11 +42,13 @@ from ..backfill import (
     Plan,
     TokenSource,
     TokenStatus,
-    backfill_status,
     plan,
     run_backfill,
 )
+from ..backfill.status import RunStatus, run_status
+from ..backfill.worker import DEFAULT_LEASE, check_worker_spec, run_worker
 from ..backfill.writer import report_kinds
+from ..checkpoint_pg import redact
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
 from ..exports import DownloadPolicy, PollPolicy
@@ -869,6 +871,32 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
 )
 @_format_option("the spec's, else json")
 @_network_options
+# -- workers (issue 18) --
+@click.option(
+    "--checkpoint-url",
+    metavar="URL",
+    help="Keep the checkpoint in PostgreSQL (postgresql://...) instead of the output folder.",
+)
+@click.option(
+    "--worker",
+    is_flag=True,
+    help="Run as one of several workers sharing the run through the PostgreSQL checkpoint "
+    "(needs --checkpoint-url and --redis-url, or both in the spec).",
+)
+@click.option(
+    "--lease",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True, max=86_400, max_open=True),
+    default=DEFAULT_LEASE,
+    show_default=True,
+    help="With --worker: seconds a claim lasts unrenewed (a dead worker's units wait this).",
+)
+@click.option(
+    "--new-run",
+    is_flag=True,
+    help="With --worker: once the database's last run has finished, plan a new one "
+    "(provisional windows, lookback, --refresh); without it the worker just exits.",
+)
 def backfill(
     spec_path: Path,
     dry_run: bool,
@@ -881,6 +909,10 @@ def backfill(
     output_format: str | None,
     proxy: str | None,
     ca_bundle: Path | None,
+    checkpoint_url: str | None = None,
+    worker: bool = False,
+    lease: float = DEFAULT_LEASE,
+    new_run: bool = False,
 ) -> None:
     """Backfill every report and export of a spec (TOML), resumably.
 
@@ -898,7 +930,13 @@ def backfill(
         overrides["output"] = output
     if output_format:
         overrides["format"] = output_format
+    if checkpoint_url:
+        overrides["checkpoint_url"] = checkpoint_url
     spec = _load_spec(spec_path, overrides)
+    if worker:
+        check_worker_spec(spec)  # before anything is planned, opened or sent
+    elif lease != DEFAULT_LEASE or new_run:
+        raise click.UsageError("--lease and --new-run go with --worker")
     if spec.limit_store is None and spec.redis_url is None:
         spec = attrs.evolve(spec, limit_store=default_store_path())
     the_plan = _plan_of(spec, spec_path)
@@ -923,29 +961,53 @@ def backfill(
     _check_sink(spec)
     with _view(spec, as_json) as view:
         summary = _run(
-            run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
+            run_worker(
+                spec,
+                lease=lease,
+                new_run=new_run,
+                retry_failed=retry_failed,
+                refresh=refresh,
+                on_event=view,
+            )
+            if worker
+            else run_backfill(spec, retry_failed=retry_failed, refresh=refresh, on_event=view)
         )
     _print_summary(summary, spec, as_json)
     sys.exit(0 if summary.ok else 1)
 
 
-def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
+def _status_table(spec: BackfillSpec, status: RunStatus) -> Table:
+    shared = status.workers_alive is not None
+    where = f"run {status.run_id or '-'} in {redact(spec.checkpoint_url or '')}"
     table = _table(
-        f"Backfill status: {spec.output}",
-        ("token", "final", "provisional", "failed", "pending", "next provisional refresh"),
+        f"Backfill status: {where if shared else spec.output}",
+        (
+            "token",
+            "final",
+            "provisional",
+            "failed",
+            *(("leased",) if shared else ()),
+            "pending",
+            "next provisional refresh",
+        ),
         free=("next provisional refresh",),
     )
-    for row in rows:
+    for row in status.tokens:
         refresh = "-"
         if row.next_final is not None:
             first = row.next_final.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             refresh = f"next run (the first becomes final at a run after {first})"
-        table.add_row(
-            row.label,
-            *(str(n) for n in (row.final, row.provisional, row.failed, row.pending)),
-            refresh,
-        )
+        counts = (row.final, row.provisional, row.failed, *((row.leased,) if shared else ()))
+        table.add_row(row.label, *(str(n) for n in (*counts, row.pending)), refresh)
     return table
+
+
+def _status_record(row: TokenStatus) -> dict[str, Any]:
+    record: dict[str, Any] = converter.unstructure(row)
+    record["next_final"] = row.next_final.isoformat() if row.next_final else None
+    if row.leased is None:
+        del record["leased"]
+    return record
 
 
 @main.command(short_help="Final, provisional, failed and pending units of a spec.")
@@ -957,19 +1019,40 @@ def _status_table(spec: BackfillSpec, rows: Sequence[TokenStatus]) -> Table:
     type=click.Path(path_type=Path),
     help="Output directory (overrides the spec's).",
 )
-def status(spec_path: Path, as_json: bool, output: Path | None) -> None:
+@click.option(
+    "--checkpoint-url",
+    metavar="URL",
+    help="Read the PostgreSQL checkpoint of workers (overrides the spec's checkpoint_url).",
+)
+def status(
+    spec_path: Path, as_json: bool, output: Path | None, checkpoint_url: str | None = None
+) -> None:
     """Per token of a backfill spec: final, provisional, failed and pending units, and
-    the next provisional refresh. Reads the checkpoint and files; sends nothing."""
-    spec = _load_spec(spec_path, {"output": output} if output else {})
+    the next provisional refresh. Reads the checkpoint and files; sends nothing.
+
+    With a PostgreSQL checkpoint (workers), from any host: also the units leased to
+    live workers, a last JSON line with the totals, and how many workers are alive.
+    """
+    overrides: dict[str, Any] = {"output": output} if output else {}
+    if checkpoint_url:
+        overrides["checkpoint_url"] = checkpoint_url
+    spec = _load_spec(spec_path, overrides)
     _plan_of(spec, spec_path)  # a range that cannot be planned: one line, status 2
-    rows = backfill_status(spec)
+    result = run_status(spec)
+    if result.workers_alive is not None:
+        keys = ("final", "provisional", "failed", "leased", "pending")
+        overall = {key: sum(getattr(row, key) or 0 for row in result.tokens) for key in keys}
     if as_json:
-        for row in rows:
-            record = converter.unstructure(row)
-            record["next_final"] = row.next_final.isoformat() if row.next_final else None
-            click.echo(json.dumps(record))
+        for row in result.tokens:
+            click.echo(json.dumps(_status_record(row)))
+        if result.workers_alive is not None:
+            record = {"overall": overall, "workers_alive": result.workers_alive}
+            click.echo(json.dumps({**record, "run": result.run_id}))
         return
-    Console().print(_status_table(spec, rows))
+    Console().print(_status_table(spec, result))
+    if result.workers_alive is not None:
+        totals = " ".join(f"{key}={value}" for key, value in overall.items())
+        click.echo(f"overall: {totals}; workers alive: {result.workers_alive}")
 
 
 def _window_text(lo: datetime, hi: datetime) -> str:
