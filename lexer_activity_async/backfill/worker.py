@@ -32,6 +32,7 @@ from ..checkpoint_pg import PostgresCheckpoint
 from ..client import api_session, files_session
 from ..instrumentation import Instrumentation, InstrumentationOption
 from ..instrumentation import resolve as resolve_instrumentation
+from ..logs import fields as log_fields
 from ..network import network
 from ..sinks import ReportSink, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished
@@ -95,6 +96,7 @@ class LeaseGuard:
                 "out); this worker's failure is not recorded: %s",
                 unit_id,
                 error,
+                extra=log_fields(),
             )
             return
         self._checkpoint.mark_failed(unit_id, error, report_token)
@@ -368,5 +370,10 @@ async def run_worker(
             try:
                 queue.stop()
             except CheckpointError as error:  # the database went away: leases run out
-                log.warning("backfill worker %s: could not release its claims: %s", name, error)
+                log.warning(
+                    "backfill worker %s: could not release its claims: %s",
+                    name,
+                    error,
+                    extra=log_fields(),
+                )
     return worker.summary()
