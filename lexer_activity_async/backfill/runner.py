@@ -22,9 +22,10 @@ from ..client import LexerClient, api_session
 from ..limits import LimiterRegistry, LimiterStats
 from ..models import ExportJob, converter
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
-from .plan import Plan, Unit, plan
+from .plan import FetchGroup, Plan, Unit, fetch_groups, plan
+from .slicing import slice_series
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource
-from .writer import ReportWriter, output_error
+from .writer import ReportWriter, Staged, output_error
 
 log = logging.getLogger("lexer_activity_async")
 
@@ -90,7 +91,7 @@ class _TokenRun:
         self.stats: tuple[int, int, int] = (0, 0, 0)
         self.client: LexerClient | None = None
         self._before = LimiterStats()
-        self._todo: deque[Unit] = deque()
+        self._todo: deque[Unit | FetchGroup] = deque()
         self._workers = 0
         self._group: TaskGroup | None = None
         self.fatal: CheckpointError | None = None
@@ -125,7 +126,7 @@ class _TokenRun:
             )
         )
         self._before = self.client.stats
-        self._todo = deque(self.units)
+        self._todo = deque(fetch_groups(self.units))
         return True
 
     def start(self, group: TaskGroup) -> None:
@@ -158,16 +159,20 @@ class _TokenRun:
         self.emit(UnitFinished(unit, FAILED, error=error))
 
     async def worker(self) -> None:
-        """Take the token's units in order until none are left."""
+        """Take the token's fetches (units, or groups of them) in order until none are
+        left."""
         assert self.client is not None
         while self._todo:
             await self._guarded(self.client, self._todo.popleft())
 
-    async def _guarded(self, client: LexerClient, unit: Unit) -> None:
-        """Run ``unit``, recording how it ended. A checkpoint that can no longer be
-        written stops the whole backfill: nothing after that could be recorded."""
+    async def _guarded(self, client: LexerClient, item: Unit | FetchGroup) -> None:
+        """Run ``item``, recording how each of its units ended. A checkpoint that can no
+        longer be written stops the whole backfill: nothing after that could be recorded."""
         try:
-            await self._recorded(client, unit)
+            if isinstance(item, FetchGroup):
+                await self._recorded_group(client, item)
+            else:
+                await self._recorded(client, item)
         except CheckpointError as error:
             self.fatal = error
             self._todo.clear()
@@ -195,25 +200,82 @@ class _TokenRun:
         record = self.checkpoint.get(unit.id) if keep_job else None
         self._fail(unit, failure, record.report_token if record else None)
 
+    async def _recorded_group(self, client: LexerClient, group: FetchGroup) -> None:
+        """One request for the group's windows, then each window's slice written and
+        recorded on its own: a failed request fails every window, a file that cannot be
+        written fails its window alone."""
+        if self.unauthorized is not None:
+            for unit in group.units:
+                self._fail(unit, f"not attempted: {self.unauthorized}")
+            return
+        for unit in group.units:
+            self.emit(UnitStarted(unit))
+        failure: str | None = None
+        try:
+            result = await self._report(client, group.name, group.date_from, group.fetch_to)
+        except exc.UnauthorizedError as error:
+            self.unauthorized = f"token {self.source.label!r} unauthorized ({error.message})"
+            failure = _describe(error)
+        except exc.LexerError as error:
+            failure = _describe(error)
+        if failure is not None:
+            for unit in group.units:
+                self._fail(unit, failure)
+            return
+        staged = []
+        for unit in group.units:
+            try:
+                staged.append((unit, self._stage(unit, result)))
+            except exc.OutputError as error:
+                self._fail(unit, _describe(error))
+        del result  # no window waiting for its batch holds the whole result
+        fatal: list[CheckpointError] = []
+
+        async def commit(unit: Unit, entry: Staged) -> None:
+            try:
+                size = await self.writer.commit(entry)
+            except CheckpointError as error:
+                fatal.append(error)
+            except exc.LexerError as error:
+                self._fail(unit, _describe(error))
+            else:
+                self.emit(UnitFinished(unit, DONE, size=size))
+
+        # Committed together, so the windows join one batch (one thread hop, one fsync).
+        async with anyio.create_task_group() as group_tasks:
+            for unit, entry in staged:
+                group_tasks.start_soon(commit, unit, entry)
+        if fatal:
+            raise fatal[0]
+
+    async def _report(
+        self, client: LexerClient, name: str, date_from: datetime, date_to: datetime
+    ) -> object:
+        nps = name in ("nps_summary", "nps_volume")
+        return await client.report(
+            name,
+            date_from,
+            date_to,
+            form=self.spec.nps_form if nps else None,
+            nps_category=self.spec.nps_category if nps else None,
+        )
+
+    def _stage(self, unit: Unit, result: object) -> Staged:
+        """Stage ``unit``'s file: its window's slice of ``result``, unstructured."""
+        return self.writer.stage(
+            unit.id,
+            unit.path(self.spec.output),
+            converter.unstructure(slice_series(result, unit.date_from, unit.date_to)),
+            final=not self.plan.is_provisional(unit),
+        )
+
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)
         final = not self.plan.is_provisional(unit)
         if not unit.is_export:
-            nps = unit.name in ("nps_summary", "nps_volume")
             # No local holds the result: it is freed before the wait for the commit.
-            entry = self.writer.stage(
-                unit.id,
-                path,
-                converter.unstructure(
-                    await client.report(
-                        unit.name,
-                        unit.date_from,
-                        unit.fetch_to,
-                        form=self.spec.nps_form if nps else None,
-                        nps_category=self.spec.nps_category if nps else None,
-                    )
-                ),
-                final=final,
+            entry = self._stage(
+                unit, await self._report(client, unit.name, unit.date_from, unit.fetch_to)
             )
             return await self.writer.commit(entry)
         spec = self._export_spec(unit.name)

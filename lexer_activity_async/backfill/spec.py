@@ -132,6 +132,11 @@ class BackfillSpec:
     nps_form: int | None = None
     nps_category: str = NpsCategory.ALL.value
     window_months: int = attrs.field(default=1, validator=lambda _s, _a, v: _check_months(v))
+    export_window_months: int | None = attrs.field(
+        default=None, validator=lambda _s, a, v: _check_months(v, a.name, optional=True)
+    )
+    """Months per export window; None: `window_months`. Fewer, longer export jobs cost
+    fewer requests (each job is a start and its status polls)."""
     per_token_concurrency: int = attrs.field(default=8, validator=lambda _s, _a, v: _check_cap(v))
     total_concurrency: int = attrs.field(default=64, validator=lambda _s, _a, v: _check_cap(v))
     api_url: str | None = attrs.field(default=None, validator=lambda _s, a, v: _check_http(a, v))
@@ -253,9 +258,11 @@ def _check_output(output: object) -> None:
         raise SpecError("output must be a path without NUL characters")
 
 
-def _check_months(months: object) -> None:
+def _check_months(months: object, key: str = "window_months", optional: bool = False) -> None:
+    if optional and months is None:
+        return
     if not _is_int(months) or not 1 <= months <= 12:
-        raise SpecError("window_months must be 1 to 12")
+        raise SpecError(f"{key} must be 1 to 12")
 
 
 def _check_cap(cap: object) -> None:
@@ -303,7 +310,9 @@ def _check_dates(spec: BackfillSpec) -> None:
             raise SpecError("date_from must be before date_to")
         check_spans(spec, end - start)
     try:  # the planner's last window may end up to a window after date_to
-        add_months(end.astimezone(timezone.utc), spec.window_months)
+        add_months(
+            end.astimezone(timezone.utc), max(spec.window_months, spec.export_window_months or 1)
+        )
     except (ValueError, OverflowError):
         raise SpecError("date_to is too late to plan windows after it") from None
 
@@ -497,6 +506,7 @@ class _SpecDoc:
     exports: list[_ExportDoc] = attrs.Factory(list)
     nps: _NpsDoc = attrs.Factory(_NpsDoc)
     window_months: int = 1
+    export_window_months: int | None = None
     concurrency: _ConcurrencyDoc = attrs.Factory(_ConcurrencyDoc)
     api_url: str | None = None
     status_url: str | None = None
@@ -791,6 +801,7 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "nps_form": doc.nps.form,
         "nps_category": doc.nps.category,
         "window_months": doc.window_months,
+        "export_window_months": doc.export_window_months,
         "per_token_concurrency": doc.concurrency.per_token,
         "total_concurrency": doc.concurrency.total,
         "api_url": doc.api_url,

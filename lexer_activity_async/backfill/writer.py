@@ -16,7 +16,7 @@ from .. import durable
 from .. import exceptions as exc
 from ..checkpoint import Checkpoint
 
-__all__ = ["ReportWriter", "output_error"]
+__all__ = ["ReportWriter", "Staged", "output_error"]
 
 
 @attrs.define
@@ -28,6 +28,10 @@ class _Pending:
     final: bool = True
     committed: bool = False
     error: Exception | None = None
+
+
+Staged = _Pending
+"""A report file staged by `ReportWriter.stage`, for `ReportWriter.commit`."""
 
 
 def output_error(path: Path, error: OSError | ValueError) -> exc.OutputError:
