@@ -76,7 +76,9 @@ class _TokenRun:
         registry: LimiterRegistry | None,
         the_plan: Plan,
         now: Callable[[], datetime] | None = None,
+        join: bool = True,
     ) -> None:
+        self.join = join
         self.spec = spec
         self.plan = the_plan
         self.now = now
@@ -126,7 +128,7 @@ class _TokenRun:
             )
         )
         self._before = self.client.stats
-        self._todo = deque(fetch_groups(self.units))
+        self._todo = deque(fetch_groups(self.units, join=self.join))
         return True
 
     def start(self, group: TaskGroup) -> None:
@@ -394,6 +396,7 @@ async def run_backfill(
     tune_gc: bool = True,
     refresh: tuple[datetime, datetime] | None = None,
     now: Callable[[], datetime] | None = None,
+    join: bool = True,
 ) -> BackfillSummary:
     """Run (or resume) a backfill.
 
@@ -403,7 +406,9 @@ async def run_backfill(
     the spec's ``settle`` of now), units whose window ended within its ``lookback``,
     units whose file is missing or not the size recorded, and units whose window
     overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
-    the system's). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
+    the system's). Adjacent windows of a series report that are all to be fetched are
+    fetched in one request and sliced per window (`fetch_groups`); ``join=False``
+    fetches every window alone (the same files, more requests). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
     run (see `gc_tuned`); pass False to leave them."""
     if refresh is not None and (
         any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
@@ -469,7 +474,17 @@ async def run_backfill(
                     todo.append(unit)
             runs.append(
                 _TokenRun(
-                    spec, source, todo, checkpoint, writer, overall, emit, registry, the_plan, now
+                    spec,
+                    source,
+                    todo,
+                    checkpoint,
+                    writer,
+                    overall,
+                    emit,
+                    registry,
+                    the_plan,
+                    now,
+                    join,
                 )
             )
         # One session for all tokens: connections are shared, not one pool per token.

@@ -757,9 +757,7 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
                 "requests": the_plan.requests_of(source.label),
                 "least_seconds": the_plan.least_seconds(source.label),
                 "requests_window_by_window": the_plan.requests_of(source.label, join=False),
-                "least_seconds_window_by_window": the_plan.least_seconds(
-                    source.label, join=False
-                ),
+                "least_seconds_window_by_window": the_plan.least_seconds(source.label, join=False),
             }
             for source in spec.tokens
         ],
