@@ -408,8 +408,9 @@ async def run_backfill(
     overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
     the system's). Adjacent windows of a series report that are all to be fetched are
     fetched in one request and sliced per window (`fetch_groups`); ``join=False``
-    fetches every window alone (the same files, more requests). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
-    run (see `gc_tuned`); pass False to leave them."""
+    fetches every window alone (the same files, more requests). ``tune_gc`` raises the
+    cyclic garbage collector's thresholds for the run (see `gc_tuned`); pass False to
+    leave them."""
     if refresh is not None and (
         any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
     ):
