@@ -99,8 +99,10 @@ def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int, months:
     return {**result, "tokens": tokens, "months": months, "peak_rss_mb": child.peak_rss / c.MB}
 
 
-def series(args: argparse.Namespace, sb: c.SandboxProcess, counts: list[int], months: int) -> Any:
-    rows = []
+def series(
+    args: argparse.Namespace, sb: c.SandboxProcess, counts: list[int], months: int
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for tokens in counts:
         runs = [one_run(args, sb, tokens, months) for _ in range(args.runs)]
         rows.append(
@@ -131,7 +133,7 @@ def main() -> None:
         return
     parser = c.base_parser(__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 100, 1000, 10000])
-    parser.add_argument("--long-tokens", type=int, nargs="+", default=[1, 100])
+    parser.add_argument("--long-tokens", type=int, nargs="*", default=[1, 100])
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--per-token", type=int, default=8)
     parser.add_argument("--total", type=int, default=64)
@@ -142,7 +144,7 @@ def main() -> None:
     try:
         with c.SandboxProcess(**config) as sb:
             short = series(args, sb, args.tokens, 1)
-            long = series(args, sb, args.long_tokens, 26)
+            long = series(args, sb, args.long_tokens, 26) if args.long_tokens else []
     finally:
         shutil.rmtree(args.output_dir, ignore_errors=True)
     headers = ("months", "tokens", "req/token", "wall s", "peak RSS MB", "KB per token")

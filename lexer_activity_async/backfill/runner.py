@@ -140,8 +140,13 @@ class _TokenRun:
         """Add a worker, up to the per-token cap, while units wait. Called whenever one
         of the token's requests gets past the overall cap onto the wire. Workers so
         grow with requests actually sent, not all at once: thousands of tasks started
-        up front would run before any response is read."""
+        up front would run before any response is read. Nor while requests of any token
+        queue for the overall cap: a worker more would only queue too, and with
+        thousands of tokens each would hold `per_token` waiting tasks (their frames, some
+        8 KB each) while the same requests per second go out through the ones it has."""
         room = self._workers < self.spec.per_token_concurrency
+        if room and self._workers and self.overall.statistics().tasks_waiting:
+            room = False
         if self._group is not None and self._todo and room:
             self._workers += 1
             self._group.start_soon(self.worker)
