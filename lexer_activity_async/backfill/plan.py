@@ -101,8 +101,8 @@ def _joins(group: list[Unit], unit: Unit) -> bool:
 def fetch_groups(units: Iterable[Unit], *, join: bool = True) -> list[Unit | FetchGroup]:
     """The fetches serving ``units`` (one token's, in plan order): each adjacent run of
     windows of one series report joined into a `FetchGroup` while the joined range stays
-    within 12 months and every window is daily on its own, each other unit alone. The
-    groups come first, in plan order, then the other units in plan order. Only the units given are joined, so a
+    within 12 months and every window is daily on its own, each other unit alone. A
+    group sits where its first window's unit was. Only the units given are joined, so a
     window already done never joins a fetch. ``join=False``: every unit alone."""
     items: list[Unit | list[Unit]] = []
     open_groups: dict[str, list[Unit]] = {}
@@ -119,15 +119,9 @@ def fetch_groups(units: Iterable[Unit], *, join: bool = True) -> list[Unit | Fet
         else:
             open_groups.pop(unit.name, None)
             items.append(unit)
-    fetches = [
+    return [
         item if isinstance(item, Unit) else item[0] if len(item) == 1 else FetchGroup(tuple(item))
         for item in items
-    ]
-    # The joined fetches first: the longest for the server to answer, they then delay no
-    # later burst (a slot frees a window after its response), and the days they make the
-    # server read are the ones the other windows' reports read next.
-    return [f for f in fetches if isinstance(f, FetchGroup)] + [
-        f for f in fetches if isinstance(f, Unit)
     ]
 
 
