@@ -181,9 +181,12 @@ class SandboxProcess:
     (blocking: call it between measurements). Config fields must be JSON values.
     """
 
-    def __init__(self, *, cpu: int | None = None, **config: Any) -> None:
+    def __init__(
+        self, *, cpu: int | None = None, day_cache: int | None = None, **config: Any
+    ) -> None:
         self.config = config
         self.cpu = cpu
+        self.day_cache = day_cache
         self._proc: subprocess.Popen[str] | None = None
         self.api_url = self.status_url = self.files_url = self.control_url = ""
         self.pid = 0
@@ -192,6 +195,8 @@ class SandboxProcess:
         cmd = [sys.executable, str(SANDBOX_SCRIPT), "--config", json.dumps(self.config)]
         if self.cpu is not None:
             cmd += ["--cpu", str(self.cpu)]
+        if self.day_cache is not None:
+            cmd += ["--day-cache", str(self.day_cache)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lexer_activity_async.sandbox import Sandbox, SandboxConfig
+from lexer_activity_async.sandbox import Sandbox, SandboxConfig, _world
 
 
 def _stats_payload(sandbox: Sandbox, window: float) -> dict[str, Any]:
@@ -81,7 +82,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="{}", help="SandboxConfig fields as JSON")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
+    parser.add_argument(
+        "--day-cache",
+        type=int,
+        default=None,
+        help="generated days the world keeps (default its DAY_CACHE_SIZE): enough for "
+        "every token's range, so long ranges of many tokens measure the client, not how "
+        "often the sandbox regenerates evicted days",
+    )
     args = parser.parse_args()
+    if args.day_cache is not None:
+        _world.day = functools.lru_cache(maxsize=args.day_cache)(_world.day.__wrapped__)
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
     fields = json.loads(args.config)

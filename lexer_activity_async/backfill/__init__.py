@@ -8,7 +8,12 @@ so a rerun after a crash skips finished units and polls in-flight export jobs ag
 A unit whose file cannot be written fails alone (`OutputError`); a checkpoint that
 cannot be used stops the run (`CheckpointError`).
 
-The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the floor),
+Adjacent windows of a series report (states_volume, response_volume, case_volume,
+nps_volume) are fetched in one request of up to 12 months and sliced into one file per
+window, each the same as that window's own fetch would write (`slicing`).
+
+The rooms: `spec` (the spec and its parsing), `plan` (units, windows, the fetches that
+serve them, the floor), `slicing` (which series can be joined, and their slices),
 `runner` (per-token workers, orchestration), `writer` (group commit through the run's
 sink), `events` (unit events and the summary), `status` (where a backfill stands,
 without a request), `workqueue` and `worker` (a run shared by workers on many hosts
@@ -27,8 +32,20 @@ from __future__ import annotations
 
 from ..checkpoint import CheckpointError
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
-from .plan import EXPORT_POLLS_ESTIMATE, Plan, Unit, plan, rate_limit_floor
+from .plan import (
+    EXPORT_POLLS_ESTIMATE,
+    EXPORT_WINDOW_CHOICES,
+    ExportWindowCost,
+    FetchGroup,
+    Plan,
+    Unit,
+    export_window_costs,
+    fetch_groups,
+    plan,
+    rate_limit_floor,
+)
 from .runner import CHECKPOINT_NAME, GC_THRESHOLDS, gc_tuned, run_backfill
+from .slicing import SERIES_REPORTS, slice_series
 from .spec import (
     ALL_REPORTS,
     DEFAULT_SETTLE,
@@ -53,6 +70,13 @@ __all__ = [
     "plan",
     "rate_limit_floor",
     "EXPORT_POLLS_ESTIMATE",
+    "FetchGroup",
+    "fetch_groups",
+    "ExportWindowCost",
+    "EXPORT_WINDOW_CHOICES",
+    "export_window_costs",
+    "SERIES_REPORTS",
+    "slice_series",
     "UnitStarted",
     "UnitFinished",
     "BackfillEvent",

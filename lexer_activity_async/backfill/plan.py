@@ -1,20 +1,35 @@
 """The plan: a spec's range resolved against "now", cut into windows and units (token x
-window x report or export), which windows are provisional, and the least time the rate
-limit allows for them (the floor)."""
+window x report or export), which windows are provisional, the fetches that serve them
+(adjacent windows of a series report joined into one request), and the least time the
+rate limit allows for them (the floor)."""
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import attrs
 
 from ..reports import add_months, format_datetime, split_range, window_stamp
+from .slicing import SERIES_REPORTS, can_join, is_daily
 from .spec import BackfillSpec, SpecError, check_spans
 
-__all__ = ["Unit", "Plan", "plan", "rate_limit_floor", "EXPORT_POLLS_ESTIMATE"]
+__all__ = [
+    "Unit",
+    "FetchGroup",
+    "Plan",
+    "plan",
+    "fetch_groups",
+    "requests_of",
+    "rate_limit_floor",
+    "EXPORT_POLLS_ESTIMATE",
+    "ExportWindowCost",
+    "EXPORT_WINDOW_CHOICES",
+    "export_window_costs",
+]
 
 EXPORT_POLLS_ESTIMATE = 2
 """Status polls assumed per export job when estimating requests for ``--dry-run``."""
@@ -35,11 +50,11 @@ class Unit:
     until: datetime | None = attrs.field(default=None, eq=False)
     export_format: str = attrs.field(default="csv", eq=False)
 
-    @functools.cached_property
+    @property
     def stamp(self) -> str:
         return window_stamp(self.date_from, self.date_to)
 
-    @functools.cached_property
+    @property
     def id(self) -> str:
         return f"{self.label}/{'exports' if self.is_export else 'reports'}/{self.name}/{self.stamp}"
 
@@ -60,26 +75,131 @@ class Unit:
 
 
 @attrs.frozen
+class FetchGroup:
+    """Adjacent windows of one token's series report, fetched in one request (from the
+    first window's start to the last one's `Unit.fetch_to`) and sliced into one file per
+    window (see `slicing`)."""
+
+    units: tuple[Unit, ...]
+
+    @property
+    def name(self) -> str:
+        return self.units[0].name
+
+    @property
+    def date_from(self) -> datetime:
+        return self.units[0].date_from
+
+    @property
+    def fetch_to(self) -> datetime:
+        return self.units[-1].fetch_to
+
+
+def _joins(group: list[Unit], unit: Unit) -> bool:
+    last = group[-1]
+    return (
+        unit.name == last.name
+        and not unit.is_export
+        and last.until is None  # a window reaching past now ends its group
+        and last.date_to == unit.date_from
+        and can_join(unit.name, group[0].date_from, unit.date_from, unit.fetch_to)
+    )
+
+
+def fetch_groups(units: Iterable[Unit], *, join: bool = True) -> list[Unit | FetchGroup]:
+    """The fetches serving ``units`` (one token's, in plan order): each adjacent run of
+    windows of one series report joined into a `FetchGroup` while the joined range stays
+    within 12 months and every window is daily on its own, each other unit alone. A
+    group sits where its first window's unit was. Only the units given are joined, so a
+    window already done never joins a fetch. ``join=False``: every unit alone."""
+    items: list[Unit | list[Unit]] = []
+    open_groups: dict[str, list[Unit]] = {}
+    for unit in units:
+        if not join or unit.is_export or unit.name not in SERIES_REPORTS:
+            items.append(unit)
+            continue
+        group = open_groups.get(unit.name)
+        if group is not None and _joins(group, unit):
+            group.append(unit)
+        elif is_daily(unit.name, unit.date_from, unit.fetch_to):
+            open_groups[unit.name] = [unit]
+            items.append(open_groups[unit.name])
+        else:
+            open_groups.pop(unit.name, None)
+            items.append(unit)
+    return [
+        item if isinstance(item, Unit) else item[0] if len(item) == 1 else FetchGroup(tuple(item))
+        for item in items
+    ]
+
+
+def requests_of(fetches: Iterable[Unit | FetchGroup]) -> int:
+    """Estimated requests of ``fetches``: one per report fetch, 1 + `EXPORT_POLLS_ESTIMATE`
+    per export."""
+    return sum(
+        1 + EXPORT_POLLS_ESTIMATE if isinstance(f, Unit) and f.is_export else 1 for f in fetches
+    )
+
+
+Window = tuple[datetime, datetime]
+
+
+@attrs.frozen
 class Plan:
     """The units of a spec at ``now``, and what they cost in requests and rate-limit
-    time. ``notices`` say what the planner changed (a future ``date_to`` clipped)."""
+    time. ``notices`` say what the planner changed (a future ``date_to`` clipped).
+
+    Units are made on demand, token by token (`units_of`), from the windows: a plan of
+    many tokens holds its windows once, not a unit object per token x window x report.
+    Export units use ``export_windows`` (the spec's `export_window_months`)."""
 
     spec: BackfillSpec
-    units: tuple[Unit, ...]
-    windows: tuple[tuple[datetime, datetime], ...]
+    windows: tuple[Window, ...]
     now: datetime = attrs.field(factory=lambda: datetime.now(timezone.utc))
     notices: tuple[str, ...] = ()
+    export_windows: tuple[Window, ...] = ()
 
     @functools.cached_property
-    def _by_label(self) -> dict[str, list[Unit]]:
-        # Built once: scanning every unit per token is quadratic (200 tokens: ~2 s).
-        groups: dict[str, list[Unit]] = {}
-        for unit in self.units:
-            groups.setdefault(unit.label, []).append(unit)
-        return groups
+    def _labels(self) -> frozenset[str]:
+        return frozenset(source.label for source in self.spec.tokens)
+
+    @functools.cached_property
+    def _slots(self) -> tuple[tuple[datetime, bool, datetime, datetime | None], ...]:
+        """(from, is_export, to, until) of every window of a token, in the order its units
+        are run: by window start, a window's reports before the exports starting with it."""
+        now = self.now
+        slots = [(lo, False, hi, now if hi > now else None) for lo, hi in self.windows]
+        if self.spec.exports:
+            slots += [(lo, True, hi, now if hi > now else None) for lo, hi in self.export_windows]
+        slots.sort(key=lambda slot: (slot[0], slot[1]))
+        return tuple(slots)
 
     def units_of(self, label: str) -> list[Unit]:
-        return list(self._by_label.get(label, ()))
+        """The token's units, in the order they are run (made afresh on each call)."""
+        if label not in self._labels:
+            return []
+        return list(self.iter_units(label))
+
+    def iter_units(self, label: str) -> Iterator[Unit]:
+        """The token's units one at a time (nothing kept)."""
+        reports, exports = self.spec.reports, [e.kind.value for e in self.spec.exports]
+        for lo, is_export, hi, until in self._slots:
+            for name in exports if is_export else reports:
+                if is_export:
+                    yield Unit(label, name, True, lo, hi, until, self.spec.export_format)
+                else:
+                    yield Unit(label, name, False, lo, hi, until)
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        """Every token's units, token by token in the spec's order (made on each call)."""
+        return tuple(u for source in self.spec.tokens for u in self.iter_units(source.label))
+
+    @functools.cached_property
+    def units_per_token(self) -> int:
+        """How many units each token has."""
+        reports, exports = len(self.spec.reports), len(self.spec.exports)
+        return len(self.windows) * reports + (len(self.export_windows) * exports)
 
     def is_provisional(self, unit: Unit) -> bool:
         """Whether ``unit``'s data may still change: its window ends after now - settle."""
@@ -93,16 +213,31 @@ class Plan:
         """Whether ``unit``'s window ended within the spec's ``lookback`` before now."""
         return bool(self.spec.lookback) and unit.date_to > self.now - self.spec.lookback
 
-    def requests_of(self, label: str) -> int:
-        """Estimated requests: one per report, 1 + `EXPORT_POLLS_ESTIMATE` per export."""
-        return sum(1 + EXPORT_POLLS_ESTIMATE if u.is_export else 1 for u in self.units_of(label))
+    def requests_of(self, label: str, *, join: bool = True) -> int:
+        """Estimated requests of a first run: one per report fetch (adjacent windows of a
+        series report joined unless ``join=False``, the window-by-window plan), 1 +
+        `EXPORT_POLLS_ESTIMATE` per export. Every token has the same."""
+        if label not in self._labels:
+            return 0
+        return self._requests_joined if join else self._requests_each
 
-    def least_seconds(self, label: str) -> float:
+    @functools.cached_property
+    def _requests_joined(self) -> int:
+        units = self.iter_units(self.spec.tokens[0].label)
+        return requests_of(fetch_groups(units, join=self.spec.format != "raw"))
+
+    @functools.cached_property
+    def _requests_each(self) -> int:
+        return self.units_per_token + EXPORT_POLLS_ESTIMATE * len(self.export_windows) * len(
+            self.spec.exports
+        )
+
+    def least_seconds(self, label: str, *, join: bool = True) -> float:
         """The least time the rate limit allows for the token's requests: N (less the
         reserve: a backfill is bulk work) go at once, then each further N wait a window
         (ignoring latency)."""
-        n = self.spec.bulk_max_requests
-        return rate_limit_floor(self.requests_of(label), n, self.spec.window)
+        requests = self.requests_of(label, join=join)
+        return rate_limit_floor(requests, self.spec.bulk_max_requests, self.spec.window)
 
 
 def rate_limit_floor(requests: int, max_requests: int, window: float) -> float:
@@ -133,11 +268,25 @@ def _windows(
     return windows
 
 
+def _cut(
+    spec: BackfillSpec, start: datetime, now: datetime, months: int
+) -> list[tuple[datetime, datetime]]:
+    """The windows of ``months`` from ``start`` to the spec's ``date_to`` (or now)."""
+    if spec.date_to is not None and spec.date_to <= now:
+        return split_range(start, spec.date_to, months=months)
+    return _windows(start, spec.date_to, now, months)
+
+
 def plan(spec: BackfillSpec, *, now: datetime | None = None) -> Plan:
     """Cut ``spec`` into windows and units at ``now`` (default: the clock), token by
     token in the spec's order. `SpecError` if the resolved range is empty or shorter
-    than the spec's ``settle`` or ``lookback``."""
+    than the spec's ``settle`` or ``lookback``.
+
+    Export windows are the report windows unless the spec's `export_window_months`
+    differs; with a relative ``date_from`` they keep to their own grid (`grid_start`), so
+    they too stay the same from run to run."""
     now = now or datetime.now(timezone.utc)
+    relative = not isinstance(spec.date_from, datetime)
     start = spec.date_from
     if not isinstance(start, datetime):
         start = grid_start(now + start, spec.window_months)
@@ -148,7 +297,6 @@ def plan(spec: BackfillSpec, *, now: datetime | None = None) -> Plan:
                 f"date_from must be before date_to (date_from is {format_datetime(start)} "
                 f"in this run, date_to {format_datetime(spec.date_to)})"
             )
-        windows = split_range(start, spec.date_to, months=spec.window_months)
         end = spec.date_to
     else:
         if spec.date_to is not None:
@@ -160,17 +308,55 @@ def plan(spec: BackfillSpec, *, now: datetime | None = None) -> Plan:
             raise SpecError(
                 f"date_from {format_datetime(start)} is in the future: nothing to fetch yet"
             )
-        windows = _windows(start, spec.date_to, now, spec.window_months)
         end = now
     check_spans(spec, end - start)
-    units = []
-    for source in spec.tokens:
-        for lo, hi in windows:
-            until = now if hi > now else None
-            for name in spec.reports:
-                units.append(Unit(source.label, name, False, lo, hi, until))
-            for item in spec.exports:
-                units.append(
-                    Unit(source.label, item.kind.value, True, lo, hi, until, spec.export_format)
-                )
-    return Plan(spec, tuple(units), tuple(windows), now, tuple(notices))
+    windows = _cut(spec, start, now, spec.window_months)
+    export_windows: list[tuple[datetime, datetime]] = []
+    if spec.exports:
+        months = spec.export_window_months or spec.window_months
+        if months == spec.window_months:
+            export_windows = windows
+        else:
+            export_start = start
+            if relative:
+                assert not isinstance(spec.date_from, datetime)
+                export_start = grid_start(now + spec.date_from, months)
+            export_windows = _cut(spec, export_start, now, months)
+    return Plan(spec, tuple(windows), now, tuple(notices), tuple(export_windows))
+
+
+@attrs.frozen
+class ExportWindowCost:
+    """What one choice of `BackfillSpec.export_window_months` costs a token: its export
+    windows, and the token's estimated requests and least time with that choice."""
+
+    months: int
+    windows: int
+    requests: int
+    least_seconds: float
+
+
+EXPORT_WINDOW_CHOICES = (1, 3, 6, 12)
+"""The export window lengths `export_window_costs` compares (with the spec's own)."""
+
+
+def export_window_costs(the_plan: Plan) -> list[ExportWindowCost]:
+    """The cost of each export window length in `EXPORT_WINDOW_CHOICES` (and the spec's),
+    for the plan's first token, everything else as planned; empty without exports."""
+    spec = the_plan.spec
+    if not spec.exports:
+        return []
+    chosen = spec.export_window_months or spec.window_months
+    label = spec.tokens[0].label
+    costs = []
+    for months in sorted({*EXPORT_WINDOW_CHOICES, chosen}):
+        other = plan(attrs.evolve(spec, export_window_months=months), now=the_plan.now)
+        costs.append(
+            ExportWindowCost(
+                months,
+                len(other.export_windows),
+                other.requests_of(label),
+                other.least_seconds(label),
+            )
+        )
+    return costs

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, closing, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import anyio
@@ -37,11 +38,19 @@ from ..limits import LimiterRegistry, LimiterStats
 from ..logs import fields as log_fields
 from ..models import ExportJob
 from ..network import network
-from ..sinks import ReportSink, Slot, make_sink
+from ..sinks import ReportSink, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
-from .plan import Plan, Unit, plan
+from .plan import FetchGroup, Plan, Unit, fetch_groups, plan
+from .slicing import slice_series
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource, run_identity
-from .writer import ReportWriter, output_error, report_kinds, report_slot
+from .writer import (
+    PendingUnit,
+    ReportWriter,
+    output_error,
+    report_kind,
+    report_kinds,
+    report_slot,
+)
 
 log = logging.getLogger("lexer_activity_async")
 
@@ -99,7 +108,9 @@ class TokenRun:
         the_plan: Plan,
         now: Callable[[], datetime] | None = None,
         instrumentation: Instrumentation | None = None,
+        join: bool = True,
     ) -> None:
+        self.join = join
         self.spec = spec
         self.instrumentation = instrumentation
         self.plan = the_plan
@@ -115,7 +126,7 @@ class TokenRun:
         self.stats: tuple[int, int, int] = (0, 0, 0)
         self.client: LexerClient | None = None
         self._before = LimiterStats()
-        self._todo: deque[Unit] = deque()
+        self._todo: deque[Unit | FetchGroup] = deque()
         self._workers = 0
         self._group: TaskGroup | None = None
         self.fatal: CheckpointError | None = None
@@ -159,7 +170,7 @@ class TokenRun:
             )
         )
         self._before = self.client.stats
-        self._todo = deque(self.units)
+        self._todo = deque(fetch_groups(self.units, join=self.join))
         return True
 
     def start(self, group: TaskGroup) -> None:
@@ -171,8 +182,13 @@ class TokenRun:
         """Add a worker, up to the per-token cap, while units wait. Called whenever one
         of the token's requests gets past the overall cap onto the wire. Workers so
         grow with requests actually sent, not all at once: thousands of tasks started
-        up front would run before any response is read."""
+        up front would run before any response is read. Nor while requests of any token
+        queue for the overall cap: a worker more would only queue too, and with
+        thousands of tokens each would hold `per_token` waiting tasks (their frames, some
+        8 KB each) while the same requests per second go out through the ones it has."""
         room = self._workers < self.spec.per_token_concurrency
+        if room and self._workers and self.overall.statistics().tasks_waiting:
+            room = False
         if self._group is not None and self._todo and room:
             self._workers += 1
             self._group.start_soon(self.worker)
@@ -192,16 +208,20 @@ class TokenRun:
         self.emit(UnitFinished(unit, FAILED, error=error))
 
     async def worker(self) -> None:
-        """Take the token's units in order until none are left."""
+        """Take the token's fetches (units, or groups of them) in order until none are
+        left."""
         assert self.client is not None
         while self._todo:
             await self._guarded(self.client, self._todo.popleft())
 
-    async def _guarded(self, client: LexerClient, unit: Unit) -> None:
-        """Run ``unit``, recording how it ended. A checkpoint that can no longer be
-        written stops the whole backfill: nothing after that could be recorded."""
+    async def _guarded(self, client: LexerClient, item: Unit | FetchGroup) -> None:
+        """Run ``item``, recording how each of its units ended. A checkpoint that can no
+        longer be written stops the whole backfill: nothing after that could be recorded."""
         try:
-            await self._recorded(client, unit)
+            if isinstance(item, FetchGroup):
+                await self._recorded_group(client, item)
+            else:
+                await self._recorded(client, item)
         except CheckpointError as error:
             self.fatal = error
             self._todo.clear()
@@ -229,31 +249,87 @@ class TokenRun:
         record = self.checkpoint.get(unit.id) if keep_job else None
         self._fail(unit, failure, record.report_token if record else None)
 
+    async def _recorded_group(self, client: LexerClient, group: FetchGroup) -> None:
+        """One request for the group's windows, then each window's slice written and
+        recorded on its own: a failed request fails every window, a file that cannot be
+        written fails its window alone."""
+        if self.unauthorized is not None:
+            for unit in group.units:
+                self._fail(unit, f"not attempted: {self.unauthorized}")
+            return
+        for unit in group.units:
+            self.emit(UnitStarted(unit))
+        failure: str | None = None
+        try:
+            result, _ = await self._fetch(client, group.name, group.date_from, group.fetch_to)
+        except exc.UnauthorizedError as error:
+            self.unauthorized = f"token {self.source.label!r} unauthorized ({error.message})"
+            failure = _describe(error)
+        except exc.LexerError as error:
+            failure = _describe(error)
+        if failure is not None:
+            for unit in group.units:
+                self._fail(unit, failure)
+            return
+        staged = []
+        for unit in group.units:
+            try:
+                staged.append((unit, self._stage(unit, result, None)))
+            except exc.OutputError as error:
+                self._fail(unit, _describe(error))
+        del result  # no window waiting for its batch holds the whole result
+        fatal: list[CheckpointError] = []
+
+        async def commit(unit: Unit, entry: PendingUnit) -> None:
+            try:
+                size = await self.writer.commit(entry)
+            except CheckpointError as error:
+                fatal.append(error)
+            except exc.LexerError as error:
+                self._fail(unit, _describe(error))
+            else:
+                self.emit(UnitFinished(unit, DONE, size=size))
+
+        # Committed together, so the windows join one batch (one thread hop, one fsync).
+        async with anyio.create_task_group() as group_tasks:
+            for unit, entry in staged:
+                group_tasks.start_soon(commit, unit, entry)
+        if fatal:
+            raise fatal[0]
+
     async def _fetch(
-        self, client: LexerClient, unit: Unit, slot: Slot
+        self, client: LexerClient, name: str, date_from: datetime, date_to: datetime
     ) -> tuple[ReportResult, bytes | None]:
-        """A report unit's typed result, and its response body if the sink needs it."""
-        nps = slot.kind.needs_form
+        """A report's typed result, and its response body if the sink needs it."""
+        nps = report_kind(self.spec, name).needs_form
         form = self.spec.nps_form if nps else None
         category = self.spec.nps_category if nps else None
         if self.writer.needs_body:
             raw = await client.report_raw(
-                unit.name, unit.date_from, unit.fetch_to, form=form, nps_category=category
+                name, date_from, date_to, form=form, nps_category=category
             )
             return raw.result, raw.body
-        result = await client.report(
-            unit.name, unit.date_from, unit.fetch_to, form=form, nps_category=category
-        )
+        result = await client.report(name, date_from, date_to, form=form, nps_category=category)
         return result, None
+
+    def _stage(self, unit: Unit, result: ReportResult, body: bytes | None) -> PendingUnit:
+        """Stage ``unit``'s data: its window's slice of ``result`` (the raw format keeps
+        the body as it came, and its windows are never joined)."""
+        return self.writer.stage(
+            unit.id,
+            report_slot(self.spec, unit),
+            cast(ReportResult, slice_series(result, unit.date_from, unit.date_to)),
+            body,
+            final=not self.plan.is_provisional(unit),
+        )
 
     async def _run_unit(self, client: LexerClient, unit: Unit) -> int:
         path = unit.path(self.spec.output)
         final = not self.plan.is_provisional(unit)
         if not unit.is_export:
-            slot = report_slot(self.spec, unit)
             # No local holds the result: it is freed before the wait for the commit.
-            entry = self.writer.stage(
-                unit.id, slot, *await self._fetch(client, unit, slot), final=final
+            entry = self._stage(
+                unit, *await self._fetch(client, unit.name, unit.date_from, unit.fetch_to)
             )
             return await self.writer.commit(entry)
         spec = self._export_spec(unit.name)
@@ -465,6 +541,7 @@ async def run_backfill(
     refresh: tuple[datetime, datetime] | None = None,
     now: Callable[[], datetime] | None = None,
     instrumentation: InstrumentationOption = "auto",
+    join: bool = True,
 ) -> BackfillSummary:
     """Run (or resume) a backfill.
 
@@ -474,10 +551,14 @@ async def run_backfill(
     the spec's ``settle`` of now), units whose window ended within its ``lookback``,
     units whose file is missing or not the size recorded, and units whose window
     overlaps ``refresh`` (``[from, to)``). ``now`` is the wall clock (for tests; default
-    the system's). ``tune_gc`` raises the cyclic garbage collector's thresholds for the
-    run (see `gc_tuned`); pass False to leave them. ``instrumentation`` is given to every
-    token's client and counts each unit's final state (done, provisional, failed,
-    skipped); as in `LexerClient`, ``"auto"`` is OpenTelemetry when configured."""
+    the system's). Adjacent windows of a series report that are all to be fetched are
+    fetched in one request and sliced per window (`fetch_groups`; not with the ``raw``
+    format, whose files are response bodies); ``join=False`` fetches every window alone
+    (the same files, more requests). ``tune_gc`` raises the cyclic garbage collector's
+    thresholds for the run (see `gc_tuned`); pass False to leave them. ``instrumentation``
+    is given to every token's client and counts each unit's final state (done,
+    provisional, failed, skipped); as in `LexerClient`, ``"auto"`` is OpenTelemetry when
+    configured."""
     if refresh is not None and (
         any(moment.tzinfo is None for moment in refresh) or refresh[0] >= refresh[1]
     ):
@@ -554,6 +635,7 @@ async def run_backfill(
                     the_plan,
                     now,
                     instrumentation=hooks,
+                    join=join and spec.format != "raw",
                 )
             )
         # One session for all tokens: connections are shared, not one pool per token.

@@ -145,6 +145,11 @@ class BackfillSpec:
     nps_form: int | None = None
     nps_category: str = NpsCategory.ALL.value
     window_months: int = attrs.field(default=1, validator=lambda _s, _a, v: _check_months(v))
+    export_window_months: int | None = attrs.field(
+        default=None, validator=lambda _s, a, v: _check_months(v, a.name, optional=True)
+    )
+    """Months per export window; None: `window_months`. Fewer, longer export jobs cost
+    fewer requests (each job is a start and its status polls)."""
     per_token_concurrency: int = attrs.field(default=8, validator=lambda _s, _a, v: _check_cap(v))
     total_concurrency: int = attrs.field(default=64, validator=lambda _s, _a, v: _check_cap(v))
     api_url: str | None = attrs.field(default=None, validator=lambda _s, a, v: _check_http(a, v))
@@ -317,9 +322,11 @@ def _check_format(format: object) -> None:
         raise SpecError(f"`format` must be one of {', '.join(FORMATS)}, got {got}")
 
 
-def _check_months(months: object) -> None:
+def _check_months(months: object, key: str = "window_months", optional: bool = False) -> None:
+    if optional and months is None:
+        return
     if not _is_int(months) or not 1 <= months <= 12:
-        raise SpecError("window_months must be 1 to 12")
+        raise SpecError(f"{key} must be 1 to 12")
 
 
 def _check_cap(cap: object) -> None:
@@ -375,7 +382,9 @@ def _check_dates(spec: BackfillSpec) -> None:
             raise SpecError("date_from must be before date_to")
         check_spans(spec, end - start)
     try:  # the planner's last window may end up to a window after date_to
-        add_months(end.astimezone(timezone.utc), spec.window_months)
+        add_months(
+            end.astimezone(timezone.utc), max(spec.window_months, spec.export_window_months or 1)
+        )
     except (ValueError, OverflowError):
         raise SpecError("date_to is too late to plan windows after it") from None
 
@@ -617,6 +626,7 @@ class _ExportsDoc:
     kinds: list[_ExportDoc] = attrs.Factory(list)
     format: _Format = _Format("csv")
     keep_csv: bool = False
+    window_months: int | None = None
 
 
 @attrs.define
@@ -658,6 +668,7 @@ class _SpecDoc:
     exports: _ExportsDoc = attrs.Factory(_ExportsDoc)
     nps: _NpsDoc = attrs.Factory(_NpsDoc)
     window_months: int = 1
+    export_window_months: int | None = None
     concurrency: _ConcurrencyDoc = attrs.Factory(_ConcurrencyDoc)
     api_url: str | None = None
     status_url: str | None = None
@@ -951,6 +962,17 @@ def _limit_store(value: str | None, base_dir: Path) -> Path | str | None:
     return base_dir / Path(value).expanduser()
 
 
+def _export_window_months(doc: _SpecDoc) -> int | None:
+    """``[exports] window_months``, or the top-level ``export_window_months`` (for specs
+    whose exports are a ``[[exports]]`` list, which TOML cannot give keys of its own)."""
+    if doc.exports.window_months is not None and doc.export_window_months is not None:
+        raise SpecError("give [exports] window_months or export_window_months, not both")
+    if doc.exports.window_months is not None:
+        _check_months(doc.exports.window_months, "[exports] window_months")
+        return doc.exports.window_months
+    return doc.export_window_months
+
+
 def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     """`BackfillSpec` fields from parsed TOML, or `SpecError` naming every bad key."""
     if not isinstance(data, Mapping):
@@ -982,6 +1004,7 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "nps_form": doc.nps.form,
         "nps_category": doc.nps.category,
         "window_months": doc.window_months,
+        "export_window_months": _export_window_months(doc),
         "per_token_concurrency": doc.concurrency.per_token,
         "total_concurrency": doc.concurrency.total,
         "api_url": doc.api_url,

@@ -234,6 +234,7 @@ class _Worker:
             self.plan,
             self.now,
             instrumentation=self.instrumentation,
+            join=self.spec.format != "raw",
         )
         async with AsyncExitStack() as clients:
             assert self.session is not None

@@ -17,7 +17,14 @@ from ..sinks.files import output_error
 from .plan import Unit
 from .spec import BackfillSpec
 
-__all__ = ["ReportWriter", "output_error", "report_kind", "report_kinds", "report_slot"]
+__all__ = [
+    "ReportWriter",
+    "PendingUnit",
+    "output_error",
+    "report_kind",
+    "report_kinds",
+    "report_slot",
+]
 
 
 def report_kind(spec: BackfillSpec, name: str) -> ReportType:
@@ -44,6 +51,10 @@ class _Pending:
     final: bool = True
     committed: bool = False
     error: Exception | None = None
+
+
+PendingUnit = _Pending
+"""A unit staged by `ReportWriter.stage`, for `ReportWriter.commit`."""
 
 
 class ReportWriter:

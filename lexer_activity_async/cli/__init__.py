@@ -42,6 +42,7 @@ from ..backfill import (
     Plan,
     TokenSource,
     TokenStatus,
+    export_window_costs,
     plan,
     run_backfill,
 )
@@ -807,18 +808,37 @@ def _unreadable_tokens(spec: BackfillSpec) -> list[str]:
 
 def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
     table = _table(
-        f"Plan: {len(the_plan.units)} units in {len(the_plan.windows)} windows",
-        ("token", "units", "requests (est.)", "least time (rate limit)"),
+        f"Plan: {the_plan.units_per_token * len(spec.tokens)} units in "
+        f"{len(the_plan.windows)} windows\nrequests (est.) and least time (rate limit): "
+        "series windows joined; unjoined: every window alone",
+        ("token", "units", "requests", "least time", "unjoined", "least time"),
     )
     for source in spec.tokens:
-        seconds = the_plan.least_seconds(source.label)
+        label = source.label
         table.add_row(
-            source.label,
-            str(len(the_plan.units_of(source.label))),
-            str(the_plan.requests_of(source.label)),
-            str(timedelta(seconds=seconds)),
+            label,
+            str(the_plan.units_per_token),
+            str(the_plan.requests_of(label)),
+            str(timedelta(seconds=the_plan.least_seconds(label))),
+            str(the_plan.requests_of(label, join=False)),
+            str(timedelta(seconds=the_plan.least_seconds(label, join=False))),
         )
     Console().print(table)
+    costs = export_window_costs(the_plan)
+    if costs:
+        chosen = spec.export_window_months or spec.window_months
+        exports = _table(
+            "What each export_window_months costs a token",
+            ("export_window_months", "export windows", "requests", "least time"),
+        )
+        for cost in costs:
+            exports.add_row(
+                f"{cost.months}{' (this spec)' if cost.months == chosen else ''}",
+                str(cost.windows),
+                str(cost.requests),
+                str(timedelta(seconds=cost.least_seconds)),
+            )
+        Console().print(exports)
 
 
 def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) -> dict[str, Any]:
@@ -826,16 +846,28 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
     sources that cannot be read."""
     return {
         "event": "plan",
-        "units": len(the_plan.units),
+        "units": the_plan.units_per_token * len(spec.tokens),
         "windows": len(the_plan.windows),
+        "export_windows": len(the_plan.export_windows),
         "tokens": [
             {
                 "label": source.label,
-                "units": len(the_plan.units_of(source.label)),
+                "units": the_plan.units_per_token,
                 "requests": the_plan.requests_of(source.label),
                 "least_seconds": the_plan.least_seconds(source.label),
+                "requests_window_by_window": the_plan.requests_of(source.label, join=False),
+                "least_seconds_window_by_window": the_plan.least_seconds(source.label, join=False),
             }
             for source in spec.tokens
+        ],
+        "export_window_costs": [
+            {
+                "export_window_months": cost.months,
+                "export_windows": cost.windows,
+                "requests": cost.requests,
+                "least_seconds": cost.least_seconds,
+            }
+            for cost in export_window_costs(the_plan)
         ],
         "unreadable_tokens": list(problems),
     }
