@@ -148,7 +148,7 @@ async def test_the_backfill_runs_as_bulk_with_the_spec_reserve(
     summary = await run_backfill(spec, registry=recording_registry(made))
     assert summary.ok, summary.failed
     [limiter] = made
-    assert len(limiter.priorities) == 4  # 2 months x 2 reports
+    assert len(limiter.priorities) == 3  # 2 months of summary, case_volume joined in one
     assert set(limiter.priorities) == {"bulk"}
     assert limiter.reserve == 7  # the spec's [rate_limit] reserve
 
