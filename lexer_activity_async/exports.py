@@ -772,8 +772,17 @@ async def export_rows(
     refresh = _url_refresher(client, job.token, name, poll)
     stream = stream_file(client, done.url, refresh_url=refresh, policy=policy, kind=name)
     stream = observe_download(client.channel.instrumentation, client.channel.label, name, stream)
-    async for record in iter_csv_records(stream):
-        if header is None:
-            header = record
-            continue
-        yield dict(zip(header, record, strict=False))
+    records = iter_csv_records(stream)
+    try:
+        async for record in records:
+            if header is None:
+                header = record
+                continue
+            yield dict(zip(header, record, strict=False))
+    finally:
+        # Closed now, not when collected: a reader that stops early ends the download
+        # (its connection, its span) at once, whatever the Python or library versions.
+        for source in (records, stream):
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()

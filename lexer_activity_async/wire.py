@@ -117,7 +117,7 @@ def decode_json(status: int, body: bytes, report_type: str | None = None) -> obj
         message = str(error)
     reason = (
         "body is JSON nested too deeply to parse"
-        if message.startswith(("depth limit", "recursion limit"))
+        if message.startswith(("depth limit", "recursion limit", "array and object recursion"))
         else f"body is not JSON ({message})"
     )
     raise _unexpected(reason, status, body, report_type)

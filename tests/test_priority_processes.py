@@ -32,18 +32,16 @@ from lexer_activity_async.limits import default_reserve, token_key
 
 N, W = 40, 5.0  # a slot's reuse comes ~0.05 s (idle) to ~0.25 s (2 CPU hogs) after W
 RESERVE = default_reserve(N)  # 4: what both sides use unless told otherwise
+# Aggregate reports only: a series report's adjacent windows are joined into one request.
 REPORTS = [
     "summary",
-    "states_volume",
     "classifications",
-    "response_volume",
     "user_summary",
     "user_volume",
     "case_summary",
-    "case_volume",
     "case_classifications",
 ]
-MONTHS = 8  # 8 x 9 = 72 units, one request each: a burst of N - reserve, then another
+MONTHS = 12  # 12 x 6 = 72 units, one request each: a burst of N - reserve, then another
 
 
 def max_in_window(times: list[float], window: float) -> int:
