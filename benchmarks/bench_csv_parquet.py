@@ -25,20 +25,11 @@ from typing import Any
 
 import _common as c
 
+from lexer_activity_async import tables
+from lexer_activity_async.reports import ExportKind
+
 CHILD = Path(__file__).resolve().parent / "_parquet_child.py"
-HEADER = (
-    "case_id",
-    "created_at",
-    "closed_at",
-    "first_reply_time",
-    "resolution_time",
-    "agent",
-    "agent_interactions",
-    "classification",
-    "channel",
-    "customer",
-    "notes",
-)
+HEADER = tables.EXPORT_SCHEMAS[ExportKind.CASE_DETAILS].names[3:]  # after label, window
 
 
 def write_csv(path: Path, size: int) -> int:
