@@ -101,11 +101,15 @@ def redact_url(url: str | None) -> str | None:
 def _check_proxy(option: str, url: str, schemes: tuple[str, ...]) -> None:
     try:
         parts = urlsplit(url)
-        port_ok = parts.port is None or parts.port > 0
-        host = parts.hostname
-    except ValueError:
-        port_ok, host = False, None
-    if parts.scheme not in schemes or not host or not port_ok or parts.path not in ("", "/"):
+        ok = (
+            parts.scheme in schemes
+            and bool(parts.hostname)
+            and (parts.port is None or parts.port > 0)
+            and parts.path in ("", "/")
+        )
+    except ValueError:  # an unclosed "[", a port out of range: not a URL at all
+        ok = False
+    if not ok:
         raise exc.ConfigurationError(
             f"{option} must be an {'/'.join(s + '://' for s in schemes)} URL such as "
             f"http://proxy.example:3128, got {redact_url(url)!r}"

@@ -297,6 +297,7 @@ async def test_https_proxy_variable_tunnels_https(
         ("HTTPS_PROXY", "http://user:hunter2@:nope"),
         ("http_proxy", "proxy.corp:3128"),  # no scheme
         ("HTTPS_PROXY", "https://user:hunter2@proxy.corp:3128"),  # aiohttp would ignore it
+        ("HTTPS_PROXY", "http://user:hunter2@[proxy"),  # urlsplit itself refuses it
     ],
 )
 def test_a_malformed_proxy_variable_is_a_configuration_error_naming_it(
@@ -385,7 +386,9 @@ async def test_proxy_credentials_are_used_but_never_shown(
 # -- bad options -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["ftp://x:1", "http://", "http://host:99999", "nonsense"])
+@pytest.mark.parametrize(
+    "bad", ["ftp://x:1", "http://", "http://host:99999", "nonsense", "http://[bad", "http://h:x"]
+)
 def test_malformed_proxy_is_a_configuration_error(bad: str) -> None:
     with pytest.raises(exc.ConfigurationError, match="proxy"):
         network(proxy=bad)
@@ -520,6 +523,7 @@ def test_cli_backfill_and_demo_take_proxy_flags(
     ("flag", "value", "message"),
     [
         ("--proxy", "http://me:pw-123@:bad", "--proxy must be an http:// URL"),
+        ("--proxy", "http://me:pw-123@[bad", "--proxy must be an http:// URL"),
         ("--ca-bundle", "/nonexistent/ca.pem", "--ca-bundle '/nonexistent/ca.pem' cannot be used"),
     ],
 )
