@@ -311,12 +311,17 @@ def test_an_unreachable_database_fails_the_worker_in_one_line_without_the_passwo
 ) -> None:
     url = f"postgresql://lexer:{PASSWORD}@127.0.0.1:1/lexer?connect_timeout=2"
     spec = write_spec(tmp_path / "spec.toml", _spec_data_offline(redis_url=redis_url))
-    result = _invoke("backfill", str(spec), "--worker", "--checkpoint-url", url)
-    assert result.exit_code == 1
-    assert "cannot connect to the checkpoint database" in result.output
-    assert "lexer:***@127.0.0.1:1" in result.output
-    assert PASSWORD not in result.output
-    assert "Traceback" not in result.output
+    for worker in (("--worker",), ()):  # a worker, and a single process on PostgreSQL
+        result = _invoke("backfill", str(spec), *worker, "--checkpoint-url", url)
+        assert result.exit_code == 1
+        assert "cannot connect to the checkpoint database" in result.output
+        assert "lexer:***@127.0.0.1:1" in result.output
+        assert PASSWORD not in result.output
+        assert "Traceback" not in result.output
+        # One line, before any progress display starts.
+        assert [line for line in result.output.splitlines() if line.strip()] == [
+            line for line in result.output.splitlines() if line.startswith("Error:")
+        ]
 
 
 # -- status from the database ----------------------------------------------------------

@@ -46,6 +46,7 @@ from ..backfill import (
     plan,
     run_backfill,
 )
+from ..backfill.runner import open_checkpoint
 from ..backfill.status import RunStatus, run_status
 from ..backfill.worker import DEFAULT_LEASE, check_worker_spec, run_worker
 from ..backfill.writer import report_kinds
@@ -681,6 +682,18 @@ def _check_sink(spec: BackfillSpec) -> None:
         sink.close()
 
 
+def _check_shared_state(spec: BackfillSpec) -> None:
+    """Reach the PostgreSQL checkpoint and Redis the run will use before progress starts
+    (one line for a bad URL, a wrong password, a refused spec or a missing extra, not a
+    progress block first). The run opens them again; no API request is sent here."""
+    if spec.checkpoint_url is not None:
+        open_checkpoint(spec).close()
+    if spec.redis_url is not None:
+        from ..limits_redis import check_redis
+
+        _run(check_redis(spec.redis_url))
+
+
 def _writable(check: Callable[[Path], object], path: Path) -> None:
     """Run a destination ``check`` before anything starts: an `OutputError` is bad usage
     (status 2), shown as one line (or raised, with ``--debug``)."""
@@ -991,6 +1004,7 @@ def backfill(
         sys.exit(1 if problems else 0)
     _writable(check_directory, spec.output)
     _check_sink(spec)
+    _check_shared_state(spec)
     with _view(spec, as_json) as view:
         summary = _run(
             run_worker(
