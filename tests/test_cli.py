@@ -557,6 +557,8 @@ def test_demo_small_run_and_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert f"output: {out.resolve()}" in again.stdout.replace("\n", "")
     assert not (out / "team-a" / "stale.txt").exists()
     assert len(files_of(out)) == units + 1
+    # The same demo team each run: every window holds the same data as the first run's.
+    assert files_of(out) == files
 
 
 def test_demo_refuses_to_delete_a_directory_it_did_not_make(tmp_path: Path) -> None:

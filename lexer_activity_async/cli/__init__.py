@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -1232,6 +1232,13 @@ def sandbox(
 
 
 DEMO_OUTPUT = Path("lexer-demo-output")
+
+
+def _demo_token(label: str) -> str:
+    """The demo's token for ``label``: fixed, so every demo sees one world."""
+    return "demo-" + hashlib.sha256(f"lexer-activity demo {label}".encode()).hexdigest()[:32]
+
+
 DEMO_MARKER = ".lexer-demo"
 """The file that marks a directory as a demo's output, which a later demo may delete."""
 
@@ -1280,7 +1287,9 @@ def demo(
     output.mkdir(parents=True, exist_ok=True)
     (output / DEMO_MARKER).write_text("written by `lexer-activity demo`, which may delete it\n")
     labels = [f"team-{chr(ord('a') + i)}" for i in range(n_tokens)]
-    tokens = {label: secrets.token_urlsafe(24) for label in labels}
+    # The same token for a label every run: the sandbox's world is keyed by token, so a
+    # rerun or --resume sees the same team's data (these tokens exist only in the demo).
+    tokens = {label: _demo_token(label) for label in labels}
     for label, token in tokens.items():
         os.environ[f"LEXER_DEMO_TOKEN_{label.upper().replace('-', '_')}"] = token
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
