@@ -17,6 +17,7 @@ exports the ``[tables]`` extra too.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -135,28 +136,8 @@ def _checked(
             raise exc.ValidationError(f"{name} must be a timezone-aware datetime")
     if date_to is not None and date_to <= date_from:
         raise exc.ValidationError("date_from must be before date_to")
-    report_names = []
-    for report in reports:
-        try:
-            report_names.append(ReportType(report).value)
-        except ValueError:
-            known = ", ".join(ALL_REPORTS)
-            raise exc.ValidationError(
-                f"reports: unknown report {report!r} (known: {known})"
-            ) from None
-    if len(set(report_names)) != len(report_names):
-        raise exc.ValidationError("reports must not repeat a kind")
-    export_names = []
-    for export in exports:
-        try:
-            export_names.append(ExportKind(export).value)
-        except ValueError:
-            known = ", ".join(ALL_EXPORTS)
-            raise exc.ValidationError(
-                f"exports: unknown export {export!r} (known: {known})"
-            ) from None
-    if len(set(export_names)) != len(export_names):
-        raise exc.ValidationError("exports must not repeat a kind")
+    report_names = _kind_names("reports", "report", reports, ReportType, ALL_REPORTS)
+    export_names = _kind_names("exports", "export", exports, ExportKind, ALL_EXPORTS)
     if not report_names and not export_names:
         raise exc.ValidationError("reports: give at least one report (or export)")
     if export_names:
@@ -185,6 +166,23 @@ def _checked(
         "nps_form": nps_form,
         "nps_category": category,
     }
+
+
+def _kind_names(
+    option: str, noun: str, given: Iterable[str], kinds: type[enum.Enum], known: Iterable[str]
+) -> list[str]:
+    """The names of ``given`` kinds, each known and none repeated, else `ValidationError`."""
+    names = []
+    for item in given:
+        try:
+            names.append(kinds(item).value)
+        except ValueError:
+            raise exc.ValidationError(
+                f"{option}: unknown {noun} {item!r} (known: {', '.join(known)})"
+            ) from None
+    if len(set(names)) != len(names):
+        raise exc.ValidationError(f"{option} must not repeat a kind")
+    return names
 
 
 def lexer_source(
