@@ -58,8 +58,15 @@ def _id(value: object) -> m.Id:
 
 def _datetime(value: object) -> datetime:
     if isinstance(value, str):
-        return parse_datetime(value)
+        return _timestamp(value)
     raise TypeError(f"expected an ISO 8601 timestamp, got {value!r}")
+
+
+@functools.lru_cache(maxsize=8192)
+def _timestamp(text: str) -> datetime:
+    """`parse_datetime`, cached (datetimes are immutable): nps_volume's days repeat in
+    every response, and every token of a backfill asks for the same ones."""
+    return parse_datetime(text)
 
 
 _EXACT: dict[object, tuple[type, Structurer]] = {
@@ -128,9 +135,10 @@ def compile_structurer(type_: Any) -> Structurer:
 
 def _record(cls: type) -> Structurer:
     """Generated code, one statement per field: ``type(v) is int`` inline for scalars,
-    a call for the rest, then the class called positionally (its fields in order)."""
+    a call for the rest, then the instance made from its slot setters (`_setters`) or,
+    for a class that validates its fields, by calling it positionally."""
     hints = typing.get_type_hints(cls)
-    scope: dict[str, object] = {"cls": cls, "TypeError": TypeError}
+    scope: dict[str, object] = {"cls": cls, "TypeError": TypeError, "new": object.__new__}
     lines = [
         "def structure(d):",
         "    if type(d) is not dict:",
@@ -149,7 +157,16 @@ def _record(cls: type) -> Structurer:
         else:
             scope[f"f{i}"] = compile_structurer(hint)
             lines.append(f"    {name} = f{i}({name})")
-    lines.append(f"    return cls({', '.join(names)})")
+    try:
+        setters = _setters(cls)
+    except TypeError:
+        lines.append(f"    return cls({', '.join(names)})")
+    else:
+        lines.append("    made = new(cls)")
+        for i, (name, setter) in enumerate(zip(names, setters, strict=True)):
+            scope[f"s{i}"] = setter
+            lines.append(f"    s{i}(made, {name})")
+        lines.append("    return made")
     exec(compile("\n".join(lines), f"<fast structure {cls.__name__}>", "exec"), scope)
     structure = scope["structure"]
     assert callable(structure)
@@ -184,9 +201,14 @@ def _setters(cls: type) -> tuple[Callable[[object, object], None], ...]:
     setter call per field, 40 % cheaper than the generated ``__init__`` (which does the
     same through ``object.__setattr__``)."""
     fields = attrs.fields(cls)
-    if any(f.validator is not None or f.converter is not None for f in fields):
+    if any(f.validator is not None or f.converter is not None for f in fields) or hasattr(
+        cls, "__attrs_post_init__"
+    ):
         raise TypeError(f"{cls.__name__} validates its fields: build it with its __init__")
-    return tuple(vars(cls)[f.name].__set__ for f in fields)
+    slots = vars(cls)
+    if any(not hasattr(slots.get(f.name), "__set__") for f in fields):
+        raise TypeError(f"{cls.__name__} is not slotted: build it with its __init__")
+    return tuple(slots[f.name].__set__ for f in fields)
 
 
 _STATE, _STATE_VALUE, _STATE_DATE = _setters(m.StatePoint)

@@ -115,6 +115,47 @@ def test_a_model_with_a_validator_is_built_through_its_init() -> None:
         structuring.compile_structurer(Checked)({"value": 0})
 
 
+def test_records_built_from_slot_setters_equal_their_init() -> None:
+    payload = {"classification_id": "7", "classification": "x", "state": "new", "volume": 2.0}
+    made = structuring.compile_structurer(m.Classification)(payload)
+    assert made == m.Classification(m.Id(7), "x", "new", 2)
+    assert type(made.volume) is int
+    assert type(made.classification_id) is int
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.volume = 3
+
+
+def test_a_model_with_post_init_or_no_slots_is_built_through_its_init() -> None:
+    seen: list[int] = []
+
+    @attrs.frozen
+    class Posted:
+        value: int
+
+        def __attrs_post_init__(self) -> None:
+            seen.append(self.value)
+
+    @attrs.frozen(slots=False)
+    class Plain:
+        value: int
+
+    assert structuring.compile_structurer(Posted)({"value": 4}) == Posted(4)
+    assert seen == [4, 4]
+    assert structuring.compile_structurer(Plain)({"value": 5}) == Plain(5)
+
+
+def test_equal_timestamps_parse_once_and_malformed_ones_still_fail() -> None:
+    decode = structuring.compile_structurer(list[m.NpsDay])
+    day = {"date": "2026-11-01T00:00:00+00:00", "timestamp": 1, "data": json.loads(ref.NPS_SUMMARY)}
+    first, second = decode([day, dict(day)])
+    assert first.date is second.date
+    assert first.date.utcoffset() == timedelta(0)
+    for bad in ("2026-11-01T00:00:00", "2026-13-01T00:00:00+00:00"):
+        body = json.dumps([day, dict(day, date=bad)]).encode()
+        with pytest.raises(UnexpectedResponseError, match="wrong shape"):
+            wire.decode_report(ReportType.NPS_VOLUME, 200, body)
+
+
 # -- random edits of valid payloads: both paths agree ------------------------------------
 
 REPLACEMENTS = st.sampled_from(
