@@ -184,6 +184,12 @@ def worker_main(argv: list[str]) -> None:
 # -- the parent: sandbox process, children, tables -----------------------------------------
 
 
+def days_per_token(months: int) -> int:
+    """World days a backfill of ``months`` months reads per token, rounded up (cases look
+    a week back)."""
+    return 31 * months + 40
+
+
 def scaled_window(tokens: int, max_requests: int, quick: bool = False) -> float:
     """The scaled rate window for ``tokens``: 5 s (1 s with --quick), the real 300 s cut
     60-fold, but never less than 3 ms per request of one window's burst (tokens x N),
@@ -247,10 +253,11 @@ def one_run(
     tokens_of = {label: f"bench-{secrets.token_hex(12)}" for label in token_labels(tokens)}
     env = {**os.environ, **{token_env(label): token for label, token in tokens_of.items()}}
     warmed: dict[str, Any] = {"generated": 0, "cpu_s": 0.0}
-    if not args.cold:
+    if not args.cold and tokens * days_per_token(args.months) <= args.day_cache:
         # Every day the backfill's requests read (cases look LAG_DAYS back), generated now,
         # the same for both plans: the run then times the client and its plan, not the
-        # simulator's first touch of each day.
+        # simulator's first touch of each day. (Not when the sandbox's day cache cannot
+        # hold them all: the run would regenerate what it evicted.)
         warm_keys = [token_key(token) for token in tokens_of.values()]
         warmed = sb.warm(warm_keys, add_months(DATE_TO, -args.months), DATE_TO)
     generated0 = sb.stats(window)["days_generated"]
@@ -409,7 +416,8 @@ def main() -> None:
     cases = [(k, p) for k in args.tokens for p in args.plans]
     # Every token's days kept (up to ~500 MB): a joined 12-month fetch touches 373 days,
     # and with the world's default 1,024 the sandbox would regenerate them per request.
-    day_cache = min(MAX_DAY_CACHE, max(args.tokens) * (31 * args.months + 40))
+    day_cache = min(MAX_DAY_CACHE, max(args.tokens) * days_per_token(args.months))
+    args.day_cache = day_cache
     all_runs: dict[tuple[int, str], list[dict[str, Any]]] = {case: [] for case in cases}
     with ExitStack() as stack:
         sandboxes = {
