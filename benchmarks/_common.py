@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -229,6 +229,23 @@ class SandboxProcess:
             payload: dict[str, Any] = json.loads(answer.read())
         return payload
 
+    def warm(self, keys: Sequence[str], date_from: datetime, date_to: datetime) -> dict[str, Any]:
+        """Generate the world days that requests over [date_from, date_to] read, for the
+        tokens with these ``limits.token_key`` keys, before a measurement (blocking)."""
+        body = {
+            "keys": list(keys),
+            "date_from": date_from.isoformat(),
+            "date_to": date_to.isoformat(),
+        }
+        request = urllib.request.Request(
+            self.control_url + "/warm",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as answer:
+            payload: dict[str, Any] = json.loads(answer.read())
+        return payload
+
     def peak_rss(self) -> int | None:
         """The server process's peak RSS so far (bytes, from /proc), or None."""
         return proc_peak_rss(self.pid)
@@ -259,7 +276,9 @@ class ChildRun:
     stderr: str
 
 
-def run_child(cmd: Sequence[str], *, timeout: float = 600.0) -> ChildRun:
+def run_child(
+    cmd: Sequence[str], *, timeout: float = 600.0, env: Mapping[str, str] | None = None
+) -> ChildRun:
     """Run ``cmd`` to completion and return its own peak RSS.
 
     ``resource.getrusage(RUSAGE_CHILDREN)`` reports the maximum over *every* child waited
@@ -268,7 +287,7 @@ def run_child(cmd: Sequence[str], *, timeout: float = 600.0) -> ChildRun:
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, text=True, env=env)
         deadline = started + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

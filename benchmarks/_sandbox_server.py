@@ -4,8 +4,12 @@ Started by `_common.SandboxProcess`; not a benchmark itself. It serves the sandb
 origins plus a fourth, private control origin that answers ``GET /stats?window=W`` with the
 sandbox's counters as JSON (the sandbox has no stats endpoint of its own), so a benchmark
 can check 429s and the per-token sliding-window maximum while the server runs on its own
-core. It prints one JSON line with the URLs, then serves until SIGTERM/SIGINT, when it
-closes the sandbox (which deletes its export files).
+core, and ``POST /warm`` (``{"keys": [...], "date_from": ISO, "date_to": ISO}``, token keys
+as ``limits.token_key`` makes them) that generates every world day requests over that range
+read (cases look ``LAG_DAYS`` back) for those tokens, before a measurement, so it times the
+client and its plan rather than the simulator's first touch of each day. It prints one
+JSON line with the URLs, then serves until SIGTERM/SIGINT, when it closes the sandbox
+(which deletes its export files).
 
     python benchmarks/_sandbox_server.py --config '{"max_requests": 100, "window": 5}'
 """
@@ -20,11 +24,15 @@ import json
 import os
 import signal
 import sys
+import time
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from lexer_activity_async.sandbox import Sandbox, SandboxConfig, _world
+
+_DAY = 86_400
 
 
 def _stats_payload(sandbox: Sandbox, window: float) -> dict[str, Any]:
@@ -42,6 +50,7 @@ def _stats_payload(sandbox: Sandbox, window: float) -> dict[str, Any]:
         "exports_started": stats.exports_started,
         "status_polls": dict(stats.status_polls),
         "errors_injected": stats.errors_injected,
+        "days_generated": _world.day.cache_info().misses,
     }
 
 
@@ -58,8 +67,21 @@ async def _serve(config: SandboxConfig) -> None:
             # benchmarks ask only between measurements.
             return web.json_response(_stats_payload(sandbox, window))
 
+        async def warm(request: web.Request) -> web.Response:
+            body = await request.json()
+            # On the loop, like /stats: benchmarks call it between measurements.
+            begun, misses = time.process_time(), _world.day.cache_info().misses
+            first = _world.epoch(datetime.fromisoformat(body["date_from"])) // _DAY
+            last = _world.epoch(datetime.fromisoformat(body["date_to"])) // _DAY
+            for key in body["keys"]:
+                for ordinal in range(first - _world.LAG_DAYS - 1, last + 2):
+                    _world.day(key, ordinal, sandbox.config.daily_volume)
+            generated = _world.day.cache_info().misses - misses
+            return web.json_response({"generated": generated, "cpu_s": time.process_time() - begun})
+
         app = web.Application()
         app.router.add_get("/stats", stats)
+        app.router.add_post("/warm", warm)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:

@@ -92,14 +92,22 @@ DATE_TO = datetime(2025, 1, 1, tzinfo=timezone.utc)
 # -- the child: one backfill, measured from inside ---------------------------------------
 
 
+def token_labels(count: int) -> list[str]:
+    return [f"t{i:03d}" for i in range(count)]
+
+
+def token_env(label: str) -> str:
+    """The environment variable the child reads ``label``'s token from (set by the parent,
+    which warms the sandbox's world for those tokens first)."""
+    return f"BENCH_BACKFILL_{label.upper()}"
+
+
 async def worker(args: argparse.Namespace) -> dict[str, Any]:
-    labels = [f"t{i:03d}" for i in range(args.tokens)]
-    tokens = {label: f"bench-{secrets.token_hex(12)}" for label in labels}
-    for label, token in tokens.items():
-        os.environ[f"BENCH_BACKFILL_{label.upper()}"] = token
+    labels = token_labels(args.tokens)
+    tokens = {label: os.environ[token_env(label)] for label in labels}
     output = Path(tempfile.mkdtemp(prefix="bench-backfill-", dir=args.output_dir))
     spec = BackfillSpec(
-        tokens=tuple(TokenSource(label, env=f"BENCH_BACKFILL_{label.upper()}") for label in labels),
+        tokens=tuple(TokenSource(label, env=token_env(label)) for label in labels),
         date_from=add_months(DATE_TO, -args.months),
         date_to=DATE_TO,
         output=output,
@@ -176,6 +184,12 @@ def worker_main(argv: list[str]) -> None:
 # -- the parent: sandbox process, children, tables -----------------------------------------
 
 
+def days_per_token(months: int) -> int:
+    """World days a backfill of ``months`` months reads per token, rounded up (cases look
+    a week back)."""
+    return 31 * months + 40
+
+
 def scaled_window(tokens: int, max_requests: int, quick: bool = False) -> float:
     """The scaled rate window for ``tokens``: 5 s (1 s with --quick), the real 300 s cut
     60-fold, but never less than 3 ms per request of one window's burst (tokens x N),
@@ -236,13 +250,25 @@ def one_run(
     ]
     if client_cpu is not None:
         cmd += ["--cpu", str(client_cpu)]
+    tokens_of = {label: f"bench-{secrets.token_hex(12)}" for label in token_labels(tokens)}
+    env = {**os.environ, **{token_env(label): token for label, token in tokens_of.items()}}
+    warmed: dict[str, Any] = {"generated": 0, "cpu_s": 0.0}
+    if not args.cold and tokens * days_per_token(args.months) <= args.day_cache:
+        # Every day the backfill's requests read (cases look LAG_DAYS back), generated now,
+        # the same for both plans: the run then times the client and its plan, not the
+        # simulator's first touch of each day. (Not when the sandbox's day cache cannot
+        # hold them all: the run would regenerate what it evicted.)
+        warm_keys = [token_key(token) for token in tokens_of.values()]
+        warmed = sb.warm(warm_keys, add_months(DATE_TO, -args.months), DATE_TO)
+    generated0 = sb.stats(window)["days_generated"]
     server_cpu0, drops0 = c.proc_cpu_seconds(sb.pid), listen_drops()
-    child = c.run_child(cmd, timeout=3600)
+    child = c.run_child(cmd, timeout=3600, env=env)
     server_cpu1, drops1 = c.proc_cpu_seconds(sb.pid), listen_drops()
     if child.returncode != 0:
         raise RuntimeError(f"worker failed ({child.returncode}):\n{child.stderr}")
     result: dict[str, Any] = json.loads(child.stdout.splitlines()[-1])
     stats = sb.stats(window)
+    days_generated = stats["days_generated"] - generated0
     n, w = args.max_requests, window
     floors = {label: rate_limit_floor(r, n, w) for label, r in result["requests"].items()}
     floor = max(floors.values())
@@ -285,6 +311,9 @@ def one_run(
         "bytes": result["bytes"],
         "peak_rss_mb": child.peak_rss / c.MB,
         "child_wall_s": child.wall,
+        "days_warmed": warmed["generated"],
+        "warm_cpu_s": warmed["cpu_s"],
+        "days_generated_in_run": days_generated,
     }
 
 
@@ -319,6 +348,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "all_ok": all(r["ok"] and r["server_requests_match"] for r in runs),
         "peak_rss_mb": med("peak_rss_mb"),
         "peak_rss_mb_min_max": c.spread(r["peak_rss_mb"] for r in runs),
+        "days_generated_in_run": max(r["days_generated_in_run"] for r in runs),
     }
 
 
@@ -344,6 +374,12 @@ def main() -> None:
     parser.add_argument("--per-token", type=int, default=100, help="per-token unit cap")
     parser.add_argument("--total", type=int, default=100, help="overall unit cap")
     parser.add_argument("--plans", nargs="+", choices=PLANS, default=list(PLANS))
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="do not generate the sandbox world's days before each run (the run then "
+        "includes the simulator's first touch of every day)",
+    )
     parser.add_argument(
         "--big-runs", type=int, default=3, help="runs for token counts making over 20,000 requests"
     )
@@ -380,7 +416,8 @@ def main() -> None:
     cases = [(k, p) for k in args.tokens for p in args.plans]
     # Every token's days kept (up to ~500 MB): a joined 12-month fetch touches 373 days,
     # and with the world's default 1,024 the sandbox would regenerate them per request.
-    day_cache = min(MAX_DAY_CACHE, max(args.tokens) * (31 * args.months + 40))
+    day_cache = min(MAX_DAY_CACHE, max(args.tokens) * days_per_token(args.months))
+    args.day_cache = day_cache
     all_runs: dict[tuple[int, str], list[dict[str, Any]]] = {case: [] for case in cases}
     with ExitStack() as stack:
         sandboxes = {
@@ -429,6 +466,7 @@ def main() -> None:
             "429s",
             "max/W",
             "SYN drops",
+            "days made in run",
         ],
         [
             [
@@ -451,6 +489,7 @@ def main() -> None:
                 s["client_429"] + s["server_429"],
                 s["max_in_window"],
                 s["syn_drops"],
+                s["days_generated_in_run"],
             ]
             for s in summaries
         ],
@@ -559,6 +598,7 @@ def main() -> None:
                 "client_cpu": client_cpu,
                 "server_cpu": server_cpu,
                 "target_ratio": TARGET,
+                "warmed": not args.cold,
             },
             "summary": [by_case[case] for case in cases],
             "comparison": comparison,

@@ -56,6 +56,7 @@ if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backpo
 __all__ = [
     "PollPolicy",
     "DownloadPolicy",
+    "MAX_CONNECTIONS",
     "ExportResult",
     "FAILED_STATUSES",
     "start_export",
@@ -112,9 +113,15 @@ def _positive(_: object, attribute: attrs.Attribute[V], value: V) -> None:
         raise exc.ConfigurationError(f"DownloadPolicy.{attribute.name} must be a positive number")
 
 
+MAX_CONNECTIONS = 32
+"""Most concurrent ranges `DownloadPolicy.connections` allows for one file."""
+
+
 def _connections(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
-        raise exc.ConfigurationError("DownloadPolicy.connections must be an integer from 1 to 32")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONNECTIONS:
+        raise exc.ConfigurationError(
+            f"DownloadPolicy.connections must be an integer from 1 to {MAX_CONNECTIONS}"
+        )
 
 
 @attrs.frozen

@@ -9,6 +9,7 @@ that over HTTP); hypothesis draws the inputs, with few examples so the suite sta
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -307,6 +308,24 @@ def test_days_are_generated_once_and_bounded() -> None:
     assert _world.day("0123abcd", 20_000, 24) == first
     assert _world.day("0123abcd", 20_000, 48) != first  # volume is configurable
     assert len(_world.day("0123abcd", 20_000, 48).messages) > len(first.messages)
+
+
+WORLD_FINGERPRINT = "5125717087d3cb1963f962fd0b1e3678ae0ed18c38b02c74b1ac409c8d152c78"
+"""sha256 of the days below as first generated (before the generator was made faster): any
+change to what a day holds, or to the order of its random draws, changes it."""
+
+
+def test_days_are_the_same_world_as_ever() -> None:
+    """Freshly generated days (not the LRU's) match the recorded fingerprint, and a cached
+    day equals a freshly generated one."""
+    digest = hashlib.sha256()
+    for key in ("0123abcd", "feedc0de", "zz-not-hex", "9f86d081884c7d65"):
+        for volume in (2, 24, 100):
+            for ordinal in (0, 17_532, 20_000, 20_001, 20_005):
+                fresh = _world.day.__wrapped__(key, ordinal, volume)
+                assert _world.day(key, ordinal, volume) == fresh
+                digest.update(repr(fresh).encode())
+    assert digest.hexdigest() == WORLD_FINGERPRINT
 
 
 def test_the_reference_example_ids_are_in_the_world() -> None:

@@ -368,7 +368,12 @@ class TokenRun:
         csv_path = unit.csv_path(self.spec.output)
         try:
             size = await exports.download(
-                client, done, csv_path, kind=unit.name, poll=self.spec.poll
+                client,
+                done,
+                csv_path,
+                kind=unit.name,
+                policy=self.spec.download_policy,
+                poll=self.spec.poll,
             )
         except OSError as error:  # the download removed its part file
             raise output_error(csv_path, error) from None

@@ -28,7 +28,7 @@ from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn
 
 from .. import exceptions as exc
-from ..exports import PollPolicy
+from ..exports import MAX_CONNECTIONS, DownloadPolicy, PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW, default_reserve
 from ..network import network, redact_url
 from ..reports import (
@@ -150,6 +150,11 @@ class BackfillSpec:
     )
     """Months per export window; None: `window_months`. Fewer, longer export jobs cost
     fewer requests (each job is a start and its status polls)."""
+    export_connections: int = attrs.field(
+        default=1, validator=lambda _s, _a, v: _check_connections(v)
+    )
+    """``[exports] connections`` (1-32): concurrent byte ranges per export file, on a file
+    host that serves them (others get one stream); see `DownloadPolicy.connections`."""
     per_token_concurrency: int = attrs.field(default=8, validator=lambda _s, _a, v: _check_cap(v))
     total_concurrency: int = attrs.field(default=64, validator=lambda _s, _a, v: _check_cap(v))
     api_url: str | None = attrs.field(default=None, validator=lambda _s, a, v: _check_http(a, v))
@@ -209,6 +214,11 @@ class BackfillSpec:
     def settle_period(self) -> timedelta:
         """`settle`, or `DEFAULT_SETTLE` when unset."""
         return DEFAULT_SETTLE if self.settle is None else self.settle
+
+    @property
+    def download_policy(self) -> DownloadPolicy:
+        """How export files are downloaded: `DownloadPolicy` with `export_connections`."""
+        return DownloadPolicy(connections=self.export_connections)
 
     @property
     def bulk_max_requests(self) -> int:
@@ -320,6 +330,11 @@ def _check_format(format: object) -> None:
     if format not in FORMATS:
         got = repr(format) if isinstance(format, str) and len(format) <= 20 else shown(format)
         raise SpecError(f"`format` must be one of {', '.join(FORMATS)}, got {got}")
+
+
+def _check_connections(connections: object, key: str = "[exports] connections") -> None:
+    if not _is_int(connections) or not 1 <= connections <= MAX_CONNECTIONS:
+        raise SpecError(f"{key} must be an integer from 1 to {MAX_CONNECTIONS}")
 
 
 def _check_months(months: object, key: str = "window_months", optional: bool = False) -> None:
@@ -627,6 +642,7 @@ class _ExportsDoc:
     format: _Format = _Format("csv")
     keep_csv: bool = False
     window_months: int | None = None
+    connections: int | None = None
 
 
 @attrs.define
@@ -669,6 +685,7 @@ class _SpecDoc:
     nps: _NpsDoc = attrs.Factory(_NpsDoc)
     window_months: int = 1
     export_window_months: int | None = None
+    export_connections: int | None = None
     concurrency: _ConcurrencyDoc = attrs.Factory(_ConcurrencyDoc)
     api_url: str | None = None
     status_url: str | None = None
@@ -973,6 +990,20 @@ def _export_window_months(doc: _SpecDoc) -> int | None:
     return doc.export_window_months
 
 
+def _export_connections(doc: _SpecDoc) -> int:
+    """``[exports] connections``, or the top-level ``export_connections`` (the
+    ``[[exports]]`` list form); 1 when neither is given."""
+    if doc.exports.connections is not None and doc.export_connections is not None:
+        raise SpecError("give [exports] connections or export_connections, not both")
+    if doc.exports.connections is not None:
+        _check_connections(doc.exports.connections)
+        return doc.exports.connections
+    if doc.export_connections is not None:
+        _check_connections(doc.export_connections, "export_connections")
+        return doc.export_connections
+    return 1
+
+
 def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     """`BackfillSpec` fields from parsed TOML, or `SpecError` naming every bad key."""
     if not isinstance(data, Mapping):
@@ -1005,6 +1036,7 @@ def _spec_fields(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         "nps_category": doc.nps.category,
         "window_months": doc.window_months,
         "export_window_months": _export_window_months(doc),
+        "export_connections": _export_connections(doc),
         "per_token_concurrency": doc.concurrency.per_token,
         "total_concurrency": doc.concurrency.total,
         "api_url": doc.api_url,

@@ -53,7 +53,7 @@ from ..backfill.writer import report_kinds
 from ..checkpoint_pg import redact
 from ..client import LexerClient
 from ..destinations import check_directory, check_file_destination
-from ..exports import DownloadPolicy, PollPolicy
+from ..exports import MAX_CONNECTIONS, DownloadPolicy, PollPolicy
 from ..limits import DEFAULT_MAX_REQUESTS, DEFAULT_WINDOW
 from ..limits_sqlite import default_store_path
 from ..logs import JsonFormatter
@@ -595,7 +595,7 @@ def report(
 @click.option("--split", is_flag=True, help="One file per window instead of one merged file.")
 @click.option(
     "--connections",
-    type=click.IntRange(1, 32),
+    type=click.IntRange(1, MAX_CONNECTIONS),
     default=1,
     show_default=True,
     help="Fetch the file as this many parallel byte ranges (when its host allows it).",
@@ -837,6 +837,8 @@ def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
             str(timedelta(seconds=the_plan.least_seconds(label, join=False))),
         )
     Console().print(table)
+    if spec.exports:
+        Console().print(_connections_line(spec), markup=False, highlight=False)
     costs = export_window_costs(the_plan)
     if costs:
         chosen = spec.export_window_months or spec.window_months
@@ -854,6 +856,16 @@ def _print_plan(spec: BackfillSpec, the_plan: Plan) -> None:
         Console().print(exports)
 
 
+def _connections_line(spec: BackfillSpec) -> str:
+    n = spec.export_connections
+    if n == 1:
+        return "Export downloads: 1 connection per file ([exports] connections = 1)"
+    return (
+        f"Export downloads: {n} connections per file, as {n} parallel byte ranges where the "
+        "file host serves them (else one stream)"
+    )
+
+
 def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) -> dict[str, Any]:
     """The plan of ``--dry-run --json``: the figures of `_print_plan`, and the token
     sources that cannot be read."""
@@ -862,6 +874,7 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
         "units": the_plan.units_per_token * len(spec.tokens),
         "windows": len(the_plan.windows),
         "export_windows": len(the_plan.export_windows),
+        "export_connections": spec.export_connections,
         "tokens": [
             {
                 "label": source.label,
@@ -915,6 +928,13 @@ def _plan_record(spec: BackfillSpec, the_plan: Plan, problems: Sequence[str]) ->
     help="Output directory (overrides the spec's).",
 )
 @_format_option("the spec's, else json")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, MAX_CONNECTIONS),
+    default=None,
+    help="Download each export file as this many parallel byte ranges where its host "
+    "serves them (overrides the spec's [exports] connections).",
+)
 @_network_options
 # -- workers (issue 18) --
 @click.option(
@@ -952,6 +972,7 @@ def backfill(
     limit_store: str | None,
     output: Path | None,
     output_format: str | None,
+    connections: int | None,
     proxy: str | None,
     ca_bundle: Path | None,
     checkpoint_url: str | None = None,
@@ -977,6 +998,8 @@ def backfill(
         overrides["format"] = output_format
     if checkpoint_url:
         overrides["checkpoint_url"] = checkpoint_url
+    if connections is not None:
+        overrides["export_connections"] = connections
     spec = _load_spec(spec_path, overrides)
     if worker:
         check_worker_spec(spec)  # before anything is planned, opened or sent

@@ -27,7 +27,7 @@ from ..limits import token_key
 from ..wire import TOKEN_HEADER
 from . import _data
 from ._exports import ExportStore, parse_range
-from ._state import Faults, SandboxConfig, SandboxStats
+from ._state import Faults, FileRequest, SandboxConfig, SandboxStats
 
 __all__ = ["Sandbox"]
 
@@ -480,6 +480,10 @@ class Sandbox:
         first, stop, status = 0, export.size, 200
         headers = {"Content-Type": "text/csv", "ETag": export.etag}
         wanted = request.headers.get("Range")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.stats.file_log.append(
+            FileRequest(request.path, wanted, tuple(peer) if peer is not None else None)
+        )
         if_range = request.headers.get("If-Range")
         if self.faults.ranges:
             headers["Accept-Ranges"] = "bytes"

@@ -13,7 +13,7 @@ import attrs
 from ..exceptions import ConfigurationError
 from ..reports import DEFAULT_WORKFLOW_STATES_TYPE
 
-__all__ = ["SandboxConfig", "SandboxStats", "Faults", "Rule"]
+__all__ = ["SandboxConfig", "SandboxStats", "FileRequest", "Faults", "Rule"]
 
 
 def _bandwidth(_: object, attribute: attrs.Attribute[float | None], value: object) -> None:
@@ -67,6 +67,17 @@ class SandboxConfig:
     as object stores and long links cap a single stream; parallel ranges add up."""
 
 
+@attrs.frozen
+class FileRequest:
+    """One request to the file host: the file's path (``/files/<url id>/<name>``), its
+    ``Range`` header (None: the whole file) and the client's (host, port), which tells
+    its connections apart."""
+
+    path: str
+    range: str | None
+    peer: tuple[object, ...] | None
+
+
 @attrs.define
 class SandboxStats:
     """What the sandbox saw. Tokens appear only as `limits.token_key` hashes.
@@ -85,6 +96,8 @@ class SandboxStats:
     unauthorized: int = 0
     leaks: int = 0
     file_requests: int = 0
+    file_log: list[FileRequest] = attrs.Factory(list)
+    """Every request to the file host for an export file, in arrival order."""
     bytes_served: int = 0
     exports_started: int = 0
     status_polls: dict[str, int] = attrs.Factory(dict)

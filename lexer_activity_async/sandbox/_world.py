@@ -28,7 +28,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import NamedTuple
+from itertools import accumulate
+from typing import Generic, NamedTuple, TypeVar
 
 __all__ = [
     "DAY_CACHE_SIZE",
@@ -48,6 +49,8 @@ __all__ = [
     "epoch",
 ]
 
+T = TypeVar("T")
+
 DAY = 86_400
 DAY_CACHE_SIZE = 1024
 """Generated days kept in memory, all tokens together (about 25 KB each at the default
@@ -65,9 +68,13 @@ GROUP_MEMBERS: dict[int, tuple[int, ...]] = {
     789: (12345, 4242),
 }
 """Group id -> ids of the users in it (the same as the users list's ``groups``)."""
+_GROUPS = (123, 456, 789)
 _GROUP_WEIGHTS = (5, 2, 2)
 _CLASS_IDS = (123, 143, 466, 526, 528, 1246, 1465, 1467, 1472)
 _CLASS_WEIGHTS = (2, 6, 4, 2, 3, 1, 2, 2, 1)
+_SCORE_WEIGHTS = (1, 1, 1, 1, 1, 2, 2, 4, 5, 8, 9)
+_LOG_MIN_WAIT = math.log(30.0)
+_LOG_MAX_WAIT = math.log(5.0 * DAY)
 _NPS_FORMS = (55, 56, 123)
 _CHANNELS = ("twitter", "facebook", "instagram", "email", "webchat")
 _CUSTOMERS = ("@jsmith", "Renée O'Brien", "李小龍", "Smith, John", '"Big" Bob', "anonymous")
@@ -85,6 +92,29 @@ _NOTES = (
 """Free text that exercises CSV parsing: commas, doubled quotes, newlines, non-ASCII."""
 _UNHANDLED_END = ("new", "assigned", "irrelevant", "duplicate", "redirected", "closed")
 _UNHANDLED_WEIGHTS = (3, 2, 2, 1, 1, 1)
+
+
+class _Weighted(Generic[T]):
+    """A population with its cumulative weights, precomputed once: ``draw`` makes the draw
+    ``rng.choices(population, weights)[0]`` makes (one ``random()``, the same element), without
+    summing the weights again on each of a day's thousands of draws."""
+
+    __slots__ = ("cumulative", "hi", "population", "total")
+
+    def __init__(self, population: Sequence[T], weights: Sequence[int]) -> None:
+        self.population = tuple(population)
+        self.cumulative = tuple(accumulate(weights))
+        self.total = self.cumulative[-1] + 0.0
+        self.hi = len(self.population) - 1
+
+    def draw(self, rng: random.Random) -> T:
+        return self.population[bisect_right(self.cumulative, rng.random() * self.total, 0, self.hi)]
+
+
+_GROUP_DRAW = _Weighted(_GROUPS, _GROUP_WEIGHTS)
+_CLASS_DRAW = _Weighted(_CLASS_IDS, _CLASS_WEIGHTS)
+_SCORE_DRAW = _Weighted(range(11), _SCORE_WEIGHTS)
+_UNHANDLED_DRAW = _Weighted(_UNHANDLED_END, _UNHANDLED_WEIGHTS)
 
 
 class Message(NamedTuple):
@@ -107,6 +137,9 @@ class Message(NamedTuple):
 
     def state(self, now: float) -> str:
         """The workflow state reached at ``now``."""
+        last_at, last_state = self.history[-1]
+        if last_at <= now:  # the usual case: the history is over by "now"
+            return last_state
         current = "new"
         for moment, name in self.history:
             if moment > now:
@@ -205,7 +238,7 @@ def day(key: str, ordinal: int, volume: int) -> Day:
     while len(msgs) < target:
         conversation += 1
         begun = start + rng.randrange(DAY)
-        group = rng.choices((123, 456, 789), _GROUP_WEIGHTS)[0]
+        group = _GROUP_DRAW.draw(rng)
         agent = rng.choice(GROUP_MEMBERS[group])
         handled = rng.random() < 0.8
         channel = rng.choice(_CHANNELS)
@@ -218,12 +251,12 @@ def day(key: str, ordinal: int, volume: int) -> Day:
         for index, at in enumerate(arrivals):
             mid = (base_id + conversation) * 10 + index
             classes = tuple(
-                sorted(set(rng.choices(_CLASS_IDS, _CLASS_WEIGHTS, k=rng.choice((0, 1, 1, 2)))))
+                sorted({_CLASS_DRAW.draw(rng) for _ in range(rng.choice((0, 1, 1, 2)))})
             )
             classes_seen.update(classes)
             note = rng.choice(_NOTES)
             if handled and rng.random() < 0.85:
-                wait = math.exp(rng.uniform(math.log(30.0), math.log(5.0 * DAY)))
+                wait = math.exp(rng.uniform(_LOG_MIN_WAIT, _LOG_MAX_WAIT))
                 responded = at + wait
                 assigned = at + wait * rng.uniform(0.02, 0.8)
                 history: list[tuple[float, str]] = [(at, "new"), (assigned, "assigned")]
@@ -250,7 +283,7 @@ def day(key: str, ordinal: int, volume: int) -> Day:
                     )
                 )  # fmt: skip
             else:
-                end = rng.choices(_UNHANDLED_END, _UNHANDLED_WEIGHTS)[0]
+                end = _UNHANDLED_DRAW.draw(rng)
                 history = [(at, "new")]
                 owner, assigned = 0, 0
                 if end != "new":
@@ -290,9 +323,9 @@ def day(key: str, ordinal: int, volume: int) -> Day:
     for form in _NPS_FORMS:
         for index in range(rng.randint(1, max(2, volume // 3))):
             at = start + rng.randrange(DAY)
-            group = rng.choices((123, 456, 789), _GROUP_WEIGHTS)[0]
+            group = _GROUP_DRAW.draw(rng)
             answered = rng.random() < 0.55
-            score = rng.choices(range(11), (1, 1, 1, 1, 1, 2, 2, 4, 5, 8, 9))[0] if answered else -1
+            score = _SCORE_DRAW.draw(rng) if answered else -1
             sent.append(
                 Survey(
                     (base_id + index) * 1000 + form,
@@ -336,6 +369,9 @@ def messages(
         d = day(key, ordinal, volume)
         lo = bisect_left(d.message_times, first) if ordinal <= first // DAY else 0
         hi = bisect_right(d.message_times, last) if ordinal >= last // DAY - 1 else None
+        if filters.users is None and filters.groups is None:
+            yield from d.messages[lo:hi]
+            continue
         for m in d.messages[lo:hi]:
             if filters.message(m):
                 yield m
