@@ -32,8 +32,6 @@ from aiohttp import web
 
 from lexer_activity_async.sandbox import Sandbox, SandboxConfig, _world
 
-_DAY = 86_400
-
 
 def _stats_payload(sandbox: Sandbox, window: float) -> dict[str, Any]:
     stats = sandbox.stats
@@ -71,8 +69,8 @@ async def _serve(config: SandboxConfig) -> None:
             body = await request.json()
             # On the loop, like /stats: benchmarks call it between measurements.
             begun, misses = time.process_time(), _world.day.cache_info().misses
-            first = _world.epoch(datetime.fromisoformat(body["date_from"])) // _DAY
-            last = _world.epoch(datetime.fromisoformat(body["date_to"])) // _DAY
+            first = _world.epoch(datetime.fromisoformat(body["date_from"])) // _world.DAY
+            last = _world.epoch(datetime.fromisoformat(body["date_to"])) // _world.DAY
             for key in body["keys"]:
                 for ordinal in range(first - _world.LAG_DAYS - 1, last + 2):
                     _world.day(key, ordinal, sandbox.config.daily_volume)

@@ -197,6 +197,11 @@ class Filters(NamedTuple):
     users: frozenset[int] | None = None
     groups: frozenset[int] | None = None
 
+    @property
+    def unfiltered(self) -> bool:
+        """True when no filter is set: every record passes."""
+        return self.users is None and self.groups is None
+
     def message(self, m: Message) -> bool:
         if self.users is not None and m.agent not in self.users:
             return False
@@ -369,7 +374,7 @@ def messages(
         d = day(key, ordinal, volume)
         lo = bisect_left(d.message_times, first) if ordinal <= first // DAY else 0
         hi = bisect_right(d.message_times, last) if ordinal >= last // DAY - 1 else None
-        if filters.users is None and filters.groups is None:
+        if filters.unfiltered:
             yield from d.messages[lo:hi]
             continue
         for m in d.messages[lo:hi]:
