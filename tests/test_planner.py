@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from conftest import TOKEN_A, TOKEN_B
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +42,7 @@ from lexer_activity_async.backfill import (
     plan,
     run_backfill,
 )
+from lexer_activity_async.backfill.spec import run_identity
 from lexer_activity_async.checkpoint import DONE
 from lexer_activity_async.reports import ExportKind
 from lexer_activity_async.sandbox import Sandbox
@@ -197,6 +199,23 @@ def test_export_window_months_in_the_spec_file(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text(text.replace("= 6", "= 13"))
     with pytest.raises(ValueError, match="export_window_months must be 1 to 12"):
         BackfillSpec.from_toml(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("export_window_months", 6), ("export_format", "parquet"), ("format", "raw")],
+)
+def test_keys_that_change_the_files_are_in_the_run_identity(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """Workers sharing a checkpoint must agree on them: each changes which files are
+    written (export windows change the export units and their names). At their default
+    they stay out, so a database written before they were keys still matches."""
+    spec = spec_for(None, tmp_path, exports=(ExportSpec(ExportKind.CASE_DETAILS),))
+    base = run_identity(spec)
+    assert key not in base
+    changed = run_identity(attrs.evolve(spec, **{key: value}))
+    assert sorted(k for k in changed if changed[k] != base.get(k)) == [key]
 
 
 # -- byte for byte, for random ranges and offsets (loopback HTTP) ---------------------------

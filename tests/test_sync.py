@@ -131,6 +131,15 @@ class HangingServer:
         self.thread.join(timeout=10)
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises() -> Iterator[None]:
+    """Python's own SIGINT handler for each test: a shell starts background jobs with
+    SIGINT ignored and Python keeps it so, where Ctrl-C would raise nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_main_thread() -> None:
     """What Ctrl-C does: SIGINT to the main thread, which raises KeyboardInterrupt there."""
     signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)

@@ -278,24 +278,20 @@ class TokenRun:
             except exc.OutputError as error:
                 self._fail(unit, _describe(error))
         del result  # no window waiting for its batch holds the whole result
-        fatal: list[CheckpointError] = []
-
-        async def commit(unit: Unit, entry: PendingUnit) -> None:
-            try:
-                size = await self.writer.commit(entry)
-            except CheckpointError as error:
-                fatal.append(error)
-            except exc.LexerError as error:
-                self._fail(unit, _describe(error))
-            else:
-                self.emit(UnitFinished(unit, DONE, size=size))
-
         # Committed together, so the windows join one batch (one thread hop, one fsync).
-        async with anyio.create_task_group() as group_tasks:
-            for unit, entry in staged:
-                group_tasks.start_soon(commit, unit, entry)
-        if fatal:
-            raise fatal[0]
+        outcomes = await self.writer.commit_all([entry for _, entry in staged])
+        fatal: CheckpointError | None = None
+        for (unit, _), outcome in zip(staged, outcomes, strict=True):
+            if isinstance(outcome, CheckpointError):
+                fatal = outcome
+            elif isinstance(outcome, exc.LexerError):
+                self._fail(unit, _describe(outcome))
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                self.emit(UnitFinished(unit, DONE, size=outcome))
+        if fatal is not None:
+            raise fatal
 
     async def _fetch(
         self, client: LexerClient, name: str, date_from: datetime, date_to: datetime

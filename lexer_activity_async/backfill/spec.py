@@ -558,6 +558,15 @@ _IDENTITY_KEYS = (
     "window",
 )
 
+# Keys that decide files too but came after the first release of shared checkpoints: in
+# the identity only when not at their default, so a database written before still matches.
+_LATER_IDENTITY_KEYS: dict[str, object] = {
+    "export_window_months": None,
+    "export_format": "csv",
+    "keep_csv": False,
+    "format": "json",
+}
+
 
 def run_identity(spec: BackfillSpec) -> dict[str, str]:
     """The spec's identity for a shared checkpoint: each key deciding the units and
@@ -566,9 +575,13 @@ def run_identity(spec: BackfillSpec) -> dict[str, str]:
         "tokens": [source.label for source in spec.tokens],
         "exports": [[e.kind.value, e.form, e.nps_category] for e in spec.exports],
     }
-    return {
+    identity = {
         key: str(values[key] if key in values else getattr(spec, key)) for key in _IDENTITY_KEYS
     }
+    for key, default in _LATER_IDENTITY_KEYS.items():
+        if getattr(spec, key) != default:
+            identity[key] = str(getattr(spec, key))
+    return identity
 
 
 def _is_int(value: object) -> TypeGuard[int]:

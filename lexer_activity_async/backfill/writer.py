@@ -3,7 +3,7 @@ batches and checkpointed in one transaction (group commit)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import anyio
@@ -104,10 +104,20 @@ class ReportWriter:
     async def commit(self, entry: _Pending) -> int:
         """Wait until the batch holding ``entry`` is durable and checkpointed; its size.
         Cancelled before that, the entry leaves its batch and the sink drops it."""
-        self._pending.append(entry)
+        (outcome,) = await self.commit_all((entry,))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def commit_all(self, entries: Sequence[_Pending]) -> list[int | Exception]:
+        """`commit` for several entries in one wait (a joined fetch's windows): each
+        one's size, or the error it alone met (an `OutputError`; a `CheckpointError` is
+        every entry's). One task for all of them, not one each: a token's windows
+        waiting for their batch hold no task frames."""
+        self._pending.extend(entries)
         try:
             async with self._lock:  # batches run one at a time; later arrivals form the next
-                if not entry.committed and entry.error is None:
+                if any(not entry.committed and entry.error is None for entry in entries):
                     batch, self._pending = self._pending, []
                     try:
                         await anyio.to_thread.run_sync(self._commit, batch)
@@ -117,14 +127,13 @@ class ReportWriter:
                                 other.error = error
                                 self._sink.discard(other.staged)
         except BaseException:
-            if not entry.committed:
-                if entry in self._pending:
-                    self._pending.remove(entry)
-                self._sink.discard(entry.staged)
+            for entry in entries:
+                if not entry.committed:
+                    if entry in self._pending:
+                        self._pending.remove(entry)
+                    self._sink.discard(entry.staged)
             raise
-        if entry.error is not None:
-            raise entry.error
-        return entry.staged.size
+        return [entry.error if entry.error is not None else entry.staged.size for entry in entries]
 
     def _commit(self, batch: list[_Pending]) -> None:
         errors = self._sink.write([entry.staged for entry in batch])
