@@ -206,7 +206,7 @@ def test_export_window_months_in_the_spec_file(tmp_path: Path) -> None:
     [("export_window_months", 6), ("export_format", "parquet"), ("format", "raw")],
 )
 def test_keys_that_change_the_files_are_in_the_run_identity(
-    tmp_path: Path, key: str, value: object
+    tmp_path: Path, key: str, value: Any
 ) -> None:
     """Workers sharing a checkpoint must agree on them: each changes which files are
     written (export windows change the export units and their names). At their default
