@@ -40,7 +40,7 @@ from lexer_activity_async.backfill import (
     run_backfill,
 )
 from lexer_activity_async.checkpoint import DONE, FAILED, PENDING, Checkpoint
-from lexer_activity_async.events import ExportState, RateLimitWait
+from lexer_activity_async.events import ExportState, RateLimitWait, RequestSent
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.models import converter
 from lexer_activity_async.reports import ExportKind
@@ -461,6 +461,53 @@ async def test_concurrency_caps_per_token_and_overall_are_honoured(
     assert peak == 6
     # The total cap bounds requests on the wire (3 tokens x 2 units would put 6 there).
     assert sb.stats.max_in_progress == 4
+
+
+@pytest.mark.usefixtures("token_env")
+async def test_a_token_waiting_for_its_window_keeps_one_worker_waiting(
+    sandbox_factory: Callable[..., Any], tmp_path: Path, registry: LimiterRegistry
+) -> None:
+    """36 requests at 9 per window (10, one kept from bulk work), 8 workers: each time
+    the budget runs out one request waits for the window and the other workers end
+    (each would hold its call's frames until then), coming back as requests go out.
+    Consecutive rate-limit waits with no request sent between them are waiters queued
+    at once. Real time, not looptime: the checkpoint's thread hops let virtual time
+    jump past the windows."""
+    sb = await sandbox_factory(tokens=None)
+    spec = make_spec(
+        sb,
+        tmp_path / "out",
+        tokens=(TokenSource("a", env=ENV_A),),
+        date_to=datetime(2024, 10, 1, tzinfo=UTC),  # 9 months x 4 aggregates: 36 units
+        reports=("summary", "user_volume", "case_summary", "classifications"),
+        exports=(),
+        max_requests=10,
+        window=0.5,
+        per_token_concurrency=8,
+    )
+    queued, most_queued, waits = 0, 0, 0
+    running, most_running_after_a_wait = 0, 0
+
+    def watch(event: BackfillEvent) -> None:
+        nonlocal queued, most_queued, waits, running, most_running_after_a_wait
+        if isinstance(event, RateLimitWait):
+            queued, waits = queued + 1, waits + 1
+            most_queued = max(most_queued, queued)
+        elif isinstance(event, RequestSent):
+            queued = 0
+        elif isinstance(event, UnitStarted):
+            running += 1
+            if waits:
+                most_running_after_a_wait = max(most_running_after_a_wait, running)
+        elif isinstance(event, UnitFinished):
+            running -= 1
+
+    summary = await run_backfill(spec, on_event=watch, registry=registry)
+    assert summary.ok
+    assert summary.requests == 36
+    assert waits >= 1
+    assert most_queued == 1
+    assert most_running_after_a_wait > 1  # the workers came back after the wait
 
 
 @pytest.mark.usefixtures("token_env")

@@ -31,6 +31,7 @@ from ..checkpoint import (
     UnitRecord,
 )
 from ..client import LexerClient, api_session, files_session
+from ..events import RateLimitWait, RequestSent
 from ..instrumentation import Instrumentation, InstrumentationOption
 from ..instrumentation import resolve as resolve_instrumentation
 from ..kinds import ReportResult
@@ -128,6 +129,7 @@ class TokenRun:
         self._before = LimiterStats()
         self._todo: deque[Unit | FetchGroup] = deque()
         self._workers = 0
+        self._waiting_for_window = False
         self._group: TaskGroup | None = None
         self.fatal: CheckpointError | None = None
 
@@ -164,7 +166,7 @@ class TokenRun:
                 file_session=file_session,
                 max_in_flight=_InFlight(self.overall, self._grow),
                 workflow_states_type=self.spec.workflow_states_type,
-                on_event=self.emit,
+                on_event=self._on_client_event,
                 now=self.now,
                 instrumentation=self.instrumentation,
             )
@@ -172,6 +174,15 @@ class TokenRun:
         self._before = self.client.stats
         self._todo = deque(fetch_groups(self.units, join=self.join))
         return True
+
+    def _on_client_event(self, event: BackfillEvent) -> None:
+        """Note whether the token's requests wait for its rate window (a request began to
+        wait; until one takes a slot), then pass the event on."""
+        if isinstance(event, RateLimitWait):
+            self._waiting_for_window = True
+        elif isinstance(event, RequestSent):
+            self._waiting_for_window = False
+        self.emit(event)
 
     def start(self, group: TaskGroup) -> None:
         """Start the token's first worker; more follow as requests go out (`_grow`)."""
@@ -188,6 +199,8 @@ class TokenRun:
         8 KB each) while the same requests per second go out through the ones it has."""
         room = self._workers < self.spec.per_token_concurrency
         if room and self._workers and self.overall.statistics().tasks_waiting:
+            room = False
+        if room and self._workers and self._waiting_for_window:
             room = False
         if self._group is not None and self._todo and room:
             self._workers += 1
@@ -209,10 +222,17 @@ class TokenRun:
 
     async def worker(self) -> None:
         """Take the token's fetches (units, or groups of them) in order until none are
-        left."""
+        left. While the token waits for its rate window one worker waits in its limiter
+        and the others end (`_grow` adds them back as requests go out): a token between
+        windows holds one task, not `per_token` of them, each with its call's frames."""
         assert self.client is not None
-        while self._todo:
-            await self._guarded(self.client, self._todo.popleft())
+        try:
+            while self._todo:
+                if self._waiting_for_window and self._workers > 1:
+                    return
+                await self._guarded(self.client, self._todo.popleft())
+        finally:
+            self._workers -= 1
 
     async def _guarded(self, client: LexerClient, item: Unit | FetchGroup) -> None:
         """Run ``item``, recording how each of its units ended. A checkpoint that can no
