@@ -555,9 +555,11 @@ _JSON_HEADERS: Mapping[str, str] = MappingProxyType(
 
 def _dumps(body: Mapping[str, object]) -> bytes:
     """A request body as JSON: orjson, or the standard library for what orjson refuses
-    (integers over 64 bits, non-string keys); bodies are checked as strict JSON before."""
+    (integers over 64 bits, non-string keys); bodies are checked as strict JSON before.
+    Copied to its own size: orjson's bytes keep a 4 KiB buffer, and a backfill holds a
+    body for each request waiting for a slot or the wire."""
     try:
-        return orjson.dumps(body)
+        return bytes(memoryview(orjson.dumps(body)))
     except TypeError:
         return json.dumps(body).encode()
 
