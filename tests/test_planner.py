@@ -42,6 +42,7 @@ from lexer_activity_async.backfill import (
     plan,
     run_backfill,
 )
+from lexer_activity_async.backfill.plan import Fetches
 from lexer_activity_async.backfill.spec import run_identity
 from lexer_activity_async.checkpoint import DONE
 from lexer_activity_async.reports import ExportKind
@@ -123,6 +124,47 @@ def test_series_windows_join_up_to_twelve_months_and_aggregates_never() -> None:
     assert all(
         n == 1 for _, n in shape(fetch_groups(plan(five, now=NOW).units_of("a"), join=False))
     )
+
+
+def test_a_token_keeps_its_fetches_as_codes_and_takes_them_back_equal() -> None:
+    """`Fetches`: every fetch (joined groups, single windows, exports, a window reaching
+    past now, a subset with done windows left out) comes back equal and in order,
+    ``until`` and export format included; `units` gives what is left."""
+    spec = spec_for(
+        None,
+        Path("out"),
+        date_from=datetime(2023, 1, 1, tzinfo=UTC),
+        date_to=datetime(2026, 9, 1, tzinfo=UTC),  # past NOW: the last windows are clipped
+        reports=("summary", "case_volume", "nps_volume"),
+        exports=(ExportSpec(ExportKind.CASE_DETAILS), ExportSpec(ExportKind.NPS_SUBMISSIONS, 55)),
+        export_window_months=3,
+        export_format="parquet",
+    )
+    the_plan = plan(spec, now=NOW)
+    units = the_plan.units_of("a")
+    subset = [u for i, u in enumerate(units) if i % 7 != 3]  # some done: groups split
+    for chosen in (units, subset):
+        expected = fetch_groups(chosen)
+        fetches = Fetches(the_plan, "a", expected)
+        assert len(fetches) == len(expected)
+        served = [u for f in expected for u in (f.units if isinstance(f, FetchGroup) else (f,))]
+        assert sorted(u.id for u in served) == sorted(u.id for u in chosen)
+        assert list(fetches.units()) == served
+        taken = [fetches.popleft() for _ in range(len(expected))]
+        assert taken == expected
+        flat = [u for f in taken for u in (f.units if isinstance(f, FetchGroup) else (f,))]
+        assert [(u.until, u.export_format) for u in flat] == [
+            (u.until, u.export_format) for u in served
+        ]
+        assert {u.until for u in flat} == {None, NOW}
+        assert {u.export_format for u in flat if u.is_export} == {"parquet"}
+        assert not fetches
+        with pytest.raises(IndexError):
+            fetches.popleft()
+    fetches = Fetches(the_plan, "a", fetch_groups(units))
+    fetches.popleft()
+    fetches.clear()
+    assert (len(fetches), list(fetches.units())) == (0, [])
 
 
 def test_only_daily_windows_on_period_boundaries_join() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from array import array
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ from .spec import BackfillSpec, SpecError, check_spans
 __all__ = [
     "Unit",
     "FetchGroup",
+    "Fetches",
     "Plan",
     "plan",
     "fetch_groups",
@@ -133,6 +135,37 @@ def fetch_groups(units: Iterable[Unit], *, join: bool = True) -> list[Unit | Fet
     ]
 
 
+class Fetches:
+    """One token's fetches of a plan, in run order, each kept as one integer: a token's
+    units held as objects cost about 100 bytes each, as codes 8 bytes a fetch. Each is
+    made again as it is taken (`popleft`)."""
+
+    def __init__(self, the_plan: Plan, label: str, fetches: Iterable[Unit | FetchGroup]) -> None:
+        self._plan, self._label = the_plan, label
+        self._codes = array("q", (the_plan._encode(fetch) for fetch in fetches))
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._codes) - self._next
+
+    def popleft(self) -> Unit | FetchGroup:
+        """The next fetch (IndexError when none is left)."""
+        if not self:
+            raise IndexError("no fetch left")
+        self._next += 1
+        return self._plan._decode(self._label, self._codes[self._next - 1])
+
+    def units(self) -> Iterator[Unit]:
+        """The units of the fetches not yet taken, in order."""
+        for code in self._codes[self._next :]:
+            fetch = self._plan._decode(self._label, code)
+            yield from fetch.units if isinstance(fetch, FetchGroup) else (fetch,)
+
+    def clear(self) -> None:
+        """Drop every fetch not yet taken."""
+        self._codes, self._next = array("q"), 0
+
+
 def requests_of(fetches: Iterable[Unit | FetchGroup]) -> int:
     """Estimated requests of ``fetches``: one per report fetch, 1 + `EXPORT_POLLS_ESTIMATE`
     per export."""
@@ -189,6 +222,44 @@ class Plan:
                     yield Unit(label, name, True, lo, hi, until, self.spec.export_format)
                 else:
                     yield Unit(label, name, False, lo, hi, until)
+
+    @functools.cached_property
+    def _index(self) -> tuple[tuple[dict[datetime, int], dict[str, int]], ...]:
+        """Per kind (reports, exports): window index by start, name index by name."""
+        exports = [e.kind.value for e in self.spec.exports]
+        kinds = ((self.windows, self.spec.reports), (self.export_windows, exports))
+        return tuple(
+            ({lo: i for i, (lo, _) in enumerate(windows)}, {n: i for i, n in enumerate(names)})
+            for windows, names in kinds
+        )
+
+    def _encode(self, fetch: Unit | FetchGroup) -> int:
+        """A fetch of this plan as an integer: windows - 1, first window, kind, name."""
+        first = fetch.units[0] if isinstance(fetch, FetchGroup) else fetch
+        count = len(fetch.units) if isinstance(fetch, FetchGroup) else 1
+        windows, names = self._index[first.is_export]
+        return (
+            (count - 1) << 33
+            | windows[first.date_from] << 9
+            | first.is_export << 8
+            | names[first.name]
+        )
+
+    def _decode(self, label: str, code: int) -> Unit | FetchGroup:
+        """The fetch `_encode` made ``code`` of, for token ``label``."""
+        count, window, is_export = (code >> 33) + 1, (code >> 9) & 0xFFFFFF, bool(code >> 8 & 1)
+        if is_export:
+            name, windows = self.spec.exports[code & 0xFF].kind.value, self.export_windows
+        else:
+            name, windows = self.spec.reports[code & 0xFF], self.windows
+        units = []
+        for lo, hi in windows[window : window + count]:
+            until = self.now if hi > self.now else None
+            if is_export:
+                units.append(Unit(label, name, True, lo, hi, until, self.spec.export_format))
+            else:
+                units.append(Unit(label, name, False, lo, hi, until))
+        return units[0] if count == 1 else FetchGroup(tuple(units))
 
     @property
     def units(self) -> tuple[Unit, ...]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AsyncExitStack, closing, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..models import ExportJob
 from ..network import network
 from ..sinks import ReportSink, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
-from .plan import FetchGroup, Plan, Unit, fetch_groups, plan
+from .plan import Fetches, FetchGroup, Plan, Unit, fetch_groups, plan
 from .slicing import slice_series
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource, run_identity
 from .writer import (
@@ -100,7 +99,7 @@ class TokenRun:
         self,
         spec: BackfillSpec,
         source: TokenSource,
-        units: Sequence[Unit],
+        units: Iterable[Unit],
         checkpoint: CheckpointStore,
         writer: ReportWriter,
         overall: anyio.CapacityLimiter,
@@ -117,7 +116,8 @@ class TokenRun:
         self.plan = the_plan
         self.now = now
         self.source = source
-        self.units = units
+        # Compact: a token's units as objects are most of what it holds between windows.
+        self._todo = Fetches(the_plan, source.label, fetch_groups(units, join=join))
         self.checkpoint = checkpoint
         self.writer = writer
         self.overall = overall
@@ -127,7 +127,6 @@ class TokenRun:
         self.stats: tuple[int, int, int] = (0, 0, 0)
         self.client: LexerClient | None = None
         self._before = LimiterStats()
-        self._todo: deque[Unit | FetchGroup] = deque()
         self._workers = 0
         self._waiting_for_window = False
         self._group: TaskGroup | None = None
@@ -147,8 +146,9 @@ class TokenRun:
         try:
             token = self.source.read()
         except SpecError as error:
-            for unit in self.units:
+            for unit in self._todo.units():
                 self._fail(unit, str(error))
+            self._todo.clear()
             return False
         self.client = await stack.enter_async_context(
             LexerClient(
@@ -172,8 +172,13 @@ class TokenRun:
             )
         )
         self._before = self.client.stats
-        self._todo = deque(fetch_groups(self.units, join=self.join))
         return True
+
+    def _held_back(self) -> bool:
+        """Whether more workers would only wait: the token waits for its rate window, or
+        more units wait for the disk than requests may be on the wire (the disk is the
+        bottleneck; each waiting worker holds a task and its unit's staged data)."""
+        return self._waiting_for_window or self.writer.backlog > self.spec.total_concurrency
 
     def _on_client_event(self, event: BackfillEvent) -> None:
         """Note whether the token's requests wait for its rate window (a request began to
@@ -200,7 +205,7 @@ class TokenRun:
         room = self._workers < self.spec.per_token_concurrency
         if room and self._workers and self.overall.statistics().tasks_waiting:
             room = False
-        if room and self._workers and self._waiting_for_window:
+        if room and self._workers and self._held_back():
             room = False
         if self._group is not None and self._todo and room:
             self._workers += 1
@@ -224,11 +229,12 @@ class TokenRun:
         """Take the token's fetches (units, or groups of them) in order until none are
         left. While the token waits for its rate window one worker waits in its limiter
         and the others end (`_grow` adds them back as requests go out): a token between
-        windows holds one task, not `per_token` of them, each with its call's frames."""
+        windows holds one task, not `per_token` of them, each with its call's frames.
+        So too while the disk is behind (`_held_back`)."""
         assert self.client is not None
         try:
             while self._todo:
-                if self._waiting_for_window and self._workers > 1:
+                if self._workers > 1 and self._held_back():
                     return
                 await self._guarded(self.client, self._todo.popleft())
         finally:
@@ -455,24 +461,42 @@ def select_units(
     """Which units a run does (see `run_backfill` for the rules)."""
     selection = Selection({}, {}, {})
     for source in the_plan.spec.tokens:
-        todo = selection.todo.setdefault(source.label, [])
-        skipped = selection.skipped.setdefault(source.label, [])
-        failed = selection.failed_before.setdefault(source.label, [])
-        for unit in the_plan.units_of(source.label):
-            record = records.get(unit.id)
-            state = record.state if record is not None else None
-            if state == FAILED and not retry_failed:
-                failed.append((unit, record.error or "" if record else ""))
-            # A rerun does every unit not done, except that failed ones need
-            # --retry-failed; units a crash left unfinished always run.
-            keep = state == DONE and record is not None
-            if keep and record is not None:
-                keep = not _needs_refetch(the_plan, sink, unit, record, refresh)
-            if keep or (state == FAILED and not retry_failed):
-                skipped.append(unit)
-            else:
-                todo.append(unit)
+        label = source.label
+        token = select_token_units(
+            the_plan, sink, records, label, retry_failed=retry_failed, refresh=refresh
+        )
+        selection.todo[label], selection.skipped[label], selection.failed_before[label] = token
     return selection
+
+
+def select_token_units(
+    the_plan: Plan,
+    sink: ReportSink,
+    records: Mapping[str, UnitRecord],
+    label: str,
+    *,
+    retry_failed: bool = False,
+    refresh: tuple[datetime, datetime] | None = None,
+) -> tuple[list[Unit], list[Unit], list[tuple[Unit, str]]]:
+    """`select_units` for token ``label``: its units to run, skipped, failed before."""
+    todo: list[Unit] = []
+    skipped: list[Unit] = []
+    failed: list[tuple[Unit, str]] = []
+    for unit in the_plan.iter_units(label):
+        record = records.get(unit.id)
+        state = record.state if record is not None else None
+        if state == FAILED and not retry_failed:
+            failed.append((unit, record.error or "" if record else ""))
+        # A rerun does every unit not done, except that failed ones need
+        # --retry-failed; units a crash left unfinished always run.
+        keep = state == DONE and record is not None
+        if keep and record is not None:
+            keep = not _needs_refetch(the_plan, sink, unit, record, refresh)
+        if keep or (state == FAILED and not retry_failed):
+            skipped.append(unit)
+        else:
+            todo.append(unit)
+    return todo, skipped, failed
 
 
 def is_final(the_plan: Plan, unit: Unit, record: UnitRecord) -> bool:
@@ -635,19 +659,21 @@ async def run_backfill(
         records = checkpoint.records()
         overall = anyio.CapacityLimiter(spec.total_concurrency)
         writer = ReportWriter(checkpoint, sink, now)
-        selected = select_units(the_plan, sink, records, retry_failed=retry_failed, refresh=refresh)
         runs = []
-        for source in spec.tokens:
-            for unit, error in selected.failed_before[source.label]:
+        for source in spec.tokens:  # token by token: no list of every token's units
+            todo, skipped_units, failed_before = select_token_units(
+                the_plan, sink, records, source.label, retry_failed=retry_failed, refresh=refresh
+            )
+            for unit, error in failed_before:
                 failed[source.label].append((unit.id, error))
-            for unit in selected.skipped[source.label]:
+            for unit in skipped_units:
                 skipped[source.label] += 1
                 emit(UnitFinished(unit, "skipped"))
             runs.append(
                 TokenRun(
                     spec,
                     source,
-                    selected.todo[source.label],
+                    todo,
                     checkpoint,
                     writer,
                     overall,

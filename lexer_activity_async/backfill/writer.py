@@ -81,6 +81,12 @@ class ReportWriter:
         self._now = now
         self._pending: list[_Pending] = []
         self._lock = anyio.Lock()
+        self._waiting = 0
+
+    @property
+    def backlog(self) -> int:
+        """Units staged and waiting for their batch to be durable (in `commit`)."""
+        return self._waiting
 
     @property
     def needs_body(self) -> bool:
@@ -115,6 +121,7 @@ class ReportWriter:
         every entry's). One task for all of them, not one each: a token's windows
         waiting for their batch hold no task frames."""
         self._pending.extend(entries)
+        self._waiting += len(entries)
         try:
             async with self._lock:  # batches run one at a time; later arrivals form the next
                 if any(not entry.committed and entry.error is None for entry in entries):
@@ -133,6 +140,8 @@ class ReportWriter:
                         self._pending.remove(entry)
                     self._sink.discard(entry.staged)
             raise
+        finally:
+            self._waiting -= len(entries)
         return [entry.error if entry.error is not None else entry.staged.size for entry in entries]
 
     def _commit(self, batch: list[_Pending]) -> None:
