@@ -10,6 +10,7 @@ import gc
 import itertools
 import json
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 import pytest
 from conftest import TOKEN_A, TOKEN_B
@@ -28,6 +30,7 @@ from lexer_activity_async.backfill import (
     GC_THRESHOLDS,
     BackfillEvent,
     BackfillSpec,
+    BackfillSummary,
     ExportSpec,
     SpecError,
     TokenSource,
@@ -39,6 +42,7 @@ from lexer_activity_async.backfill import (
     rate_limit_floor,
     run_backfill,
 )
+from lexer_activity_async.backfill.writer import ReportWriter
 from lexer_activity_async.checkpoint import DONE, FAILED, PENDING, Checkpoint
 from lexer_activity_async.events import ExportState, RateLimitWait, RequestSent
 from lexer_activity_async.exports import PollPolicy
@@ -508,6 +512,77 @@ async def test_a_token_waiting_for_its_window_keeps_one_worker_waiting(
     assert waits >= 1
     assert most_queued == 1
     assert most_running_after_a_wait > 1  # the workers came back after the wait
+
+
+@pytest.mark.usefixtures("token_env")
+async def test_workers_are_held_back_while_units_wait_for_the_disk(
+    sandbox_factory: Callable[..., Any],
+    tmp_path: Path,
+    registry: LimiterRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A disk that does not keep up: the first batch's write blocks. Once more units wait
+    for it than `total_concurrency` requests may be on the wire, no worker is added
+    (each would only end up waiting too, holding a task and its staged unit): when every
+    started unit waits for the disk, there are fewer than `per_token` of them."""
+    sb = await sandbox_factory(tokens=None)
+    spec = make_spec(
+        sb,
+        tmp_path / "out",
+        tokens=(TokenSource("a", env=ENV_A),),
+        date_to=datetime(2024, 7, 1, tzinfo=UTC),  # 6 months x 4 aggregates: 24 units
+        reports=("summary", "user_volume", "case_summary", "classifications"),
+        exports=(),
+        per_token_concurrency=8,
+        total_concurrency=2,
+    )
+    disk = threading.Event()
+    writers: list[ReportWriter] = []
+    commit = ReportWriter._commit
+    commit_all = ReportWriter.commit_all
+
+    def slow_commit(self: ReportWriter, batch: Any) -> None:
+        assert disk.wait(60)
+        commit(self, batch)
+
+    async def watched_commit_all(self: ReportWriter, entries: Any) -> Any:
+        writers.append(self)
+        return await commit_all(self, entries)
+
+    monkeypatch.setattr(ReportWriter, "_commit", slow_commit)
+    monkeypatch.setattr(ReportWriter, "commit_all", watched_commit_all)
+    running = 0
+
+    def watch(event: BackfillEvent) -> None:
+        nonlocal running
+        running += isinstance(event, UnitStarted) - isinstance(event, UnitFinished)
+
+    stuck: list[int] = []
+
+    async def release_when_stuck() -> None:
+        """Every started unit waits for the disk, none on the wire, for 20 polls."""
+        calm = 0
+        while calm < 20:
+            await anyio.sleep(0.005)
+            waiting = writers[0].backlog if writers else 0
+            calm = calm + 1 if waiting and waiting == running and not sb.stats.in_progress else 0
+        stuck.append(running)
+        disk.set()
+
+    async def run() -> BackfillSummary:
+        try:
+            return await run_backfill(spec, on_event=watch, registry=registry)
+        finally:
+            disk.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(release_when_stuck)
+        summary = await run()
+    assert summary.ok
+    assert sum(summary.done.values()) == 24
+    (waiting,) = stuck
+    print(f"units waiting for the disk when stuck: {waiting}")
+    assert waiting < 8  # without the rule: all 8 workers wait
 
 
 @pytest.mark.usefixtures("token_env")
