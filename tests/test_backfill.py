@@ -47,7 +47,7 @@ from lexer_activity_async.checkpoint import DONE, FAILED, PENDING, Checkpoint
 from lexer_activity_async.events import ExportState, RateLimitWait, RequestSent
 from lexer_activity_async.exports import PollPolicy
 from lexer_activity_async.models import converter
-from lexer_activity_async.reports import ExportKind
+from lexer_activity_async.reports import ExportKind, add_months
 from lexer_activity_async.sandbox import Sandbox
 
 UTC = timezone.utc
@@ -467,6 +467,23 @@ async def test_concurrency_caps_per_token_and_overall_are_honoured(
     assert sb.stats.max_in_progress == 4
 
 
+def one_token_of_aggregates(
+    sb: Sandbox, tmp_path: Path, months: int, **overrides: Any
+) -> BackfillSpec:
+    """Token a, ``months`` from January 2024, four aggregates (one request a unit), 8
+    workers."""
+    return make_spec(
+        sb,
+        tmp_path / "out",
+        tokens=(TokenSource("a", env=ENV_A),),
+        date_to=add_months(JAN, months),
+        reports=("summary", "user_volume", "case_summary", "classifications"),
+        exports=(),
+        per_token_concurrency=8,
+        **overrides,
+    )
+
+
 @pytest.mark.usefixtures("token_env")
 async def test_a_token_waiting_for_its_window_keeps_one_worker_waiting(
     sandbox_factory: Callable[..., Any], tmp_path: Path, registry: LimiterRegistry
@@ -478,17 +495,7 @@ async def test_a_token_waiting_for_its_window_keeps_one_worker_waiting(
     at once. Real time, not looptime: the checkpoint's thread hops let virtual time
     jump past the windows."""
     sb = await sandbox_factory(tokens=None)
-    spec = make_spec(
-        sb,
-        tmp_path / "out",
-        tokens=(TokenSource("a", env=ENV_A),),
-        date_to=datetime(2024, 10, 1, tzinfo=UTC),  # 9 months x 4 aggregates: 36 units
-        reports=("summary", "user_volume", "case_summary", "classifications"),
-        exports=(),
-        max_requests=10,
-        window=0.5,
-        per_token_concurrency=8,
-    )
+    spec = one_token_of_aggregates(sb, tmp_path, 9, max_requests=10, window=0.5)  # 36 units
     queued, most_queued, waits = 0, 0, 0
     running, most_running_after_a_wait = 0, 0
 
@@ -526,16 +533,7 @@ async def test_workers_are_held_back_while_units_wait_for_the_disk(
     (each would only end up waiting too, holding a task and its staged unit): when every
     started unit waits for the disk, there are fewer than `per_token` of them."""
     sb = await sandbox_factory(tokens=None)
-    spec = make_spec(
-        sb,
-        tmp_path / "out",
-        tokens=(TokenSource("a", env=ENV_A),),
-        date_to=datetime(2024, 7, 1, tzinfo=UTC),  # 6 months x 4 aggregates: 24 units
-        reports=("summary", "user_volume", "case_summary", "classifications"),
-        exports=(),
-        per_token_concurrency=8,
-        total_concurrency=2,
-    )
+    spec = one_token_of_aggregates(sb, tmp_path, 6, total_concurrency=2)  # 24 units
     disk = threading.Event()
     writers: list[ReportWriter] = []
     commit = ReportWriter._commit
