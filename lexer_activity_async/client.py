@@ -835,10 +835,12 @@ class LexerClient:
         groups: Sequence[int] | None = None,
         forms: Sequence[int] | None = None,
         extra_filters: Mapping[str, object] | None = None,
+        restart_dropped: bool = False,
         priority: Priority | None = None,
     ) -> m.ExportJob:
         """Start an export job (at most 12 months); returns it with its report token.
-        ``form`` (required for nps_submissions) and the filters are as in `report`."""
+        ``form`` (required for nps_submissions) and the filters are as in `report`;
+        ``restart_dropped`` as in `exports.start_export`."""
         with self.channel.prioritized(priority):
             return await exports.start_export(
                 self,
@@ -851,6 +853,7 @@ class LexerClient:
                 groups=groups,
                 forms=forms,
                 extra_filters=extra_filters,
+                restart_dropped=restart_dropped,
             )
 
     async def export_status(

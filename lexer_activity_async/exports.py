@@ -216,13 +216,20 @@ async def start_export(
     groups: Sequence[int] | None = None,
     forms: Sequence[int] | None = None,
     extra_filters: Mapping[str, object] | None = None,
+    restart_dropped: bool = False,
 ) -> m.ExportJob:
     """Start an export job (one request). Not retried on 5xx or after a dropped
     connection, since the job may already exist; retried on 429 and failed connects.
 
     ``form`` (required for nps_submissions, refused otherwise) and ``nps_category``
     name the NPS survey; ``users``, ``groups`` and ``forms`` filter by id, and
-    ``extra_filters`` adds body fields verbatim, as for reports (`build_report_body`)."""
+    ``extra_filters`` adds body fields verbatim, as for reports (`build_report_body`).
+
+    ``restart_dropped=True`` starts the job once more when the connection dropped with
+    no answer (a warning is logged): proxies and servers close idle keep-alive
+    connections without notice, and the request then meets a dead pooled connection.
+    The first job may exist unused on the server; the pipeline and backfills accept
+    that cost (one request) rather than fail the export."""
     which = _kind(kind)
     params = _Params(form, nps_category, users, groups, forms, extra_filters)
     body = _export_body(client, which, date_from, date_to, params)
@@ -231,9 +238,30 @@ async def start_export(
         return wire.decode_export_job(status, raw, which.value)
 
     channel = client.channel
-    job = await channel.send(wire.report_request(body), decode, idempotent=False)
+    request = wire.report_request(body)
+    try:
+        job = await channel.send(request, decode, idempotent=False)
+    except exc.LexerConnectionError as error:
+        if not restart_dropped or not _dropped_unanswered(error):
+            raise
+        log.warning(
+            "starting the %s export: the connection dropped before an answer; starting it"
+            " once more (a job may have been started unused)",
+            which.value,
+            extra=log_fields(channel.label, None, which.value),
+        )
+    else:
+        channel.emit(ExportState(channel.label, which.value, job.token, job.status))
+        return job
+    job = await channel.send(request, decode, idempotent=False)  # outside the handler
     channel.emit(ExportState(channel.label, which.value, job.token, job.status))
     return job
+
+
+def _dropped_unanswered(error: exc.LexerConnectionError) -> bool:
+    """A connection that dropped after the request may have left, with no answer read:
+    not a malformed answer (the server spoke), not a proxy's refusal."""
+    return type(error) is exc.LexerConnectionError and error.request_sent
 
 
 async def _start(
@@ -254,6 +282,7 @@ async def _start(
         groups=params.groups,
         forms=params.forms,
         extra_filters=params.extra_filters,
+        restart_dropped=True,
     )
 
 

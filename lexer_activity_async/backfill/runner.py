@@ -384,6 +384,7 @@ class TokenRun:
                 unit.fetch_to,
                 form=spec.form,
                 nps_category=spec.nps_category,
+                restart_dropped=True,
             )
             self.checkpoint.record_job(unit.id, job.token)
             done = await exports.wait_for_export(client, job, kind=unit.name, poll=self.spec.poll)
