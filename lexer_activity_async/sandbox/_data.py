@@ -50,7 +50,7 @@ import random
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from .. import reports
@@ -259,11 +259,12 @@ class _Calendar:
     labels and the UTC dates of nps_volume. Periods are determined by the range's epoch
     seconds and UTC offset, so one calendar serves every request for that range."""
 
-    __slots__ = ("_labels", "_utc", "bounds", "starts")
+    __slots__ = ("_labels", "_utc", "bounds", "fixed", "starts")
 
     def __init__(self, starts: list[datetime], hourly: bool) -> None:
         self.starts = starts
-        if starts and isinstance(starts[0].tzinfo, timezone):
+        self.fixed = bool(starts) and isinstance(starts[0].tzinfo, timezone)
+        if self.fixed:
             # A fixed offset: periods of exactly one hour (or day) each.
             step, first = 3600 if hourly else w.DAY, epoch(starts[0])
             self.bounds = list(range(first, first + step * len(starts), step))
@@ -283,8 +284,19 @@ class _Calendar:
     def utc(self) -> list[tuple[str, int]]:
         """Each period start in UTC: its isoformat and epoch seconds."""
         if self._utc is None:
-            moments = [p.astimezone(timezone.utc) for p in self.starts]
-            self._utc = [(m.isoformat(), int(m.timestamp())) for m in moments]
+            starts = self.starts
+            if self.fixed and len(starts) > 1 and self.bounds[1] - self.bounds[0] == w.DAY:
+                # Local midnights of one offset: one UTC time of day, one more date each.
+                first = starts[0].astimezone(timezone.utc)
+                time_of_day = first.isoformat()[10:]
+                ordinal = first.toordinal()
+                self._utc = [
+                    (date.fromordinal(ordinal + i).isoformat() + time_of_day, stamp)
+                    for i, stamp in enumerate(self.bounds)
+                ]
+            else:
+                moments = [p.astimezone(timezone.utc) for p in starts]
+                self._utc = [(m.isoformat(), int(m.timestamp())) for m in moments]
         return self._utc
 
 
@@ -986,11 +998,24 @@ def _values_body(name: str, cal: _Calendar, values: Iterable[float | int]) -> st
     return f'{{"{name}": [{items}]}}'
 
 
-def _nps_days_body(cal: _Calendar, per_day: Iterable[dict[str, int]]) -> str:
+def _nps_days_body(cal: _Calendar, found: Iterable[tuple[int, list[int]]], category: str) -> str:
+    """As `_nps_days_of` of `_nps_counts_of` each day, written directly."""
+    keep = [category in ("all", name) for name in _CATEGORY_OF]
     items = []
-    for (date, stamp), counts in zip(cal.utc, per_day, strict=True):
-        data = ", ".join([f'"{k}": {v!r}' for k, v in nps_summary_from(counts).items()])
-        items.append(f'{{"date": "{date}", "timestamp": {stamp}, "data": {{{data}}}}}')
+    for (date_, stamp), (sent, (promoters, passives, detractors)) in zip(
+        cal.utc, found, strict=True
+    ):
+        promoters = promoters if keep[0] else 0
+        passives = passives if keep[1] else 0
+        detractors = detractors if keep[2] else 0
+        received = promoters + passives + detractors
+        score = float(_frac(100 * (promoters - detractors), received))
+        items.append(
+            f'{{"date": "{date_}", "timestamp": {stamp}, "data": {{"total_sent": {sent}, '
+            f'"total_received": {received}, "total_promoters": {promoters}, '
+            f'"total_passives": {passives}, "total_detractors": {detractors}, '
+            f'"nps_score": {score!r}}}}}'
+        )
     return "[" + ", ".join(items) + "]"
 
 
@@ -1052,7 +1077,9 @@ def _series_body(kind: reports.ReportType, q: _Query) -> str | None:
     if kind is R.CASE_VOLUME:
         return _values_body("open", *_fast_case_volume_counts(q))
     if kind is R.NPS_VOLUME:
-        return _nps_days_body(*_fast_nps_day_counts(q, _form(q), _category(q)))
+        form, category = _form(q), _category(q)
+        cal = q.buckets(hourly=False)
+        return _nps_days_body(cal, _fast_nps_counts(_Digests(q), form, cal.bounds), category)
     return None
 
 
