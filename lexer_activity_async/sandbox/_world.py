@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
@@ -464,8 +465,8 @@ class Answers(NamedTuple):
     response times (responded_at - assigned_at), and whether each answer was private (1/0)."""
 
     times: tuple[int, ...]
-    waits: tuple[float, ...]
-    actions: tuple[float, ...]
+    waits: array[float]
+    actions: array[float]
     private: bytes
 
 
@@ -481,11 +482,11 @@ class CaseDigest(NamedTuple):
     """A day's cases (by creation, as `Day.cases`); nothing here depends on "now"."""
 
     created: tuple[int, ...]
-    closed: tuple[float, ...]
-    closed_sorted: tuple[float, ...]
-    first_replies: tuple[float, ...]
+    closed: array[float]
+    closed_sorted: array[float]
+    first_replies: array[float]
     """first_reply_at - created_at"""
-    resolutions: tuple[float, ...]
+    resolutions: array[float]
     """last_reply_at - created_at"""
     interactions: tuple[int, ...]
     """len(agents)"""
@@ -524,30 +525,30 @@ class Digest(NamedTuple):
     """By form id."""
 
 
-_NO_ANSWERS = Answers((), (), (), b"")
+_NO_ANSWERS = Answers((), array("d"), array("d"), b"")
 
 
 def _answers(rows: list[Message]) -> Answers:
     return Answers(
         tuple(m.at for m in rows),
-        tuple(m.responded_at - m.at for m in rows),
-        tuple(m.responded_at - m.assigned_at for m in rows),
+        array("d", [m.responded_at - m.at for m in rows]),
+        array("d", [m.responded_at - m.assigned_at for m in rows]),
         bytes(1 if m.private else 0 for m in rows),
     )
 
 
 def _case_digest(d: Day) -> CaseDigest:
     found = d.cases
-    closed = tuple(c.closed_at for c in found)
+    closed = [c.closed_at for c in found]
     counts: Counter[int] = Counter()
     for c in found:
         counts.update(c.classes)
     return CaseDigest(
         tuple(c.created_at for c in found),
-        closed,
-        tuple(sorted(closed)),
-        tuple(c.first_reply_at - c.created_at for c in found),
-        tuple(c.last_reply_at - c.created_at for c in found),
+        array("d", closed),
+        array("d", sorted(closed)),
+        array("d", [c.first_reply_at - c.created_at for c in found]),
+        array("d", [c.last_reply_at - c.created_at for c in found]),
         tuple(len(c.agents) for c in found),
         tuple(len(set(c.agents)) for c in found),
         tuple(c.classes for c in found),
