@@ -5,9 +5,10 @@ origins plus a fourth, private control origin that answers ``GET /stats?window=W
 sandbox's counters as JSON (the sandbox has no stats endpoint of its own), so a benchmark
 can check 429s and the per-token sliding-window maximum while the server runs on its own
 core, and ``POST /warm`` (``{"keys": [...], "date_from": ISO, "date_to": ISO}``, token keys
-as ``limits.token_key`` makes them) that generates every world day (and its digest) requests over that range
-read (cases look ``LAG_DAYS`` back) for those tokens, before a measurement, so it times the
-client and its plan rather than the simulator's first touch of each day. It prints one
+as ``limits.token_key`` makes them) that generates every world day (and its digest)
+requests over that range read (cases look ``LAG_DAYS`` back) for those tokens, before a
+measurement, so it times the client and its plan rather than the simulator's first touch
+of each day. It prints one
 JSON line with the URLs, then serves until SIGTERM/SIGINT, when it closes the sandbox
 (which deletes its export files).
 
