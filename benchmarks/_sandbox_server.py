@@ -5,9 +5,10 @@ origins plus a fourth, private control origin that answers ``GET /stats?window=W
 sandbox's counters as JSON (the sandbox has no stats endpoint of its own), so a benchmark
 can check 429s and the per-token sliding-window maximum while the server runs on its own
 core, and ``POST /warm`` (``{"keys": [...], "date_from": ISO, "date_to": ISO}``, token keys
-as ``limits.token_key`` makes them) that generates every world day requests over that range
-read (cases look ``LAG_DAYS`` back) for those tokens, before a measurement, so it times the
-client and its plan rather than the simulator's first touch of each day. It prints one
+as ``limits.token_key`` makes them) that generates every world day (and its digest)
+requests over that range read (cases look ``LAG_DAYS`` back) for those tokens, before a
+measurement, so it times the client and its plan rather than the simulator's first touch
+of each day. It prints one
 JSON line with the URLs, then serves until SIGTERM/SIGINT, when it closes the sandbox
 (which deletes its export files).
 
@@ -74,6 +75,7 @@ async def _serve(config: SandboxConfig) -> None:
             for key in body["keys"]:
                 for ordinal in range(first - _world.LAG_DAYS - 1, last + 2):
                     _world.day(key, ordinal, sandbox.config.daily_volume)
+                    _world.case_digest(key, ordinal, sandbox.config.daily_volume)  # its digest
             generated = _world.day.cache_info().misses - misses
             return web.json_response({"generated": generated, "cpu_s": time.process_time() - begun})
 

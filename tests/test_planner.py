@@ -26,7 +26,7 @@ from conftest import TOKEN_A, TOKEN_B
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lexer_activity_async import LimiterRegistry
+from lexer_activity_async import LimiterRegistry, wire
 from lexer_activity_async.backfill import (
     CHECKPOINT_NAME,
     BackfillEvent,
@@ -43,10 +43,11 @@ from lexer_activity_async.backfill import (
     run_backfill,
 )
 from lexer_activity_async.backfill.plan import Fetches
+from lexer_activity_async.backfill.slicing import Slicer, slice_series
 from lexer_activity_async.backfill.spec import run_identity
 from lexer_activity_async.checkpoint import DONE
-from lexer_activity_async.reports import ExportKind
-from lexer_activity_async.sandbox import Sandbox
+from lexer_activity_async.reports import ExportKind, ReportType
+from lexer_activity_async.sandbox import Sandbox, _data
 
 UTC = timezone.utc
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
@@ -499,3 +500,38 @@ def test_exports_table_window_months(tmp_path: Path) -> None:
     (tmp_path / "twice.toml").write_text("export_window_months = 3\n" + text)
     with pytest.raises(ValueError, match="not both"):
         BackfillSpec.from_toml(tmp_path / "twice.toml")
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    st.sampled_from(["states_volume", "response_volume", "case_volume", "nps_volume"]),
+    st.integers(-12, 14),
+    st.lists(st.tuples(st.integers(-3, 40), st.integers(1, 30)), min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_a_slicer_cuts_every_window_as_slice_series(
+    name: str, hours: int, windows: list[tuple[int, int]], shuffled: bool
+) -> None:
+    """`Slicer` (period starts read once, windows bisected) gives each window the points
+    `slice_series` gives, for series in order and, read point by point, out of order."""
+    tz = timezone(timedelta(hours=hours))
+    start = datetime(2024, 3, 1, tzinfo=tz)
+    kind = ReportType(name)
+    params = {"form": 55} if kind.needs_form else {}
+    body = _data.report_body(kind, "0123abcd", start, start + timedelta(days=40), params)
+    result: Any = wire.decode_report(kind, 200, body, tz=tz)
+    if shuffled:  # a server sending its points out of order
+        if isinstance(result, list):
+            result = result[::-1]
+        else:
+            field = attrs.fields(type(result))[0].name
+            value = getattr(result, field)
+            flipped = (
+                {k: v[::-1] for k, v in value.items()} if isinstance(value, dict) else value[::-1]
+            )
+            result = attrs.evolve(result, **{field: flipped})
+    window_of = Slicer(result)
+    for first, days in windows:
+        lo = start + timedelta(days=first)
+        hi = lo + timedelta(days=days)
+        assert window_of(lo, hi) == slice_series(result, lo, hi)

@@ -10,6 +10,7 @@ that over HTTP); hypothesis draws the inputs, with few examples so the suite sta
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -297,6 +298,75 @@ def test_nothing_exists_after_now(key: str, before: int, after: int) -> None:
     assert future["total_volume"] == 0
     series = build(R.CASE_VOLUME, key, now - timedelta(days=1), now + timedelta(days=5), now=now)
     assert all(point["value"] == 0 for point in series["open"][2:])
+
+
+quarter_hours = st.integers(-48, 56).map(lambda q: timezone(timedelta(minutes=15 * q)))
+spans = st.one_of(
+    st.integers(1, 3 * 86400),
+    st.integers(3 * 86400, 70 * 86400),
+    st.integers(300 * 86400, 400 * 86400),
+)
+
+
+def dumped(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+@settings(FEW, max_examples=30)
+@given(
+    keys,
+    st.datetimes(datetime(2025, 1, 1), datetime(2026, 6, 20), timezones=quarter_hours),
+    spans,
+    st.sampled_from([*NPS_FORMS, 57]),
+    st.sampled_from(["all", "promoters", "passives", "detractors"]),
+    st.one_of(st.just(0), st.integers(-86400, 30 * 86400)),
+    st.sampled_from([24, 3, 60]),
+)
+def test_digests_give_the_record_by_record_bytes(
+    key: str,
+    start: datetime,
+    length: int,
+    form: int,
+    category: str,
+    seen: int,
+    volume: int,
+) -> None:
+    """Unfiltered reports read from the days' digests, and the series' JSON written
+    directly, are byte for byte what walking the records gives: for ranges of partial days
+    and months, in quarter-hour offsets (hourly and daily series), and "now" (``seen``
+    seconds after the range's start) inside the range, where days are still changing."""
+    start = start.replace(microsecond=0)
+    end = start + timedelta(seconds=length)
+    now = NOW if not seen else start + timedelta(seconds=seen)
+    for kind in R:
+        params: dict[str, Any] = {"form": form, "nps_category": category} if kind.needs_form else {}
+        records = dumped(
+            _data.build_report(kind, key, start, end, params, now=now, volume=volume, digests=False)
+        )
+        fast = _data.build_report(kind, key, start, end, params, now=now, volume=volume)
+        assert dumped(fast) == records
+        assert _data.report_body(kind, key, start, end, params, now=now, volume=volume) == records
+
+
+def test_one_instant_in_two_offsets_gets_two_calendars() -> None:
+    """Series periods (kept per range) follow the offset, not just the instants."""
+    start = datetime(2025, 3, 1, tzinfo=timezone(timedelta(hours=10)))
+    for tz in (timezone(timedelta(hours=10)), timezone.utc, timezone(timedelta(hours=-5))):
+        first, last = start.astimezone(tz), start.astimezone(tz) + timedelta(days=40)
+        for kind in (R.STATES_VOLUME, R.RESPONSE_VOLUME, R.CASE_VOLUME, R.NPS_VOLUME):
+            params = {"form": 55} if kind.needs_form else {}
+            expected = dumped(build(kind, "0123abcd", first, last, params))
+            assert expected == dumped(
+                _data.build_report(kind, "0123abcd", first, last, params, now=NOW, digests=False)
+            )
+            assert _data.report_body(kind, "0123abcd", first, last, params, now=NOW) == expected
+
+
+def test_digests_are_bounded_like_days() -> None:
+    """The digest LRU keeps as many days as the day LRU."""
+    for ordinal in range(20_000, 20_000 + _world.DAY_CACHE_SIZE + 50):
+        _world.digest("feedc0de", ordinal, 2, 2**40)
+    assert len(_world._DIGESTS) == _world.DAY_CACHE_SIZE
 
 
 def test_days_are_generated_once_and_bounded() -> None:

@@ -41,7 +41,7 @@ from ..network import network
 from ..sinks import ReportSink, make_sink
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import Fetches, FetchGroup, Plan, Unit, fetch_groups, plan
-from .slicing import slice_series
+from .slicing import Slicer, slice_series
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource, run_identity
 from .writer import (
     PendingUnit,
@@ -298,12 +298,13 @@ class TokenRun:
                 self._fail(unit, failure)
             return
         staged = []
+        window_of = Slicer(result)
         for unit in group.units:
             try:
-                staged.append((unit, self._stage(unit, result, None)))
+                staged.append((unit, self._stage(unit, result, None, window_of)))
             except exc.OutputError as error:
                 self._fail(unit, _describe(error))
-        del result  # no window waiting for its batch holds the whole result
+        del result, window_of  # no window waiting for its batch holds the whole result
         # Committed together, so the windows join one batch (one thread hop, one fsync).
         outcomes = await self.writer.commit_all([entry for _, entry in staged])
         fatal: CheckpointError | None = None
@@ -334,13 +335,25 @@ class TokenRun:
         result = await client.report(name, date_from, date_to, form=form, nps_category=category)
         return result, None
 
-    def _stage(self, unit: Unit, result: ReportResult, body: bytes | None) -> PendingUnit:
-        """Stage ``unit``'s data: its window's slice of ``result`` (the raw format keeps
-        the body as it came, and its windows are never joined)."""
+    def _stage(
+        self,
+        unit: Unit,
+        result: ReportResult,
+        body: bytes | None,
+        window_of: Slicer | None = None,
+    ) -> PendingUnit:
+        """Stage ``unit``'s data: its window's slice of ``result`` (made by ``window_of``,
+        the group's slicer, when given; the raw format keeps the body as it came, and its
+        windows are never joined)."""
+        sliced = (
+            window_of(unit.date_from, unit.date_to)
+            if window_of is not None
+            else slice_series(result, unit.date_from, unit.date_to)
+        )
         return self.writer.stage(
             unit.id,
             report_slot(self.spec, unit),
-            cast(ReportResult, slice_series(result, unit.date_from, unit.date_to)),
+            cast(ReportResult, sliced),
             body,
             final=not self.plan.is_provisional(unit),
         )

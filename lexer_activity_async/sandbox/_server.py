@@ -422,10 +422,9 @@ class Sandbox:
         )
         body = self._answers.get(cache_key)
         if body is None:
-            payload = _data.build_report(
+            body = _data.report_body(
                 kind, key, start, end, params, now=now, volume=self.config.daily_volume
             )
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
             if len(body) <= ANSWER_CACHE_MAX_BYTES:
                 self._answers[cache_key] = body
                 if len(self._answers) > ANSWER_CACHE_SIZE:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
 from bisect import bisect_left, bisect_right
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -33,6 +35,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 __all__ = [
     "DAY_CACHE_SIZE",
+    "STATES",
     "LAG_DAYS",
     "SLA_SECONDS",
     "ACTION_SLA_SECONDS",
@@ -47,6 +50,13 @@ __all__ = [
     "cases",
     "surveys",
     "epoch",
+    "Answers",
+    "AgentDigest",
+    "CaseDigest",
+    "SurveyDigest",
+    "Digest",
+    "digest",
+    "case_digest",
 ]
 
 T = TypeVar("T")
@@ -61,6 +71,21 @@ SLA_SECONDS = 3600
 """A customer wait over this breaks the SLA (``broke_sla``)."""
 ACTION_SLA_SECONDS = 900
 """An agent response time (assignment to response) over this breaks ``broke_action_sla``."""
+
+STATES = (
+    "new",
+    "assigned",
+    "in_progress",
+    "responded",
+    "awaiting_approval",
+    "redirected",
+    "irrelevant",
+    "duplicate",
+    "closed",
+    "no_response_required",
+)
+"""The workflow states, in the reports' order; a digest codes each by its index."""
+_STATE_CODE = {state: code for code, state in enumerate(STATES)}
 
 GROUP_MEMBERS: dict[int, tuple[int, ...]] = {
     123: (12345, 123),
@@ -419,3 +444,206 @@ def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+# -- per-day digests -------------------------------------------------------------------------
+#
+# A report over months touches thousands of records; a digest holds, for one day of one
+# token's world, the columns the reports read (times, coded states, response times ...), in
+# the order `messages`, `cases` and `surveys` yield them, so a report slices and counts them
+# in C instead of walking the records. Values are the same floats in the same order, so sums
+# come out bit for bit as the record by record computation's.
+
+CLASS_IDS = _CLASS_IDS
+"""Classification ids; a digest's ``pairs`` code (classification, state) as
+``CLASS_IDS.index(cid) * len(STATES) + state code``."""
+_CLASS_INDEX = {cid: index for index, cid in enumerate(_CLASS_IDS)}
+
+
+class Answers(NamedTuple):
+    """Messages answered by "now", by arrival: times, waits (responded_at - at), agent
+    response times (responded_at - assigned_at), and whether each answer was private (1/0)."""
+
+    times: tuple[int, ...]
+    waits: array[float]
+    actions: array[float]
+    private: bytes
+
+
+class AgentDigest(NamedTuple):
+    """One agent's messages assigned by "now": arrival times and state codes; the answered."""
+
+    times: tuple[int, ...]
+    states: bytes
+    answers: Answers
+
+
+class CaseDigest(NamedTuple):
+    """A day's cases (by creation, as `Day.cases`); nothing here depends on "now"."""
+
+    created: tuple[int, ...]
+    closed: array[float]
+    closed_sorted: array[float]
+    first_replies: array[float]
+    """first_reply_at - created_at"""
+    resolutions: array[float]
+    """last_reply_at - created_at"""
+    interactions: tuple[int, ...]
+    """len(agents)"""
+    involved: tuple[int, ...]
+    """len(set(agents))"""
+    classes: tuple[tuple[int, ...], ...]
+    class_counts: tuple[tuple[int, int], ...]
+    """(classification id, cases) over the whole day, by id."""
+
+
+class SurveyDigest(NamedTuple):
+    """One form's invitations of the day by time; ``codes``: 0 not received by "now",
+    1 promoter, 2 passive, 3 detractor."""
+
+    times: tuple[int, ...]
+    codes: bytes
+
+
+class Digest(NamedTuple):
+    """The columns of one day of a token's world as seen at some "now"."""
+
+    settled_at: float
+    """The day's last event: from then on the day no longer changes."""
+    times: tuple[int, ...]
+    """Message arrivals (`Day.message_times`)."""
+    states: bytes
+    """Each message's state code."""
+    pair_times: tuple[int, ...]
+    pairs: bytes
+    """One (classification, state) code per classification of each message, by arrival."""
+    answers: Answers
+    agents: dict[int, AgentDigest]
+    """By agent id: the messages assigned to them by "now"."""
+    cases: CaseDigest
+    surveys: dict[int, SurveyDigest]
+    """By form id."""
+
+
+_NO_ANSWERS = Answers((), array("d"), array("d"), b"")
+
+
+def _answers(rows: list[Message]) -> Answers:
+    return Answers(
+        tuple(m.at for m in rows),
+        array("d", [m.responded_at - m.at for m in rows]),
+        array("d", [m.responded_at - m.assigned_at for m in rows]),
+        bytes(1 if m.private else 0 for m in rows),
+    )
+
+
+def _case_digest(d: Day) -> CaseDigest:
+    found = d.cases
+    closed = [c.closed_at for c in found]
+    counts: Counter[int] = Counter()
+    for c in found:
+        counts.update(c.classes)
+    return CaseDigest(
+        tuple(c.created_at for c in found),
+        array("d", closed),
+        array("d", sorted(closed)),
+        array("d", [c.first_reply_at - c.created_at for c in found]),
+        array("d", [c.last_reply_at - c.created_at for c in found]),
+        tuple(len(c.agents) for c in found),
+        tuple(len(set(c.agents)) for c in found),
+        tuple(c.classes for c in found),
+        tuple(sorted(counts.items())),
+    )
+
+
+def _category_code(score: int) -> int:
+    return 1 if score >= 9 else 2 if score >= 7 else 3
+
+
+def _digest_of(d: Day, now: float, cases: CaseDigest) -> Digest:
+    states = bytearray()
+    pair_times: list[int] = []
+    pairs = bytearray()
+    answered: list[Message] = []
+    assigned: dict[int, list[Message]] = {}
+    settled = 0.0
+    width = len(STATES)
+    for m in d.messages:
+        code = _STATE_CODE[m.state(now)]
+        states.append(code)
+        settled = max(settled, m.history[-1][0])
+        for cid in m.classes:
+            pair_times.append(m.at)
+            pairs.append(_CLASS_INDEX[cid] * width + code)
+        if 0 < m.responded_at <= now:
+            answered.append(m)
+        if m.agent and 0 < m.assigned_at <= now:
+            assigned.setdefault(m.agent, []).append(m)
+    agents = {
+        agent: AgentDigest(
+            tuple(m.at for m in rows),
+            bytes(_STATE_CODE[m.state(now)] for m in rows),
+            _answers([m for m in rows if 0 < m.responded_at <= now]),
+        )
+        for agent, rows in sorted(assigned.items())
+    }
+    forms: dict[int, tuple[list[int], bytearray]] = {}
+    for s in d.surveys:
+        settled = max(settled, s.submitted_at)
+        times, codes = forms.setdefault(s.form, ([], bytearray()))
+        times.append(s.sent_at)
+        codes.append(_category_code(s.score) if 0 < s.submitted_at <= now else 0)
+    return Digest(
+        settled,
+        d.message_times,
+        bytes(states),
+        tuple(pair_times),
+        bytes(pairs),
+        _answers(answered) if answered else _NO_ANSWERS,
+        agents,
+        cases,
+        {form: SurveyDigest(tuple(t), bytes(c)) for form, (t, c) in forms.items()},
+    )
+
+
+_DIGESTS: OrderedDict[tuple[str, int, int], Digest] = OrderedDict()
+_PROVISIONAL: OrderedDict[tuple[str, int, int, int], Digest] = OrderedDict()
+_PROVISIONAL_SIZE = 64
+
+
+def _final(key: str, ordinal: int, volume: int) -> Digest:
+    whole = (key, ordinal, volume)
+    found = _DIGESTS.get(whole)
+    if found is None:
+        d = day(key, ordinal, volume)
+        found = _digest_of(d, math.inf, _case_digest(d))
+        _DIGESTS[whole] = found
+        limit = day.cache_info().maxsize or DAY_CACHE_SIZE
+        while len(_DIGESTS) > limit:
+            _DIGESTS.popitem(last=False)
+    else:
+        _DIGESTS.move_to_end(whole)
+    return found
+
+
+def case_digest(key: str, ordinal: int, volume: int) -> CaseDigest:
+    """The cases of `day` ``(key, ordinal, volume)`` (the same at any "now")."""
+    return _final(key, ordinal, volume).cases
+
+
+def digest(key: str, ordinal: int, volume: int, now: int) -> Digest:
+    """The digest of `day` ``(key, ordinal, volume)`` as it stands at ``now``.
+
+    A day over by ``now`` has one digest, kept in an LRU as large as the day LRU (so it
+    follows `day`'s size); a day still changing gets one per second of "now", a few kept."""
+    found = _final(key, ordinal, volume)
+    if now >= found.settled_at:
+        return found
+    at = (key, ordinal, volume, now)
+    seen = _PROVISIONAL.get(at)
+    if seen is None:
+        seen = _digest_of(day(key, ordinal, volume), now, found.cases)
+        _PROVISIONAL[at] = seen
+        if len(_PROVISIONAL) > _PROVISIONAL_SIZE:
+            _PROVISIONAL.popitem(last=False)
+    return seen
