@@ -211,6 +211,33 @@ def _setters(cls: type) -> tuple[Callable[[object, object], None], ...]:
     return tuple(slots[f.name].__set__ for f in fields)
 
 
+_PERIODS: dict[tzinfo, dict[str, datetime]] = {}
+"""Parsed period starts by zone, then by text: each response of a series repeats the
+periods of the last (every state's series the same ones), every token of a backfill
+asks for the same. One dict lookup a point, where a cached call costs several."""
+
+_PERIODS_MAX = 8192
+
+
+def _periods(tz: tzinfo) -> dict[str, datetime]:
+    """The period starts parsed so far in ``tz`` (`_PERIODS`)."""
+    found = _PERIODS.get(tz)
+    if found is None:
+        if len(_PERIODS) >= 64:
+            _PERIODS.clear()
+        found = _PERIODS[tz] = {}
+    return found
+
+
+def _new_period(periods: dict[str, datetime], text: object, tz: tzinfo) -> datetime:
+    """``text`` parsed (`local_time`) and kept in ``periods``."""
+    moment = local_time(text, tz)
+    if len(periods) >= _PERIODS_MAX:
+        periods.clear()
+    periods[text] = moment  # type: ignore[index]  # local_time refused all but a str
+    return moment
+
+
 _STATE, _STATE_VALUE, _STATE_DATE = _setters(m.StatePoint)
 _VALUE, _VALUE_DATE = _setters(m.ValuePoint)
 
@@ -223,16 +250,16 @@ def _value_points(series: object, tz: tzinfo) -> tuple[m.ValuePoint, ...]:
     if type(series) is not list:
         raise TypeError(f"expected a list of points, got {type(series).__name__}")
     cls, new, set_value, set_date = m.ValuePoint, object.__new__, _VALUE, _VALUE_DATE
-    seen: dict[str, datetime] = {}
+    periods = _periods(tz)
     out = []
     for point in series:
         text = point["date_range"]["date_from"]
-        moment = seen.get(text)
+        moment = periods.get(text)
         if moment is None:
-            moment = seen[text] = local_time(text, tz)
+            moment = _new_period(periods, text, tz)
         value = point["value"]
         if type(value) is not float:
-            value = _float(value)
+            value = float(value) if type(value) is int else _float(value)
         made = new(cls)
         set_value(made, value)
         set_date(made, moment)
@@ -250,7 +277,7 @@ def _states_volume(payload: object, tz: tzinfo) -> m.StatesVolume:
     if type(payload) is not dict:
         raise TypeError("expected an object keyed by workflow state")
     cls, new = m.StatePoint, object.__new__
-    seen: dict[str, datetime] = {}
+    periods = _periods(tz)
     set_state, set_value, set_date = _STATE, _STATE_VALUE, _STATE_DATE
     states: dict[str, tuple[m.StatePoint, ...]] = {}
     for key, series in payload.items():
@@ -259,9 +286,9 @@ def _states_volume(payload: object, tz: tzinfo) -> m.StatesVolume:
         out = []
         for point in series:
             text = point["date_range"]["date_from"]
-            moment = seen.get(text)
+            moment = periods.get(text)
             if moment is None:
-                moment = seen[text] = local_time(text, tz)
+                moment = _new_period(periods, text, tz)
             state, value = point["state"], point["value"]
             if type(state) is not str:
                 state = _str(state)
