@@ -566,7 +566,8 @@ class LexerClient:
                     f"workflow-state totals use the type {self.workflow_states_type!r} "
                     "on this client"
                 )
-        name = self.workflow_states_type if kind is ReportType.WORKFLOW_STATES else kind.value
+        # ``_value_``: the member's value without the enum property's lookup (hot path)
+        name = self.workflow_states_type if kind is ReportType.WORKFLOW_STATES else kind._value_
         return kind, name
 
     @overload

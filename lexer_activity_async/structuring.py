@@ -105,6 +105,36 @@ def _mapping(inner: Structurer) -> Structurer:
     return structure
 
 
+def _exact_array(kind: type, fallback: Structurer, as_tuple: bool) -> Structurer:
+    """`_array` of a type checked by ``type(v) is kind``: the check is one C loop over the
+    items (``issuperset`` stops at the first other type), the items copied as they are."""
+    accept = frozenset({kind})
+
+    def structure(value: object) -> object:
+        if type(value) is not list:
+            raise TypeError(f"expected an array, got {type(value).__name__}")
+        if accept.issuperset(map(type, value)):
+            return tuple(value) if as_tuple else list(value)
+        items = [item if type(item) is kind else fallback(item) for item in value]
+        return tuple(items) if as_tuple else items
+
+    return structure
+
+
+def _exact_mapping(kind: type, fallback: Structurer) -> Structurer:
+    """`_mapping` of a type checked by ``type(v) is kind``, checked as `_exact_array`."""
+    accept = frozenset({kind})
+
+    def structure(value: object) -> object:
+        if type(value) is not dict:
+            raise TypeError(f"expected an object, got {type(value).__name__}")
+        if accept.issuperset(map(type, value.values())):
+            return dict(value)
+        return {key: item if type(item) is kind else fallback(item) for key, item in value.items()}
+
+    return structure
+
+
 def _exact(kind: type, fallback: Structurer) -> Structurer:
     def structure(value: object) -> object:
         return value if type(value) is kind else fallback(value)
@@ -123,10 +153,16 @@ def compile_structurer(type_: Any) -> Structurer:
     if origin in (Union, UnionType) and len(args) == 2 and NoneType in args:
         return _optional(compile_structurer(next(a for a in args if a is not NoneType)))
     if origin is list and len(args) == 1:
+        if args[0] in _EXACT:
+            return _exact_array(*_EXACT[args[0]], as_tuple=False)
         return _array(compile_structurer(args[0]), as_tuple=False)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] in _EXACT:
+            return _exact_array(*_EXACT[args[0]], as_tuple=True)
         return _array(compile_structurer(args[0]), as_tuple=True)
     if origin is dict and args[0] is str:
+        if args[1] in _EXACT:
+            return _exact_mapping(*_EXACT[args[1]])
         return _mapping(compile_structurer(args[1]))
     if isinstance(type_, type) and attrs.has(type_):
         return _record(type_)
