@@ -34,8 +34,6 @@ import anyio
 import attrs
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from . import exceptions as exc
 from . import wire
@@ -115,7 +113,7 @@ class Secret:
         found = self._sent.get(key)
         if found is not None and found[0] is headers:
             return found[1]
-        merged = CIMultiDictProxy(CIMultiDict({**headers, name: self._value}))
+        merged = MappingProxyType({**headers, name: self._value})
         if len(self._sent) >= 16:
             self._sent.clear()
         self._sent[key] = (headers, merged)  # holding ``headers`` keeps its id unique
@@ -354,16 +352,6 @@ class AiohttpTransport:
     def __init__(self, session: aiohttp.ClientSession, *, owns_session: bool = True) -> None:
         self.session = session
         self._owns = owns_session
-        self._urls: dict[str, URL] = {}
-
-    def _url(self, url: str) -> URL:
-        """``url`` parsed, once per distinct URL (a channel sends to a few)."""
-        found = self._urls.get(url)
-        if found is None:
-            if len(self._urls) >= 64:
-                self._urls.clear()
-            found = self._urls[url] = URL(url)
-        return found
 
     async def aclose(self) -> None:
         if self._owns:
@@ -420,7 +408,7 @@ class AiohttpTransport:
         # traceback keeps its frames): made in the argument list, or kept by the secret.
         opening = self.session.request(
             request.method,
-            self._url(request.url),
+            request.url,
             data=request.body,
             params=request.params,
             headers=_outgoing_headers(request),
