@@ -381,9 +381,22 @@ class SlidingWindowLimiter(_SlotMixin):
         if self._pending[priority]:
             return None
         now = self._now()
-        if self._delay(now, priority) != 0.0:
+        # `_delay(now, priority) == 0.0`, spelt out: a slot is free for ``priority``.
+        frees = self._frees_at
+        interactive, bulk = frees["interactive"], frees["bulk"]
+        if (interactive and interactive[0] <= now) or (bulk and bulk[0] <= now):
+            self._purge(now)
+        if now < self._blocked_until:
             return None
-        self._in_flight[priority] += 1
+        in_flight = self._in_flight
+        bulk_held = in_flight["bulk"] + len(bulk)
+        if bulk_held + in_flight["interactive"] + len(interactive) >= self.max_requests:
+            return None
+        if priority == "bulk" and (
+            self._pending["interactive"] or bulk_held >= self.max_requests - self.reserve
+        ):
+            return None
+        in_flight[priority] += 1
         self._serial += 1
         self.stats.requests += 1
         if priority == "interactive":
@@ -403,8 +416,9 @@ class SlidingWindowLimiter(_SlotMixin):
     def _release(self, lease: Lease) -> None:
         self._in_flight[lease.priority] -= 1
         bisect.insort(self._frees_at[lease.priority], self._now() + self.window)
-        for changed in self._changed.values():
-            changed.set()
+        changed = self._changed
+        changed["interactive"].set()
+        changed["bulk"].set()
 
     def slot(  # type: ignore[override]  # the mixin's is a generator-based manager
         self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"
