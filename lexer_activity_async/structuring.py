@@ -153,13 +153,9 @@ def compile_structurer(type_: Any) -> Structurer:
     if origin in (Union, UnionType) and len(args) == 2 and NoneType in args:
         return _optional(compile_structurer(next(a for a in args if a is not NoneType)))
     if origin is list and len(args) == 1:
-        if args[0] in _EXACT:
-            return _exact_array(*_EXACT[args[0]], as_tuple=False)
-        return _array(compile_structurer(args[0]), as_tuple=False)
+        return _sequence(args[0], as_tuple=False)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if args[0] in _EXACT:
-            return _exact_array(*_EXACT[args[0]], as_tuple=True)
-        return _array(compile_structurer(args[0]), as_tuple=True)
+        return _sequence(args[0], as_tuple=True)
     if origin is dict and args[0] is str:
         if args[1] in _EXACT:
             return _exact_mapping(*_EXACT[args[1]])
@@ -169,40 +165,77 @@ def compile_structurer(type_: Any) -> Structurer:
     raise TypeError(f"no fast structure function for {type_!r}")
 
 
+def _sequence(item: Any, as_tuple: bool) -> Structurer:
+    """A JSON array of ``item`` as a list (or a tuple)."""
+    if item in _EXACT:
+        return _exact_array(*_EXACT[item], as_tuple=as_tuple)
+    if isinstance(item, type) and attrs.has(item):
+        return _records(item, as_tuple)
+    return _array(compile_structurer(item), as_tuple=as_tuple)
+
+
 def _record(cls: type) -> Structurer:
     """Generated code, one statement per field: ``type(v) is int`` inline for scalars,
     a call for the rest, then the instance made from its slot setters (`_setters`) or,
     for a class that validates its fields, by calling it positionally."""
-    hints = typing.get_type_hints(cls)
+    scope: dict[str, object] = {"cls": cls, "TypeError": TypeError, "new": object.__new__}
+    lines = ["def structure(d):", *_record_body(cls, scope, "    ", "return ")]
+    return _compiled(lines, scope, cls)
+
+
+def _records(cls: type, as_tuple: bool) -> Structurer:
+    """`_array` of `_record`, the record's statements inlined in the loop (no call per
+    item)."""
     scope: dict[str, object] = {"cls": cls, "TypeError": TypeError, "new": object.__new__}
     lines = [
-        "def structure(d):",
-        "    if type(d) is not dict:",
-        f"        raise TypeError('{cls.__name__}: expected an object, got ' + type(d).__name__)",
+        "def structure(items):",
+        "    if type(items) is not list:",
+        "        raise TypeError('expected an array, got ' + type(items).__name__)",
+        "    out = []",
+        "    append = out.append",
+        "    for d in items:",
+        *_record_body(cls, scope, "        ", "append("),
+        "    return tuple(out)" if as_tuple else "    return out",
+    ]
+    return _compiled(lines, scope, cls)
+
+
+def _record_body(cls: type, scope: dict[str, object], indent: str, finish: str) -> list[str]:
+    """The statements that structure ``d`` into ``cls``; the instance made goes to
+    ``finish`` (``"return "``, or a call such as ``"append("``)."""
+    close = ")" if finish.endswith("(") else ""
+    hints = typing.get_type_hints(cls)
+    lines = [
+        "if type(d) is not dict:",
+        f"    raise TypeError('{cls.__name__}: expected an object, got ' + type(d).__name__)",
     ]
     names = []
     for i, field in enumerate(attrs.fields(cls)):
         hint = hints[field.name]
         name = f"v{i}"
         names.append(name)
-        lines.append(f"    {name} = d[{field.name!r}]")
+        lines.append(f"{name} = d[{field.name!r}]")
         if hint in _EXACT:
             kind, fallback = _EXACT[hint]
             scope[f"t{i}"], scope[f"f{i}"] = kind, fallback
-            lines.append(f"    if type({name}) is not t{i}: {name} = f{i}({name})")
+            lines.append(f"if type({name}) is not t{i}: {name} = f{i}({name})")
         else:
             scope[f"f{i}"] = compile_structurer(hint)
-            lines.append(f"    {name} = f{i}({name})")
+            lines.append(f"{name} = f{i}({name})")
     try:
         setters = _setters(cls)
     except TypeError:
-        lines.append(f"    return cls({', '.join(names)})")
+        lines.append(f"{finish}cls({', '.join(names)}){close}")
     else:
-        lines.append("    made = new(cls)")
+        lines.append("made = new(cls)")
         for i, (name, setter) in enumerate(zip(names, setters, strict=True)):
             scope[f"s{i}"] = setter
-            lines.append(f"    s{i}(made, {name})")
-        lines.append("    return made")
+            lines.append(f"s{i}(made, {name})")
+        lines.append(f"{finish}made{close}")
+    return [indent + line for line in lines]
+
+
+def _compiled(lines: list[str], scope: dict[str, object], cls: type) -> Structurer:
     exec(compile("\n".join(lines), f"<fast structure {cls.__name__}>", "exec"), scope)
     structure = scope["structure"]
     assert callable(structure)
