@@ -155,18 +155,13 @@ def _plain(kind: ReportKind[T], doc: str) -> _ReportMethod[PlainReport[T]]:
         deadline: float | None = None,
         priority: Priority | None = None,
     ) -> T:
-        return await self.report(
-            kind,
-            date_from,
-            date_to,
-            users=users,
-            groups=groups,
-            forms=forms,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-            priority=priority,
+        request, decode = self._report_call(
+            kind, date_from, date_to, users, groups, forms, None, None, extra_filters
         )
+        result = await self.channel.send(
+            request, decode, max_retries=max_retries, deadline=deadline, priority=priority
+        )
+        return cast(T, result)
 
     method.__doc__ = f"{doc} Filters as in `report`."
     return _ReportMethod(method)
@@ -187,19 +182,13 @@ def _nps(kind: ReportKind[T], doc: str) -> _ReportMethod[NpsReport[T]]:
         deadline: float | None = None,
         priority: Priority | None = None,
     ) -> T:
-        return await self.report(
-            kind,
-            date_from,
-            date_to,
-            form=form,
-            nps_category=nps_category,
-            users=users,
-            groups=groups,
-            extra_filters=extra_filters,
-            max_retries=max_retries,
-            deadline=deadline,
-            priority=priority,
+        request, decode = self._report_call(
+            kind, date_from, date_to, users, groups, None, form, nps_category, extra_filters
         )
+        result = await self.channel.send(
+            request, decode, max_retries=max_retries, deadline=deadline, priority=priority
+        )
+        return cast(T, result)
 
     method.__doc__ = f"{doc} Filters as in `report`."
     return _ReportMethod(method)
@@ -577,7 +566,8 @@ class LexerClient:
                     f"workflow-state totals use the type {self.workflow_states_type!r} "
                     "on this client"
                 )
-        name = self.workflow_states_type if kind is ReportType.WORKFLOW_STATES else kind.value
+        # ``_value_``: the member's value without the enum property's lookup (hot path)
+        name = self.workflow_states_type if kind is ReportType.WORKFLOW_STATES else kind._value_
         return kind, name
 
     @overload
@@ -651,23 +641,13 @@ class LexerClient:
             priority: ``"interactive"`` or ``"bulk"`` for this call (default: the
                 client's); bulk never takes the rate limit's reserve.
         """
-        raw = await self._report(
-            report_type,
-            date_from,
-            date_to,
-            dict(
-                users=users,
-                groups=groups,
-                forms=forms,
-                form=form,
-                nps_category=nps_category,
-                extra_filters=extra_filters,
-            ),
-            max_retries=max_retries,
-            deadline=deadline,
-            priority=priority,
+        request, decode = self._report_call(
+            report_type, date_from, date_to, users, groups, forms, form, nps_category, extra_filters
         )
-        return cast("T | ReportResult", raw.result)
+        result = await self.channel.send(
+            request, decode, max_retries=max_retries, deadline=deadline, priority=priority
+        )
+        return cast("T | ReportResult", result)
 
     @overload
     async def report_raw(
@@ -723,61 +703,79 @@ class LexerClient:
     ) -> RawReport[T] | RawReport[ReportResult]:
         """`report`, also keeping the response body byte for byte (`RawReport.body`, for
         audits and raw archives): the same arguments, validation and decoding."""
-        return await self._report(
+        request, decode = self._report_call(
             report_type,
             date_from,
             date_to,
-            dict(
-                users=users,
-                groups=groups,
-                forms=forms,
-                form=form,
-                nps_category=nps_category,
-                extra_filters=extra_filters,
-            ),
-            max_retries=max_retries,
-            deadline=deadline,
-            priority=priority,
+            users,
+            groups,
+            forms,
+            form,
+            nps_category,
+            extra_filters,
+            raw=True,
         )
+        result = await self.channel.send(
+            request, decode, max_retries=max_retries, deadline=deadline, priority=priority
+        )
+        return cast("RawReport[T] | RawReport[ReportResult]", result)
 
-    async def _report(
+    def _report_call(
         self,
         report_type: ReportKind[Any] | ReportType | str,
         date_from: datetime,
         date_to: datetime,
-        filters: Mapping[str, object],
+        users: Sequence[int] | None,
+        groups: Sequence[int] | None,
+        forms: Sequence[int] | None,
+        form: int | None,
+        nps_category: NpsCategory | str | None,
+        extra_filters: Mapping[str, object] | None,
         *,
-        max_retries: int | None,
-        deadline: float | None,
-        priority: Priority | None,
-    ) -> RawReport[Any]:
-        """`report_raw`'s work; the result is typed by the public overloads."""
+        raw: bool = False,
+    ) -> tuple[wire.Request, Decoder[Any]]:
+        """A report call's request, validated (before anything is sent or any slot is
+        taken), and its decoder (``raw``: to a `RawReport`). The typed methods, `report`
+        and `report_raw` all send through the channel with these."""
         if isinstance(report_type, ReportKind):
             kind, name = self.resolve_report_type(report_type.report_type)
             row: ReportKind[Any] = report_type
         else:
             kind, name = self.resolve_report_type(report_type)
             row = REPORT_KINDS[kind]
-        body = build_report_body(
-            name,
-            date_from,
-            date_to,
-            needs_form=row.needs_form,
-            now=self.channel.now(),
-            **filters,  # type: ignore[arg-type]  # report()'s own keyword arguments
-        )
+        now = self.channel.now()
+        if users is None and groups is None and forms is None and extra_filters is None:
+            request = _range_request(
+                name, row.needs_form, date_from, date_to, form, nps_category, now
+            )
+        else:
+            body = build_report_body(
+                name,
+                date_from,
+                date_to,
+                needs_form=row.needs_form,
+                form=form,
+                nps_category=nps_category,
+                users=users,
+                groups=groups,
+                forms=forms,
+                extra_filters=extra_filters,
+                now=now,
+            )
+            request = wire.report_request(body)
         tz = date_from.tzinfo or timezone.utc
+        decode_report = wire.decode_report
+        if raw:
 
-        def decode(status: int, raw: bytes) -> RawReport[Any]:
-            return RawReport(wire.decode_report(row, status, raw, tz=tz, report_type=name), raw)
+            def decode_raw(status: int, body: bytes) -> RawReport[Any]:
+                return RawReport(decode_report(row, status, body, tz=tz, report_type=name), body)
 
-        return await self.send(
-            wire.report_request(body),
-            decode,
-            max_retries=max_retries,
-            deadline=deadline,
-            priority=priority,
-        )
+            return request, decode_raw
+
+        def decode(status: int, body: bytes) -> object:
+            return decode_report(row, status, body, tz=tz, report_type=name)
+
+        return request, decode
 
     # The typed methods, one per row of the table in `kinds`, share one keyword-only
     # signature (NPS ones add form and nps_category) so a misspelt filter is a TypeError,
@@ -979,6 +977,69 @@ async def _prioritized(
         close = getattr(rows, "aclose", None)
         if close is not None:
             await close()
+
+
+_RANGE_REQUESTS: dict[tuple[object, ...], tuple[datetime, wire.Request]] = {}
+"""Validated report requests that carry no filter but the NPS form, by type name, range
+and form: every token of a backfill asks for the same windows, and a dashboard for the
+same range again and again. Only whether the range starts in the future is checked
+anew. Shared by the process's clients (the requests are frozen, their bodies never
+changed after they are built) and bounded."""
+
+_RANGE_REQUESTS_MAX = 512
+
+
+def _range_request(
+    name: str,
+    needs_form: bool,
+    date_from: datetime,
+    date_to: datetime,
+    form: int | None,
+    nps_category: NpsCategory | str | None,
+    now: datetime,
+) -> wire.Request:
+    """`build_report_body` with no id filters nor extra filters, as a `wire.Request`,
+    made once per distinct arguments (`_RANGE_REQUESTS`)."""
+    key: tuple[object, ...] | None = None
+    if type(date_from) is datetime and type(date_to) is datetime:
+        # The types and folds too: True == 1 (a bool form is refused, an int is not), and
+        # the zone and fold set the offset sent, yet aware datetimes compare by instant.
+        key = (
+            name,
+            needs_form,
+            form,
+            type(form),
+            nps_category,
+            type(nps_category),
+            date_from,
+            date_from.tzinfo,
+            date_from.fold,
+            date_to,
+            date_to.tzinfo,
+            date_to.fold,
+        )
+        try:
+            found = _RANGE_REQUESTS.get(key)
+        except TypeError:  # an unhashable form or zone: not kept (and likely refused)
+            found, key = None, None
+        if found is not None and not found[0] > now:
+            return found[1]
+    body = build_report_body(
+        name,
+        date_from,
+        date_to,
+        needs_form=needs_form,
+        form=form,
+        nps_category=nps_category,
+        now=now,
+    )
+    request = wire.report_request(body)
+    if key is not None:
+        if len(_RANGE_REQUESTS) >= _RANGE_REQUESTS_MAX:
+            _RANGE_REQUESTS.clear()
+        start = date_from.replace(microsecond=0) if date_from.microsecond else date_from
+        _RANGE_REQUESTS[key] = (start, request)
+    return request
 
 
 def _list_decoder(cls: type[T]) -> Decoder[list[T]]:

@@ -280,8 +280,15 @@ class SlidingWindowLimiter(_SlotMixin):
         return list(heapq.merge(self._frees_at["interactive"], self._frees_at["bulk"]))
 
     def _held(self, priority: Priority | None = None) -> int:
-        chosen = PRIORITIES if priority is None else (priority,)
-        return sum(self._in_flight[p] + len(self._frees_at[p]) for p in chosen)
+        if priority is not None:
+            return self._in_flight[priority] + len(self._frees_at[priority])
+        in_flight, frees = self._in_flight, self._frees_at
+        return (
+            in_flight["interactive"]
+            + in_flight["bulk"]
+            + len(frees["interactive"])
+            + len(frees["bulk"])
+        )
 
     def _delay(self, now: float, priority: Priority) -> float | None:
         """0 when a slot is free now for ``priority``; else seconds until one may be;
@@ -367,6 +374,39 @@ class SlidingWindowLimiter(_SlotMixin):
             if priority == "interactive":
                 self._changed["bulk"].set()  # a bulk waiter may have given way to it
 
+    def try_acquire(self, priority: Priority = "interactive") -> Lease | None:
+        """A slot at once, or None when `acquire` would have to wait (or queue behind
+        another acquisition of ``priority``). Granted exactly as an uncontended
+        `acquire` grants it, without a coroutine; pair it with `release_now`."""
+        if self._pending[priority]:
+            return None
+        now = self._now()
+        # `_delay(now, priority) == 0.0`, spelt out: a slot is free for ``priority``.
+        frees = self._frees_at
+        interactive, bulk = frees["interactive"], frees["bulk"]
+        if (interactive and interactive[0] <= now) or (bulk and bulk[0] <= now):
+            self._purge(now)
+        if now < self._blocked_until:
+            return None
+        in_flight = self._in_flight
+        bulk_held = in_flight["bulk"] + len(bulk)
+        if bulk_held + in_flight["interactive"] + len(interactive) >= self.max_requests:
+            return None
+        if priority == "bulk" and (
+            self._pending["interactive"] or bulk_held >= self.max_requests - self.reserve
+        ):
+            return None
+        in_flight[priority] += 1
+        self._serial += 1
+        self.stats.requests += 1
+        if priority == "interactive":
+            self._changed["bulk"].set()  # as `acquire` does on its way out
+        return Lease(str(self._serial), now, priority)
+
+    def release_now(self, lease: Lease) -> None:
+        """`release`, synchronously (it never suspends)."""
+        self._release(lease)
+
     async def renew(self, lease: Lease) -> bool:
         return True  # in-process slots never expire: they die with the process
 
@@ -376,8 +416,9 @@ class SlidingWindowLimiter(_SlotMixin):
     def _release(self, lease: Lease) -> None:
         self._in_flight[lease.priority] -= 1
         bisect.insort(self._frees_at[lease.priority], self._now() + self.window)
-        for changed in self._changed.values():
-            changed.set()
+        changed = self._changed
+        changed["interactive"].set()
+        changed["bulk"].set()
 
     def slot(  # type: ignore[override]  # the mixin's is a generator-based manager
         self, on_wait: WaitCallback | None = None, *, priority: Priority = "interactive"

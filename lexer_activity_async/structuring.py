@@ -105,6 +105,36 @@ def _mapping(inner: Structurer) -> Structurer:
     return structure
 
 
+def _exact_array(kind: type, fallback: Structurer, as_tuple: bool) -> Structurer:
+    """`_array` of a type checked by ``type(v) is kind``: the check is one C loop over the
+    items (``issuperset`` stops at the first other type), the items copied as they are."""
+    accept = frozenset({kind})
+
+    def structure(value: object) -> object:
+        if type(value) is not list:
+            raise TypeError(f"expected an array, got {type(value).__name__}")
+        if accept.issuperset(map(type, value)):
+            return tuple(value) if as_tuple else list(value)
+        items = [item if type(item) is kind else fallback(item) for item in value]
+        return tuple(items) if as_tuple else items
+
+    return structure
+
+
+def _exact_mapping(kind: type, fallback: Structurer) -> Structurer:
+    """`_mapping` of a type checked by ``type(v) is kind``, checked as `_exact_array`."""
+    accept = frozenset({kind})
+
+    def structure(value: object) -> object:
+        if type(value) is not dict:
+            raise TypeError(f"expected an object, got {type(value).__name__}")
+        if accept.issuperset(map(type, value.values())):
+            return dict(value)
+        return {key: item if type(item) is kind else fallback(item) for key, item in value.items()}
+
+    return structure
+
+
 def _exact(kind: type, fallback: Structurer) -> Structurer:
     def structure(value: object) -> object:
         return value if type(value) is kind else fallback(value)
@@ -123,50 +153,89 @@ def compile_structurer(type_: Any) -> Structurer:
     if origin in (Union, UnionType) and len(args) == 2 and NoneType in args:
         return _optional(compile_structurer(next(a for a in args if a is not NoneType)))
     if origin is list and len(args) == 1:
-        return _array(compile_structurer(args[0]), as_tuple=False)
+        return _sequence(args[0], as_tuple=False)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return _array(compile_structurer(args[0]), as_tuple=True)
+        return _sequence(args[0], as_tuple=True)
     if origin is dict and args[0] is str:
+        if args[1] in _EXACT:
+            return _exact_mapping(*_EXACT[args[1]])
         return _mapping(compile_structurer(args[1]))
     if isinstance(type_, type) and attrs.has(type_):
         return _record(type_)
     raise TypeError(f"no fast structure function for {type_!r}")
 
 
+def _sequence(item: Any, as_tuple: bool) -> Structurer:
+    """A JSON array of ``item`` as a list (or a tuple)."""
+    if item in _EXACT:
+        return _exact_array(*_EXACT[item], as_tuple=as_tuple)
+    if isinstance(item, type) and attrs.has(item):
+        return _records(item, as_tuple)
+    return _array(compile_structurer(item), as_tuple=as_tuple)
+
+
 def _record(cls: type) -> Structurer:
     """Generated code, one statement per field: ``type(v) is int`` inline for scalars,
     a call for the rest, then the instance made from its slot setters (`_setters`) or,
     for a class that validates its fields, by calling it positionally."""
-    hints = typing.get_type_hints(cls)
+    scope: dict[str, object] = {"cls": cls, "TypeError": TypeError, "new": object.__new__}
+    lines = ["def structure(d):", *_record_body(cls, scope, "    ", "return ")]
+    return _compiled(lines, scope, cls)
+
+
+def _records(cls: type, as_tuple: bool) -> Structurer:
+    """`_array` of `_record`, the record's statements inlined in the loop (no call per
+    item)."""
     scope: dict[str, object] = {"cls": cls, "TypeError": TypeError, "new": object.__new__}
     lines = [
-        "def structure(d):",
-        "    if type(d) is not dict:",
-        f"        raise TypeError('{cls.__name__}: expected an object, got ' + type(d).__name__)",
+        "def structure(items):",
+        "    if type(items) is not list:",
+        "        raise TypeError('expected an array, got ' + type(items).__name__)",
+        "    out = []",
+        "    append = out.append",
+        "    for d in items:",
+        *_record_body(cls, scope, "        ", "append("),
+        "    return tuple(out)" if as_tuple else "    return out",
+    ]
+    return _compiled(lines, scope, cls)
+
+
+def _record_body(cls: type, scope: dict[str, object], indent: str, finish: str) -> list[str]:
+    """The statements that structure ``d`` into ``cls``; the instance made goes to
+    ``finish`` (``"return "``, or a call such as ``"append("``)."""
+    close = ")" if finish.endswith("(") else ""
+    hints = typing.get_type_hints(cls)
+    lines = [
+        "if type(d) is not dict:",
+        f"    raise TypeError('{cls.__name__}: expected an object, got ' + type(d).__name__)",
     ]
     names = []
     for i, field in enumerate(attrs.fields(cls)):
         hint = hints[field.name]
         name = f"v{i}"
         names.append(name)
-        lines.append(f"    {name} = d[{field.name!r}]")
+        lines.append(f"{name} = d[{field.name!r}]")
         if hint in _EXACT:
             kind, fallback = _EXACT[hint]
             scope[f"t{i}"], scope[f"f{i}"] = kind, fallback
-            lines.append(f"    if type({name}) is not t{i}: {name} = f{i}({name})")
+            lines.append(f"if type({name}) is not t{i}: {name} = f{i}({name})")
         else:
             scope[f"f{i}"] = compile_structurer(hint)
-            lines.append(f"    {name} = f{i}({name})")
+            lines.append(f"{name} = f{i}({name})")
     try:
         setters = _setters(cls)
     except TypeError:
-        lines.append(f"    return cls({', '.join(names)})")
+        lines.append(f"{finish}cls({', '.join(names)}){close}")
     else:
-        lines.append("    made = new(cls)")
+        lines.append("made = new(cls)")
         for i, (name, setter) in enumerate(zip(names, setters, strict=True)):
             scope[f"s{i}"] = setter
-            lines.append(f"    s{i}(made, {name})")
-        lines.append("    return made")
+            lines.append(f"s{i}(made, {name})")
+        lines.append(f"{finish}made{close}")
+    return [indent + line for line in lines]
+
+
+def _compiled(lines: list[str], scope: dict[str, object], cls: type) -> Structurer:
     exec(compile("\n".join(lines), f"<fast structure {cls.__name__}>", "exec"), scope)
     structure = scope["structure"]
     assert callable(structure)
@@ -211,6 +280,33 @@ def _setters(cls: type) -> tuple[Callable[[object, object], None], ...]:
     return tuple(slots[f.name].__set__ for f in fields)
 
 
+_PERIODS: dict[tzinfo, dict[str, datetime]] = {}
+"""Parsed period starts by zone, then by text: each response of a series repeats the
+periods of the last (every state's series the same ones), every token of a backfill
+asks for the same. One dict lookup a point, where a cached call costs several."""
+
+_PERIODS_MAX = 8192
+
+
+def _periods(tz: tzinfo) -> dict[str, datetime]:
+    """The period starts parsed so far in ``tz`` (`_PERIODS`)."""
+    found = _PERIODS.get(tz)
+    if found is None:
+        if len(_PERIODS) >= 64:
+            _PERIODS.clear()
+        found = _PERIODS[tz] = {}
+    return found
+
+
+def _new_period(periods: dict[str, datetime], text: object, tz: tzinfo) -> datetime:
+    """``text`` parsed (`local_time`) and kept in ``periods``."""
+    moment = local_time(text, tz)
+    if len(periods) >= _PERIODS_MAX:
+        periods.clear()
+    periods[text] = moment  # type: ignore[index]  # local_time refused all but a str
+    return moment
+
+
 _STATE, _STATE_VALUE, _STATE_DATE = _setters(m.StatePoint)
 _VALUE, _VALUE_DATE = _setters(m.ValuePoint)
 
@@ -223,16 +319,16 @@ def _value_points(series: object, tz: tzinfo) -> tuple[m.ValuePoint, ...]:
     if type(series) is not list:
         raise TypeError(f"expected a list of points, got {type(series).__name__}")
     cls, new, set_value, set_date = m.ValuePoint, object.__new__, _VALUE, _VALUE_DATE
-    seen: dict[str, datetime] = {}
+    periods = _periods(tz)
     out = []
     for point in series:
         text = point["date_range"]["date_from"]
-        moment = seen.get(text)
+        moment = periods.get(text)
         if moment is None:
-            moment = seen[text] = local_time(text, tz)
+            moment = _new_period(periods, text, tz)
         value = point["value"]
         if type(value) is not float:
-            value = _float(value)
+            value = float(value) if type(value) is int else _float(value)
         made = new(cls)
         set_value(made, value)
         set_date(made, moment)
@@ -250,7 +346,7 @@ def _states_volume(payload: object, tz: tzinfo) -> m.StatesVolume:
     if type(payload) is not dict:
         raise TypeError("expected an object keyed by workflow state")
     cls, new = m.StatePoint, object.__new__
-    seen: dict[str, datetime] = {}
+    periods = _periods(tz)
     set_state, set_value, set_date = _STATE, _STATE_VALUE, _STATE_DATE
     states: dict[str, tuple[m.StatePoint, ...]] = {}
     for key, series in payload.items():
@@ -259,9 +355,9 @@ def _states_volume(payload: object, tz: tzinfo) -> m.StatesVolume:
         out = []
         for point in series:
             text = point["date_range"]["date_from"]
-            moment = seen.get(text)
+            moment = periods.get(text)
             if moment is None:
-                moment = seen[text] = local_time(text, tz)
+                moment = _new_period(periods, text, tz)
             state, value = point["state"], point["value"]
             if type(state) is not str:
                 state = _str(state)
