@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import pytest
 from conftest import TOKEN_A, TOKEN_B
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lexer_activity_async import LimiterRegistry, wire
@@ -287,6 +287,14 @@ days = st.datetimes(datetime(2019, 1, 1), datetime(2025, 6, 1)).map(
     open_end=st.booleans(),
     odd_start=st.integers(0, 4),
 )
+@example(  # one 3-month window holds all 70 days: nothing to join
+    start=datetime(2025, 6, 1),
+    tz=timezone.utc,
+    span_days=70,
+    window_months=3,
+    open_end=False,
+    odd_start=1,
+)
 def test_joined_fetches_write_the_window_by_window_files_byte_for_byte(
     sandbox_in_thread: Callable[..., Sandbox],
     token_env: None,
@@ -322,7 +330,7 @@ def test_joined_fetches_write_the_window_by_window_files_byte_for_byte(
         the_plan = plan(spec, now=now)
         assert joined.requests == the_plan.requests_of("a")
         assert each.requests == the_plan.requests_of("a", join=False) == the_plan.units_per_token
-        if odd_start and span_days >= 70:  # day-start windows, two or more whole months
+        if odd_start and span_days >= 70 * window_months:  # day starts, two whole windows
             assert joined.requests < each.requests
     finally:
         shutil.rmtree(out, ignore_errors=True)
