@@ -246,6 +246,11 @@ class HttpResponse:
         async for chunk in self._content:
             yield chunk
 
+    def loaded(self) -> bytes | None:
+        """The body when it is already in memory (read without an await), else None."""
+        content = self._content
+        return content if type(content) is bytes else None
+
     async def read(self) -> bytes:
         if isinstance(self._content, bytes):
             return self._content
@@ -868,8 +873,7 @@ class Channel:
         told how long the attempt waited for it, if it had to."""
         if observer is None:
             async with self.limiter.slot(self._on_wait, priority=priority) as lease:
-                if self.on_event is not None:
-                    self.on_event(RequestSent(self.label))
+                self._sent()
                 yield lease
             return
         started, waited = anyio.current_time(), False
@@ -882,9 +886,13 @@ class Channel:
         async with self.limiter.slot(on_wait, priority=priority) as lease:
             if waited:
                 observer.rate_limit_wait(anyio.current_time() - started)
-            if self.on_event is not None:
-                self.on_event(RequestSent(self.label))
+            self._sent()
             yield lease
+
+    def _sent(self) -> None:
+        """Emit `RequestSent`, built only when a hook listens (a hot path)."""
+        if self.on_event is not None:
+            self.on_event(RequestSent(self.label))
 
     def _http_request(self, request: wire.Request) -> HttpRequest:
         last = self._last_http  # calls repeat one request (concurrently, or polling)
@@ -958,14 +966,12 @@ class Channel:
             if limiter is None or lease is None:
                 return await self._exchange(request, priority, observer)
             try:
-                if self.on_event is not None:
-                    self.on_event(RequestSent(self.label))
+                self._sent()
                 http = self._http_request(request)
                 if self._in_flight is None:  # (in-process slots need no renewal)
                     response = await self.api.handle(http)
-                    body = response._content
-                    if type(body) is not bytes:
-                        body = await response.read()
+                    loaded = response.loaded()
+                    body = await response.read() if loaded is None else loaded
                 else:
                     async with self._in_flight:
                         response = await self.api.handle(http)
