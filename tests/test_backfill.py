@@ -42,6 +42,7 @@ from lexer_activity_async.backfill import (
     rate_limit_floor,
     run_backfill,
 )
+from lexer_activity_async.backfill.admission import RankedCapacity
 from lexer_activity_async.backfill.writer import ReportWriter
 from lexer_activity_async.checkpoint import DONE, FAILED, PENDING, Checkpoint
 from lexer_activity_async.events import ExportState, RateLimitWait, RequestSent
@@ -485,17 +486,21 @@ def one_token_of_aggregates(
 
 
 @pytest.mark.usefixtures("token_env")
-async def test_a_token_waiting_for_its_window_keeps_one_worker_waiting(
-    sandbox_factory: Callable[..., Any], tmp_path: Path, registry: LimiterRegistry
+@pytest.mark.parametrize("total", [1, 2])
+async def test_a_token_waiting_for_its_window_keeps_its_fair_share_of_workers_waiting(
+    sandbox_factory: Callable[..., Any], tmp_path: Path, registry: LimiterRegistry, total: int
 ) -> None:
-    """36 requests at 9 per window (10, one kept from bulk work), 8 workers: each time
-    the budget runs out one request waits for the window and the other workers end
-    (each would hold its call's frames until then), coming back as requests go out.
-    Consecutive rate-limit waits with no request sent between them are waiters queued
-    at once. Real time, not looptime: the checkpoint's thread hops let virtual time
-    jump past the windows."""
+    """36 requests at 9 per window (10, one kept from bulk work), 8 workers, an overall
+    cap of ``total`` (the one token's fair share): each time the budget runs out at
+    most ``total`` requests wait for the window and the other workers end (each would
+    hold its call's frames until then), coming back as requests go out. Consecutive
+    rate-limit waits with no request sent between them are waiters queued at once. Real
+    time, not looptime: the checkpoint's thread hops let virtual time jump past the
+    windows."""
     sb = await sandbox_factory(tokens=None)
-    spec = one_token_of_aggregates(sb, tmp_path, 9, max_requests=10, window=0.5)  # 36 units
+    spec = one_token_of_aggregates(  # 36 units
+        sb, tmp_path, 9, max_requests=10, window=0.5, total_concurrency=total
+    )
     queued, most_queued, waits = 0, 0, 0
     running, most_running_after_a_wait = 0, 0
 
@@ -517,7 +522,7 @@ async def test_a_token_waiting_for_its_window_keeps_one_worker_waiting(
     assert summary.ok
     assert summary.requests == 36
     assert waits >= 1
-    assert most_queued == 1
+    assert 1 <= most_queued <= total  # without the rule: up to 8
     assert most_running_after_a_wait > 1  # the workers came back after the wait
 
 
@@ -581,6 +586,34 @@ async def test_workers_are_held_back_while_units_wait_for_the_disk(
     (waiting,) = stuck
     print(f"units waiting for the disk when stuck: {waiting}")
     assert waiting < 8  # without the rule: all 8 workers wait
+
+
+@pytest.mark.usefixtures("token_env")
+async def test_each_request_enters_the_overall_cap_ranked_by_its_place_in_the_rate_window(
+    sandbox_factory: Callable[..., Any],
+    tmp_path: Path,
+    registry: LimiterRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker, 24 requests at 9 a window (10, one kept from bulk work): the ranks
+    the overall cap sees are each request's place within its window, 0-8, 0-8, 0-5,
+    so that every token's first requests of a window go before any token's later ones."""
+    sb = await sandbox_factory(tokens=None)
+    spec = attrs.evolve(
+        one_token_of_aggregates(sb, tmp_path, 6, max_requests=10, window=0.05),
+        per_token_concurrency=1,
+    )
+    ranks: list[int] = []
+    acquire = RankedCapacity.acquire
+
+    async def recorded(self: RankedCapacity, rank: int = 0) -> None:
+        ranks.append(rank)
+        await acquire(self, rank)
+
+    monkeypatch.setattr(RankedCapacity, "acquire", recorded)
+    summary = await run_backfill(spec, registry=registry)
+    assert summary.ok
+    assert ranks == [p % 9 for p in range(24)]
 
 
 @pytest.mark.usefixtures("token_env")

@@ -42,11 +42,11 @@ from lexer_activity_async.backfill import (
     plan,
     run_backfill,
 )
-from lexer_activity_async.backfill.plan import Fetches
+from lexer_activity_async.backfill.plan import Fetches, requests_of, window_order
 from lexer_activity_async.backfill.slicing import Slicer, slice_series
 from lexer_activity_async.backfill.spec import run_identity
 from lexer_activity_async.checkpoint import DONE
-from lexer_activity_async.reports import ExportKind, ReportType
+from lexer_activity_async.reports import ExportKind, ReportType, add_months
 from lexer_activity_async.sandbox import Sandbox, _data
 
 UTC = timezone.utc
@@ -125,6 +125,89 @@ def test_series_windows_join_up_to_twelve_months_and_aggregates_never() -> None:
     assert all(
         n == 1 for _, n in shape(fetch_groups(plan(five, now=NOW).units_of("a"), join=False))
     )
+
+
+def chain_positions(total: int, share: int) -> set[int]:
+    """The request positions a token's last rate window waits on: the first ``tail`` of
+    every window (``tail``: the requests of the last one) and the whole last window."""
+    windows = -(-total // share)
+    tail = total - (windows - 1) * share
+    last = (windows - 1) * share
+    return {p for p in range(total) if p >= last or p % share < tail}
+
+
+def positions(fetches: list[Unit | FetchGroup]) -> list[int]:
+    out, at = [], 0
+    for fetch in fetches:
+        out.append(at)
+        at += requests_of((fetch,))
+    return out
+
+
+def test_joined_fetches_go_to_the_end_of_the_first_window_off_the_chain() -> None:
+    """26 months of 12 reports: 220 requests, 90 a window (the bulk share of 100), so the
+    last window holds 40. The 12 joined fetches go to the end of the first window
+    (positions 78-89), not among the first 40 of a window nor into the last one; every
+    other fetch keeps its order."""
+    spec = spec_for(
+        None,
+        Path("out"),
+        date_from=datetime(2023, 1, 1, tzinfo=UTC),
+        date_to=datetime(2025, 3, 1, tzinfo=UTC),
+        reports=tuple(r.value for r in ReportType),
+        max_requests=100,
+    )
+    fetches = fetch_groups(plan(spec, now=NOW).units_of("a"))
+    assert requests_of(fetches) == 220
+    ordered = window_order(fetches, spec.bulk_max_requests)
+    assert spec.bulk_max_requests == 90
+    assert sorted(map(id, ordered)) == sorted(map(id, fetches))  # the same fetches
+    at = positions(ordered)
+    joined_at = [p for p, f in zip(at, ordered, strict=True) if isinstance(f, FetchGroup)]
+    assert joined_at == list(range(78, 90))
+    assert not set(joined_at) & chain_positions(220, 90)
+    others = [f for f in ordered if not isinstance(f, FetchGroup)]
+    assert others == [f for f in fetches if not isinstance(f, FetchGroup)]
+    # Before: the first window's first fetches and the last window held joined ones.
+    before = [
+        p for p, f in zip(positions(fetches), fetches, strict=True) if isinstance(f, FetchGroup)
+    ]
+    assert set(before) & chain_positions(220, 90)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    months=st.integers(min_value=1, max_value=40),
+    share=st.integers(min_value=1, max_value=120),
+    reports=st.sets(st.sampled_from([r.value for r in ReportType]), min_size=1),
+)
+def test_window_order_keeps_joined_fetches_off_the_chain_when_they_fit(
+    months: int, share: int, reports: set[str]
+) -> None:
+    spec = spec_for(
+        None,
+        Path("out"),
+        date_from=datetime(2022, 1, 1, tzinfo=UTC),
+        date_to=add_months(datetime(2022, 1, 1, tzinfo=UTC), months),
+        reports=tuple(sorted(reports)),
+    )
+    fetches = fetch_groups(plan(spec, now=NOW).units_of("a"))
+    ordered = window_order(fetches, share)
+    assert sorted(map(id, ordered)) == sorted(map(id, fetches))
+    others = [f for f in ordered if not isinstance(f, FetchGroup)]
+    assert others == [f for f in fetches if not isinstance(f, FetchGroup)]
+    total = requests_of(fetches)
+    joined = sum(isinstance(f, FetchGroup) for f in fetches)
+    if total <= share:
+        assert ordered == fetches  # one window: nothing to gain
+        return
+    chain = chain_positions(total, share)
+    off_chain_room = total - len(chain)
+    on_chain = sum(
+        isinstance(f, FetchGroup) and p in chain
+        for p, f in zip(positions(ordered), ordered, strict=True)
+    )
+    assert on_chain == max(0, joined - off_chain_room)
 
 
 def test_a_token_keeps_its_fetches_as_codes_and_takes_them_back_equal() -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "Plan",
     "plan",
     "fetch_groups",
+    "window_order",
     "requests_of",
     "rate_limit_floor",
     "EXPORT_POLLS_ESTIMATE",
@@ -133,6 +134,50 @@ def fetch_groups(units: Iterable[Unit], *, join: bool = True) -> list[Unit | Fet
         item if isinstance(item, Unit) else item[0] if len(item) == 1 else FetchGroup(tuple(item))
         for item in items
     ]
+
+
+def window_order(fetches: list[Unit | FetchGroup], share: int) -> list[Unit | FetchGroup]:
+    """``fetches`` (one token's, in plan order) reordered so that its joined fetches, the
+    costly ones (a response of up to 12 months to decode, slice and write per window),
+    come at the end of the token's first rate windows, off the chain its run's end waits
+    on, where there is room.
+
+    A token's run ends with its last window of ``share`` requests (the bulk slots of a
+    rate window), which holds its last ``tail`` requests. Those take the slots freed
+    first in the window before, W after the responses of that window's first ``tail``
+    requests, which took the slots of the first ``tail`` of the window before that, and
+    so on: the first ``tail`` requests of every window and the whole last one are the
+    chain. When the client's CPU is the bottleneck (many tokens' windows opening at once),
+    a joined fetch in that chain, or served while other tokens' chain requests wait,
+    delays the end by its service time; at the end of a window it overlaps the wait for
+    the next one. Every other fetch keeps its order; a plan of one window is left as is."""
+    total = requests_of(fetches)
+    joined = [f for f in fetches if isinstance(f, FetchGroup)]
+    if total <= share or not joined:
+        return fetches
+    windows = math.ceil(total / share)
+    tail = total - (windows - 1) * share
+    # Where each earlier window's joined fetches begin: as late in it as they fit.
+    starts: list[int] = []
+    left = len(joined)
+    for window in range(windows - 1):
+        here = min(left, share - tail)
+        starts.append((window + 1) * share - here)
+        left -= here
+    others = [f for f in fetches if not isinstance(f, FetchGroup)]
+    ordered: list[Unit | FetchGroup] = []
+    position = joined_at = others_at = 0
+    while joined_at < len(joined) or others_at < len(others):
+        window = position // share
+        off_chain = window < len(starts) and position >= starts[window]
+        if others_at == len(others) or (joined_at < len(joined) and off_chain):
+            ordered.append(joined[joined_at])
+            joined_at += 1
+        else:
+            ordered.append(others[others_at])
+            others_at += 1
+        position += requests_of(ordered[-1:])
+    return ordered
 
 
 class Fetches:

@@ -39,8 +39,18 @@ from ..logs import fields as log_fields
 from ..models import ExportJob
 from ..network import network
 from ..sinks import ReportSink, make_sink
+from .admission import RankedCapacity, rank
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
-from .plan import Fetches, FetchGroup, Plan, Unit, fetch_groups, plan
+from .plan import (
+    Fetches,
+    FetchGroup,
+    Plan,
+    Unit,
+    fetch_groups,
+    plan,
+    requests_of,
+    window_order,
+)
 from .slicing import Slicer, slice_series
 from .spec import BackfillSpec, ExportSpec, SpecError, TokenSource, run_identity
 from .writer import (
@@ -76,15 +86,16 @@ def _describe(error: BaseException) -> str:
 
 
 class _InFlight:
-    """The backfill's overall cap as one token's client enters it around each request;
-    getting in also tells the token's run that another worker could be used."""
+    """The backfill's overall cap as one token's client enters it around each request,
+    at the rank its worker set for the fetch; getting in also tells the token's run that
+    another worker could be used."""
 
-    def __init__(self, overall: anyio.CapacityLimiter, on_enter: Callable[[], None]) -> None:
+    def __init__(self, overall: RankedCapacity, on_enter: Callable[[], None]) -> None:
         self._overall = overall
         self._on_enter = on_enter
 
     async def __aenter__(self) -> None:
-        await self._overall.acquire()
+        await self._overall.acquire(rank.get())
         self._on_enter()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -102,7 +113,7 @@ class TokenRun:
         units: Iterable[Unit],
         checkpoint: CheckpointStore,
         writer: ReportWriter,
-        overall: anyio.CapacityLimiter,
+        overall: RankedCapacity,
         emit: Callable[[BackfillEvent], None],
         registry: LimiterRegistry | None,
         the_plan: Plan,
@@ -117,7 +128,10 @@ class TokenRun:
         self.now = now
         self.source = source
         # Compact: a token's units as objects are most of what it holds between windows.
-        self._todo = Fetches(the_plan, source.label, fetch_groups(units, join=join))
+        fetches = window_order(fetch_groups(units, join=join), spec.bulk_max_requests)
+        self._todo = Fetches(the_plan, source.label, fetches)
+        self._share = spec.bulk_max_requests
+        self._position = 0  # requests of the fetches taken so far
         self.checkpoint = checkpoint
         self.writer = writer
         self.overall = overall
@@ -174,11 +188,16 @@ class TokenRun:
         self._before = self.client.stats
         return True
 
-    def _held_back(self) -> bool:
-        """Whether more workers would only wait: the token waits for its rate window, or
-        more units wait for the disk than requests may be on the wire (the disk is the
-        bottleneck; each waiting worker holds a task and its unit's staged data)."""
-        return self._waiting_for_window or self.writer.backlog > self.spec.total_concurrency
+    def _held_back(self, extra: int = 0) -> bool:
+        """Whether the token's workers (and ``extra`` more) are more than it needs now,
+        the rest only waiting, each holding a task: more than one while the token waits
+        for its rate window; more than its fair share of the overall cap while more
+        fetches wait for the disk than requests may be on the wire (the disk is the
+        bottleneck). Not fewer: taking the workers of whichever token looks first would
+        leave it behind the others in every later window, and the run ends with its
+        last one."""
+        behind = self._waiting_for_window or self.writer.backlog > self.spec.total_concurrency
+        return behind and self._workers + extra > self.overall.fair_share
 
     def _on_client_event(self, event: BackfillEvent) -> None:
         """Note whether the token's requests wait for its rate window (a request began to
@@ -192,21 +211,25 @@ class TokenRun:
     def start(self, group: TaskGroup) -> None:
         """Start the token's first worker; more follow as requests go out (`_grow`)."""
         self._group = group
-        self._grow()
+        if self._todo:
+            self.overall.members += 1  # out again when its last worker ends
+            self._grow()
 
     def _grow(self) -> None:
         """Add a worker, up to the per-token cap, while units wait. Called whenever one
         of the token's requests gets past the overall cap onto the wire. Workers so
         grow with requests actually sent, not all at once: thousands of tasks started
-        up front would run before any response is read. Nor while requests of any token
-        queue for the overall cap: a worker more would only queue too, and with
-        thousands of tokens each would hold `per_token` waiting tasks (their frames, some
-        8 KB each) while the same requests per second go out through the ones it has."""
+        up front would run before any response is read. Nor, past the token's fair share
+        of the overall cap, while requests of any token queue for it: a worker more would
+        only queue too, and with thousands of tokens each would hold `per_token` waiting
+        tasks (their frames, some 8 KB each) while the same requests per second go out
+        through the ones it has. Up to its share it may: a token left with few workers
+        while others queue many would lag behind them in every window, and the run ends
+        with its last window."""
         room = self._workers < self.spec.per_token_concurrency
-        if room and self._workers and self.overall.statistics().tasks_waiting:
-            room = False
-        if room and self._workers and self._held_back():
-            room = False
+        room = room and not (self._workers and self._held_back(extra=1))
+        if room and self._workers >= self.overall.fair_share:
+            room = not self.overall.waiting
         if self._group is not None and self._todo and room:
             self._workers += 1
             self._group.start_soon(self.worker)
@@ -234,11 +257,17 @@ class TokenRun:
         assert self.client is not None
         try:
             while self._todo:
-                if self._workers > 1 and self._held_back():
+                if self._held_back():
                     return
-                await self._guarded(self.client, self._todo.popleft())
+                fetch = self._todo.popleft()
+                # Its place within the token's rate window ranks it for the overall cap.
+                rank.set(self._position % self._share)
+                self._position += requests_of((fetch,))
+                await self._guarded(self.client, fetch)
         finally:
             self._workers -= 1
+            if not self._workers:
+                self.overall.members -= 1
 
     async def _guarded(self, client: LexerClient, item: Unit | FetchGroup) -> None:
         """Run ``item``, recording how each of its units ended. A checkpoint that can no
@@ -671,7 +700,7 @@ async def run_backfill(
         closing(open_checkpoint(spec)) as checkpoint,
     ):
         records = checkpoint.records()
-        overall = anyio.CapacityLimiter(spec.total_concurrency)
+        overall = RankedCapacity(spec.total_concurrency)
         writer = ReportWriter(checkpoint, sink, now)
         runs = []
         for source in spec.tokens:  # token by token: no list of every token's units
@@ -708,11 +737,12 @@ async def run_backfill(
         ):
             opened = [run for run in runs if await run.open(clients, session, file_session)]
             # One worker per token to begin with, each token growing its own as its
-            # requests go out. The overall cap admits waiters in order, so requests
-            # leave round-robin across tokens, and each later window keeps that order
-            # (slots free in completion order): every token's first requests of a
-            # window, the ones its last window waits on, go out early even when the
-            # client's CPU is the bottleneck.
+            # requests go out. The overall cap admits by place in the token's rate
+            # window, then in order, so requests leave round-robin across tokens, every
+            # token's first requests of a window (the ones its last window waits on)
+            # before any token's later ones, even when the client's CPU is the
+            # bottleneck; each later window keeps that order (slots free in completion
+            # order).
             async with anyio.create_task_group() as group:
                 for run in opened:
                     run.start(group)

@@ -35,6 +35,7 @@ from ..instrumentation import resolve as resolve_instrumentation
 from ..logs import fields as log_fields
 from ..network import network
 from ..sinks import ReportSink, make_sink
+from .admission import RankedCapacity
 from .events import BackfillEvent, BackfillSummary, UnitFinished
 from .plan import Plan, Unit, plan
 from .runner import TokenRun, gc_tuned, open_checkpoint, select_units
@@ -132,7 +133,7 @@ class _Worker:
         self.sources = {source.label: source for source in spec.tokens}
         self.guarded = LeaseGuard(checkpoint, queue, run)
         self.writer = ReportWriter(self.guarded, sink, now)
-        self.overall = anyio.CapacityLimiter(spec.total_concurrency)
+        self.overall = RankedCapacity(spec.total_concurrency)
         labels = [source.label for source in spec.tokens]
         self.done = dict.fromkeys(labels, 0)
         self.provisional = dict.fromkeys(labels, 0)

@@ -85,7 +85,9 @@ class ReportWriter:
 
     @property
     def backlog(self) -> int:
-        """Units staged and waiting for their batch to be durable (in `commit`)."""
+        """Commits waiting for their batch to be durable (`commit`, `commit_all`): one
+        per task waiting, so a joined fetch's windows count once. What a waiting commit
+        holds is its task; file sinks keep none of its data."""
         return self._waiting
 
     @property
@@ -121,7 +123,7 @@ class ReportWriter:
         every entry's). One task for all of them, not one each: a token's windows
         waiting for their batch hold no task frames."""
         self._pending.extend(entries)
-        self._waiting += len(entries)
+        self._waiting += 1
         try:
             async with self._lock:  # batches run one at a time; later arrivals form the next
                 if any(not entry.committed and entry.error is None for entry in entries):
@@ -141,7 +143,7 @@ class ReportWriter:
                     self._sink.discard(entry.staged)
             raise
         finally:
-            self._waiting -= len(entries)
+            self._waiting -= 1
         return [entry.error if entry.error is not None else entry.staged.size for entry in entries]
 
     def _commit(self, batch: list[_Pending]) -> None:

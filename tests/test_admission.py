@@ -1,0 +1,166 @@
+"""The backfill's overall cap admits by rank: lowest first, ties in arrival order, never
+more holders than its total, and a cancelled waiter takes no place and loses none."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lexer_activity_async.backfill.admission import RankedCapacity
+
+
+async def settle() -> None:
+    """Let every task that can run do so (no timing involved)."""
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_a_free_place_is_taken_at_once_and_waiters_go_by_rank_then_arrival() -> None:
+    cap = RankedCapacity(1)
+    await cap.acquire(rank=7)
+    admitted: list[str] = []
+
+    async def wait(name: str, rank: int) -> None:
+        await cap.acquire(rank)
+        admitted.append(name)
+        cap.release()
+
+    async with anyio.create_task_group() as group:
+        for name, rank in (("late-40", 40), ("b-3", 3), ("c-3", 3), ("a-0", 0)):
+            group.start_soon(wait, name, rank)
+            await settle()  # arrivals in this order
+        assert cap.waiting == 4
+        assert admitted == []
+        cap.release()
+    assert admitted == ["a-0", "b-3", "c-3", "late-40"]
+    assert cap.waiting == 0
+    assert cap.held == 0
+
+
+async def test_a_cancelled_waiter_takes_no_place() -> None:
+    cap = RankedCapacity(1)
+    await cap.acquire()
+    admitted: list[str] = []
+
+    async def wait(name: str, rank: int) -> None:
+        await cap.acquire(rank)
+        admitted.append(name)
+        cap.release()
+
+    async with anyio.create_task_group() as outer:
+        with anyio.CancelScope() as doomed:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(wait, "cancelled", 0)
+                outer.start_soon(wait, "kept", 5)
+                await settle()
+                assert cap.waiting == 2
+                doomed.cancel()
+        assert cap.waiting == 1
+        cap.release()
+    assert admitted == ["kept"]
+    assert cap.held == 0
+
+
+async def test_a_waiter_cancelled_as_it_is_admitted_passes_its_place_on() -> None:
+    cap = RankedCapacity(1)
+    await cap.acquire()
+    admitted: list[str] = []
+
+    async def wait(name: str, rank: int) -> None:
+        await cap.acquire(rank)
+        admitted.append(name)
+        cap.release()
+
+    async with anyio.create_task_group() as outer:
+        with anyio.CancelScope() as doomed:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(wait, "first", 0)
+                outer.start_soon(wait, "second", 1)
+                await settle()
+                doomed.cancel()  # "first" is to be cancelled, but has not run yet ...
+                cap.release()  # ... and is granted the place before it does
+    assert admitted == ["second"]
+    assert cap.held == 0
+    assert cap.waiting == 0
+
+
+async def test_an_acquire_in_a_cancelled_scope_takes_nothing() -> None:
+    cap = RankedCapacity(2)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await cap.acquire()
+    assert cap.held == 0
+
+
+def test_fair_share_splits_the_total_over_members() -> None:
+    cap = RankedCapacity(64)
+    assert cap.fair_share == 64
+    cap.members = 10
+    assert cap.fair_share == 6
+    cap.members = 100
+    assert cap.fair_share == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    total=st.integers(min_value=1, max_value=4),
+    ranks=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=20),
+)
+def test_never_more_holders_than_the_total_and_each_admission_the_lowest_waiting(
+    total: int, ranks: list[int]
+) -> None:
+    async def main() -> None:
+        cap = RankedCapacity(total)
+        holding, most = 0, 0
+        waiting: dict[int, int] = {}  # index -> rank, while it waits
+        violations: list[tuple[int, int]] = []
+
+        async def one(index: int, rank: int) -> None:
+            nonlocal holding, most
+            waiting[index] = rank
+            await cap.acquire(rank)
+            del waiting[index]
+            lower = [r for r in waiting.values() if r < rank]
+            if lower:
+                violations.append((rank, min(lower)))
+            holding += 1
+            most = max(most, holding)
+            await settle()
+            holding -= 1
+            cap.release()
+
+        async with anyio.create_task_group() as group:
+            for index, rank in enumerate(ranks):
+                group.start_soon(one, index, rank)
+        assert most <= total
+        assert violations == []
+        assert cap.held == 0
+        assert cap.waiting == 0
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("total", [1, 3])
+async def test_ranks_admitted_lowest_first_under_load(total: int) -> None:
+    """Everyone arrives while the cap is full: admissions come out sorted by rank."""
+    cap = RankedCapacity(total)
+    for _ in range(total):
+        await cap.acquire()
+    order: list[int] = []
+
+    async def one(rank: int) -> None:
+        await cap.acquire(rank)
+        order.append(rank)
+        await settle()
+        cap.release()
+
+    ranks = [5, 1, 4, 1, 0, 9, 2, 6]
+    async with anyio.create_task_group() as group:
+        for rank in ranks:
+            group.start_soon(one, rank)
+        await settle()
+        for _ in range(total):
+            cap.release()
+    assert order == sorted(ranks)
