@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import shutil
 import sys
 import tempfile
@@ -47,12 +48,13 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     # Token files, not environment variables: aiohttp reads the proxy settings from the
     # whole environment on every request (trust_env), and 10,000 variables made that
     # most of the client's CPU.
-    secrets = Path(tempfile.mkdtemp(prefix="bench-memory-tokens-", dir=args.output_dir))
+    token_dir = Path(tempfile.mkdtemp(prefix="bench-memory-tokens-", dir=args.output_dir))
     for label in labels:
-        (secrets / label).write_text(f"bench-mem-{label}-0123456789abcdef")
+        # Fresh tokens each run: the sandbox still counts the last run's requests.
+        (token_dir / label).write_text(f"bench-mem-{args.nonce}-{label}-0123456789abcdef")
     output = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=args.output_dir))
     spec = BackfillSpec(
-        tokens=tuple(TokenSource(label, file=secrets / label) for label in labels),
+        tokens=tuple(TokenSource(label, file=token_dir / label) for label in labels),
         date_from=add_months(DATE_TO, -args.months),
         date_to=DATE_TO,
         output=output,
@@ -69,19 +71,20 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     summary = await run_backfill(spec, registry=LimiterRegistry())
     wall = time.perf_counter() - started
     shutil.rmtree(output, ignore_errors=True)
-    shutil.rmtree(secrets, ignore_errors=True)
+    shutil.rmtree(token_dir, ignore_errors=True)
     return {
         "ok": summary.ok,
         "requests": summary.requests,
         "files": summary.files,
         "wall_s": wall,
         "rate_limited": summary.rate_limited,
+        "retries": summary.retries,
     }
 
 
 def worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    for name in ("--api-url", "--status-url", "--output-dir"):
+    for name in ("--api-url", "--status-url", "--output-dir", "--nonce"):
         parser.add_argument(name)
     for name in ("--tokens", "--months", "--per-token", "--total"):
         parser.add_argument(name, type=int)
@@ -95,6 +98,7 @@ def one_run(args: argparse.Namespace, sb: c.SandboxProcess, tokens: int, months:
     cmd += ["--status-url", sb.status_url, "--output-dir", str(args.output_dir)]
     cmd += ["--tokens", str(tokens), "--months", str(months), "--window", str(args.window)]
     cmd += ["--per-token", str(args.per_token), "--total", str(args.total)]
+    cmd += ["--nonce", secrets.token_hex(6)]
     child = c.run_child(cmd, timeout=7200)
     if child.returncode != 0:
         raise RuntimeError(f"worker failed ({child.returncode}):\n{child.stderr}")
@@ -116,6 +120,8 @@ def series(
                 "months": months,
                 "runs": len(runs),
                 "requests_per_token": runs[0]["requests"] / tokens,
+                "rate_limited": sum(r["rate_limited"] for r in runs),
+                "retries": sum(r["retries"] for r in runs),
                 "wall_s": c.median(r["wall_s"] for r in runs),
                 "peak_rss_mb": c.median(r["peak_rss_mb"] for r in runs),
                 "peak_rss_mb_min_max": c.spread(r["peak_rss_mb"] for r in runs),
@@ -158,12 +164,13 @@ def main() -> None:
             long = series(args, sb, args.long_tokens, 26) if args.long_tokens else []
     finally:
         shutil.rmtree(args.output_dir, ignore_errors=True)
-    headers = ("months", "tokens", "req/token", "wall s", "peak RSS MB", "KB per token")
+    headers = ("months", "tokens", "req/token", "429s", "wall s", "peak RSS MB", "KB per token")
     rows = [
         (
             r["months"],
             r["tokens"],
             f"{r['requests_per_token']:.0f}",
+            r["rate_limited"],
             f"{r['wall_s']:.1f}",
             "{:.1f} ({:.1f}-{:.1f})".format(r["peak_rss_mb"], *r["peak_rss_mb_min_max"]),
             "-" if r["kb_per_token"] is None else f"{r['kb_per_token']:.1f}",

@@ -190,12 +190,11 @@ class TokenRun:
 
     def _held_back(self, extra: int = 0) -> bool:
         """Whether the token's workers (and ``extra`` more) are more than it needs now,
-        the rest only waiting, each holding a task: more than one while the token waits
-        for its rate window; more than its fair share of the overall cap while more
-        fetches wait for the disk than requests may be on the wire (the disk is the
-        bottleneck). Not fewer: taking the workers of whichever token looks first would
-        leave it behind the others in every later window, and the run ends with its
-        last one."""
+        the rest only waiting, each holding a task: more than its fair share of the
+        overall cap while it waits for its rate window, or while more units wait for the
+        disk than requests may be on the wire (the disk is the bottleneck). Not fewer:
+        taking the workers of whichever token looks first would leave it behind the
+        others in every later window, and the run ends with its last one."""
         behind = self._waiting_for_window or self.writer.backlog > self.spec.total_concurrency
         return behind and self._workers + extra > self.overall.fair_share
 
@@ -250,10 +249,11 @@ class TokenRun:
 
     async def worker(self) -> None:
         """Take the token's fetches (units, or groups of them) in order until none are
-        left. While the token waits for its rate window one worker waits in its limiter
-        and the others end (`_grow` adds them back as requests go out): a token between
-        windows holds one task, not `per_token` of them, each with its call's frames.
-        So too while the disk is behind (`_held_back`)."""
+        left. While the token waits for its rate window its fair share of workers waits
+        in its limiter and the others end (`_grow` adds them back as requests go out):
+        with many tokens, a token between windows holds one task, not `per_token` of
+        them, each with its call's frames. So too while the disk is behind
+        (`_held_back`)."""
         assert self.client is not None
         try:
             while self._todo:

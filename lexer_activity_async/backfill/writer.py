@@ -85,9 +85,7 @@ class ReportWriter:
 
     @property
     def backlog(self) -> int:
-        """Commits waiting for their batch to be durable (`commit`, `commit_all`): one
-        per task waiting, so a joined fetch's windows count once. What a waiting commit
-        holds is its task; file sinks keep none of its data."""
+        """Units staged and waiting for their batch to be durable (in `commit`)."""
         return self._waiting
 
     @property
@@ -123,7 +121,7 @@ class ReportWriter:
         every entry's). One task for all of them, not one each: a token's windows
         waiting for their batch hold no task frames."""
         self._pending.extend(entries)
-        self._waiting += 1
+        self._waiting += len(entries)
         try:
             async with self._lock:  # batches run one at a time; later arrivals form the next
                 if any(not entry.committed and entry.error is None for entry in entries):
@@ -143,7 +141,7 @@ class ReportWriter:
                     self._sink.discard(entry.staged)
             raise
         finally:
-            self._waiting -= 1
+            self._waiting -= len(entries)
         return [entry.error if entry.error is not None else entry.staged.size for entry in entries]
 
     def _commit(self, batch: list[_Pending]) -> None:
