@@ -17,19 +17,21 @@ async def settle() -> None:
         await anyio.lowlevel.checkpoint()
 
 
+async def admit(cap: RankedCapacity, admitted: list[str], name: str, rank: int) -> None:
+    """Wait for a place at ``rank``, note ``name`` as admitted, give the place back."""
+    await cap.acquire(rank)
+    admitted.append(name)
+    cap.release()
+
+
 async def test_a_free_place_is_taken_at_once_and_waiters_go_by_rank_then_arrival() -> None:
     cap = RankedCapacity(1)
     await cap.acquire(rank=7)
     admitted: list[str] = []
 
-    async def wait(name: str, rank: int) -> None:
-        await cap.acquire(rank)
-        admitted.append(name)
-        cap.release()
-
     async with anyio.create_task_group() as group:
         for name, rank in (("late-40", 40), ("b-3", 3), ("c-3", 3), ("a-0", 0)):
-            group.start_soon(wait, name, rank)
+            group.start_soon(admit, cap, admitted, name, rank)
             await settle()  # arrivals in this order
         assert cap.waiting == 4
         assert admitted == []
@@ -44,16 +46,11 @@ async def test_a_cancelled_waiter_takes_no_place() -> None:
     await cap.acquire()
     admitted: list[str] = []
 
-    async def wait(name: str, rank: int) -> None:
-        await cap.acquire(rank)
-        admitted.append(name)
-        cap.release()
-
     async with anyio.create_task_group() as outer:
         with anyio.CancelScope() as doomed:
             async with anyio.create_task_group() as inner:
-                inner.start_soon(wait, "cancelled", 0)
-                outer.start_soon(wait, "kept", 5)
+                inner.start_soon(admit, cap, admitted, "cancelled", 0)
+                outer.start_soon(admit, cap, admitted, "kept", 5)
                 await settle()
                 assert cap.waiting == 2
                 doomed.cancel()
@@ -68,16 +65,11 @@ async def test_a_waiter_cancelled_as_it_is_admitted_passes_its_place_on() -> Non
     await cap.acquire()
     admitted: list[str] = []
 
-    async def wait(name: str, rank: int) -> None:
-        await cap.acquire(rank)
-        admitted.append(name)
-        cap.release()
-
     async with anyio.create_task_group() as outer:
         with anyio.CancelScope() as doomed:
             async with anyio.create_task_group() as inner:
-                inner.start_soon(wait, "first", 0)
-                outer.start_soon(wait, "second", 1)
+                inner.start_soon(admit, cap, admitted, "first", 0)
+                outer.start_soon(admit, cap, admitted, "second", 1)
                 await settle()
                 doomed.cancel()  # "first" is to be cancelled, but has not run yet ...
                 cap.release()  # ... and is granted the place before it does
