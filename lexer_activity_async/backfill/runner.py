@@ -128,9 +128,9 @@ class TokenRun:
         self.now = now
         self.source = source
         # Compact: a token's units as objects are most of what it holds between windows.
-        fetches = window_order(fetch_groups(units, join=join), spec.bulk_max_requests)
-        self._todo = Fetches(the_plan, source.label, fetches)
         self._share = spec.bulk_max_requests
+        fetches = window_order(fetch_groups(units, join=join), self._share)
+        self._todo = Fetches(the_plan, source.label, fetches)
         self._position = 0  # requests of the fetches taken so far
         self.checkpoint = checkpoint
         self.writer = writer
@@ -188,15 +188,18 @@ class TokenRun:
         self._before = self.client.stats
         return True
 
-    def _held_back(self, extra: int = 0) -> bool:
-        """Whether the token's workers (and ``extra`` more) are more than it needs now,
-        the rest only waiting, each holding a task: more than its fair share of the
-        overall cap while it waits for its rate window, or while more units wait for the
-        disk than requests may be on the wire (the disk is the bottleneck). Not fewer:
-        taking the workers of whichever token looks first would leave it behind the
-        others in every later window, and the run ends with its last one."""
-        behind = self._waiting_for_window or self.writer.backlog > self.spec.total_concurrency
-        return behind and self._workers + extra > self.overall.fair_share
+    def _stalled(self) -> bool:
+        """Whether more workers would only wait, each holding a task: the token waits for
+        its rate window, or more units wait for the disk than requests may be on the
+        wire (the disk is the bottleneck)."""
+        return self._waiting_for_window or self.writer.backlog > self.spec.total_concurrency
+
+    def _held_back(self) -> bool:
+        """Whether the token has more workers than its fair share of the overall cap
+        while `_stalled`. Not fewer: taking the workers of whichever token looks first
+        would leave it behind the others in every later window, and the run ends with
+        its last one."""
+        return self._workers > self.overall.fair_share and self._stalled()
 
     def _on_client_event(self, event: BackfillEvent) -> None:
         """Note whether the token's requests wait for its rate window (a request began to
@@ -222,13 +225,15 @@ class TokenRun:
         of the overall cap, while requests of any token queue for it: a worker more would
         only queue too, and with thousands of tokens each would hold `per_token` waiting
         tasks (their frames, some 8 KB each) while the same requests per second go out
-        through the ones it has. Up to its share it may: a token left with few workers
-        while others queue many would lag behind them in every window, and the run ends
-        with its last window."""
-        room = self._workers < self.spec.per_token_concurrency
-        room = room and not (self._workers and self._held_back(extra=1))
-        if room and self._workers >= self.overall.fair_share:
-            room = not self.overall.waiting
+        through the ones it has; nor past that share while `_stalled`. Up to its share
+        it may: a token left with few workers while others queue many would lag behind
+        them in every window, and the run ends with its last window."""
+        if self._workers >= self.spec.per_token_concurrency:
+            room = False
+        elif self._workers < self.overall.fair_share:
+            room = True
+        else:
+            room = not self.overall.waiting and not self._stalled()
         if self._group is not None and self._todo and room:
             self._workers += 1
             self._group.start_soon(self.worker)
