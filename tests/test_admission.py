@@ -1,5 +1,6 @@
 """The backfill's overall cap admits by rank: lowest first, ties in arrival order, never
-more holders than its total, and a cancelled waiter takes no place and loses none."""
+more holders than its total (nor more large ones than their share), and a cancelled
+waiter takes no place and loses none."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lexer_activity_async.backfill.admission import RankedCapacity
+from lexer_activity_async.backfill.admission import LARGE_SHARE, RankedCapacity
 
 
 async def settle() -> None:
@@ -163,3 +164,98 @@ async def test_ranks_admitted_lowest_first_under_load(total: int) -> None:
         for _ in range(total):
             cap.release()
     assert order == sorted(ranks)
+
+
+def test_large_places_are_a_share_of_the_total_and_at_least_one() -> None:
+    assert RankedCapacity(64).large_total == 64 // LARGE_SHARE == 4
+    assert RankedCapacity(LARGE_SHARE - 1).large_total == 1
+    assert RankedCapacity(1).large_total == 1
+
+
+async def test_large_requests_beyond_their_share_wait_holding_no_place() -> None:
+    """Two large places of 32: the third and fourth large requests wait, neither holding
+    nor queueing for a place, so a small request still goes at once."""
+    cap = RankedCapacity(2 * LARGE_SHARE)
+    assert cap.large_total == 2
+    done = anyio.Event()
+    inside: list[str] = []
+
+    async def hold(name: str, large: bool) -> None:
+        await cap.acquire(large=large)
+        inside.append(name)
+        await done.wait()
+        cap.release(large=large)
+
+    async with anyio.create_task_group() as group:
+        for name in ("L1", "L2", "L3", "L4"):
+            group.start_soon(hold, name, True)
+        await settle()
+        assert inside == ["L1", "L2"]
+        assert cap.held == 2
+        assert cap.waiting == 0
+        group.start_soon(hold, "small", False)
+        await settle()
+        assert inside == ["L1", "L2", "small"]
+        done.set()
+    assert sorted(inside) == ["L1", "L2", "L3", "L4", "small"]
+    assert cap.held == 0
+
+
+async def test_a_large_waiter_cancelled_while_queueing_for_a_place_frees_its_large_one() -> None:
+    """The one place is held; a large request has the one large place and queues for a
+    place when it is cancelled: the next large request gets both."""
+    cap = RankedCapacity(1)
+    await cap.acquire()
+    admitted: list[str] = []
+
+    async def admit_large(name: str) -> None:
+        await cap.acquire(large=True)
+        admitted.append(name)
+        cap.release(large=True)
+
+    async with anyio.create_task_group() as outer:
+        with anyio.CancelScope() as doomed:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(admit_large, "cancelled")
+                await settle()
+                assert cap.waiting == 1  # it got the large place, and queues for a place
+                doomed.cancel()
+        assert cap.waiting == 0
+        cap.release()
+        outer.start_soon(admit_large, "next")
+        await settle()
+        assert admitted == ["next"]  # (else "next" waits for the large place for ever)
+    assert cap.held == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    total=st.integers(min_value=1, max_value=3 * LARGE_SHARE),
+    requests=st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=30),
+)
+def test_never_more_large_holders_than_their_share(
+    total: int, requests: list[tuple[int, bool]]
+) -> None:
+    async def main() -> None:
+        cap = RankedCapacity(total)
+        holding = {False: 0, True: 0}
+        most = {False: 0, True: 0}
+
+        async def one(rank: int, large: bool) -> None:
+            await cap.acquire(rank, large=large)
+            holding[large] += 1
+            most[large] = max(most[large], holding[large])
+            assert holding[False] + holding[True] <= total
+            await settle()
+            holding[large] -= 1
+            cap.release(large=large)
+
+        async with anyio.create_task_group() as group:
+            for rank, large in requests:
+                group.start_soon(one, rank, large)
+        assert most[True] <= cap.large_total
+        assert most[True] == min(cap.large_total, sum(large for _, large in requests))
+        assert cap.held == 0
+        assert cap.waiting == 0
+
+    anyio.run(main)

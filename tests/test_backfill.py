@@ -42,7 +42,7 @@ from lexer_activity_async.backfill import (
     rate_limit_floor,
     run_backfill,
 )
-from lexer_activity_async.backfill.admission import RankedCapacity
+from lexer_activity_async.backfill.admission import LARGE_SHARE, RankedCapacity
 from lexer_activity_async.backfill.writer import ReportWriter
 from lexer_activity_async.checkpoint import DONE, FAILED, PENDING, Checkpoint
 from lexer_activity_async.events import ExportState, RateLimitWait, RequestSent
@@ -606,14 +606,43 @@ async def test_each_request_enters_the_overall_cap_ranked_by_its_place_in_the_ra
     ranks: list[int] = []
     acquire = RankedCapacity.acquire
 
-    async def recorded(self: RankedCapacity, rank: int = 0) -> None:
+    async def recorded(self: RankedCapacity, rank: int = 0, *, large: bool = False) -> None:
         ranks.append(rank)
-        await acquire(self, rank)
+        await acquire(self, rank, large=large)
 
     monkeypatch.setattr(RankedCapacity, "acquire", recorded)
     summary = await run_backfill(spec, registry=registry)
     assert summary.ok
     assert ranks == [p % 9 for p in range(24)]
+
+
+@pytest.mark.usefixtures("token_env")
+@pytest.mark.parametrize("join", [True, False])
+async def test_joined_fetches_on_the_wire_at_once_are_at_most_the_large_share(
+    sandbox_factory: Callable[..., Any], tmp_path: Path, registry: LimiterRegistry, join: bool
+) -> None:
+    """Two tokens, four series reports over 24 months: 16 joined fetches (12 months each)
+    and nothing else, 8 workers a token, an overall cap with one large place. Joined, one
+    request is on the wire at a time; window by window (the same 2 x 96 units), many."""
+    sb = await sandbox_factory(latency=0.02)
+    spec = make_spec(
+        sb,
+        tmp_path / "out",
+        date_to=add_months(JAN, 24),
+        reports=("states_volume", "response_volume", "case_volume", "nps_volume"),
+        exports=(),
+        per_token_concurrency=8,
+        total_concurrency=LARGE_SHARE,
+    )
+    summary = await run_backfill(spec, registry=registry, join=join)
+    assert summary.ok
+    assert summary.files == 2 * 4 * 24
+    if join:
+        assert summary.requests == 2 * 4 * 2
+        assert sb.stats.max_in_progress == 1
+    else:
+        assert summary.requests == 2 * 4 * 24
+        assert sb.stats.max_in_progress > 1
 
 
 @pytest.mark.usefixtures("token_env")

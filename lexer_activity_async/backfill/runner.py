@@ -39,7 +39,7 @@ from ..logs import fields as log_fields
 from ..models import ExportJob
 from ..network import network
 from ..sinks import ReportSink, make_sink
-from .admission import RankedCapacity, rank
+from .admission import RankedCapacity, large, rank
 from .events import BackfillEvent, BackfillSummary, UnitFinished, UnitStarted
 from .plan import (
     Fetches,
@@ -87,19 +87,20 @@ def _describe(error: BaseException) -> str:
 
 class _InFlight:
     """The backfill's overall cap as one token's client enters it around each request,
-    at the rank its worker set for the fetch; getting in also tells the token's run that
-    another worker could be used."""
+    at the rank (and as large or not) its worker set for the fetch, read in the
+    request's own task; getting in also tells the token's run that another worker
+    could be used."""
 
     def __init__(self, overall: RankedCapacity, on_enter: Callable[[], None]) -> None:
         self._overall = overall
         self._on_enter = on_enter
 
     async def __aenter__(self) -> None:
-        await self._overall.acquire(rank.get())
+        await self._overall.acquire(rank.get(), large=large.get())
         self._on_enter()
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._overall.release()
+        self._overall.release(large=large.get())
 
 
 class TokenRun:
@@ -267,6 +268,7 @@ class TokenRun:
                 fetch = self._todo.popleft()
                 # Its place within the token's rate window ranks it for the overall cap.
                 rank.set(self._position % self._share)
+                large.set(isinstance(fetch, FetchGroup))
                 self._position += requests_of((fetch,))
                 await self._guarded(self.client, fetch)
         finally:
