@@ -173,8 +173,9 @@ def test_large_places_are_a_share_of_the_total_and_at_least_one() -> None:
 
 
 async def test_large_requests_beyond_their_share_wait_holding_no_place() -> None:
-    """Two large places of 32: the third and fourth large requests wait, neither holding
-    nor queueing for a place, so a small request still goes at once."""
+    """Two large places of 32: the third and fourth large requests wait (and count as
+    waiting, so that a token adds no worker to join them), neither holding nor queueing
+    for a place, so a small request still goes at once."""
     cap = RankedCapacity(2 * LARGE_SHARE)
     assert cap.large_total == 2
     done = anyio.Event()
@@ -192,10 +193,11 @@ async def test_large_requests_beyond_their_share_wait_holding_no_place() -> None
         await settle()
         assert inside == ["L1", "L2"]
         assert cap.held == 2
-        assert cap.waiting == 0
+        assert cap.waiting == 2
         group.start_soon(hold, "small", False)
         await settle()
         assert inside == ["L1", "L2", "small"]
+        assert cap.held == 3
         done.set()
     assert sorted(inside) == ["L1", "L2", "L3", "L4", "small"]
     assert cap.held == 0

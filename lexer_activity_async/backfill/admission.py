@@ -60,6 +60,7 @@ class RankedCapacity:
         self._waiters: list[tuple[int, int, _Waiter]] = []
         self._arrivals = itertools.count()
         self._waiting = 0
+        self._large_waiting = 0
         self.members = 0
         """Tokens running under the cap (each counts itself in and out)."""
 
@@ -71,8 +72,8 @@ class RankedCapacity:
 
     @property
     def waiting(self) -> int:
-        """Tasks waiting for a place."""
-        return self._waiting
+        """Tasks waiting for a place, or for a large one."""
+        return self._waiting + self._large_waiting
 
     @property
     def held(self) -> int:
@@ -86,7 +87,11 @@ class RankedCapacity:
         if not large:
             await self._acquire(rank)
             return
-        await self._large.acquire()
+        self._large_waiting += 1
+        try:
+            await self._large.acquire()
+        finally:
+            self._large_waiting -= 1
         try:
             await self._acquire(rank)
         except BaseException:
